@@ -1,0 +1,28 @@
+//! Generates the flyteidl2 message and service code from `proto/`.
+//!
+//! Protos are compiled with protox (a pure-Rust protobuf compiler), so
+//! building actionsd needs no `protoc` on the machine.
+
+use std::{env, path::PathBuf};
+
+const PROTOS: &[&str] = &["flyteidl2/actions/actions_service.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+
+    let fds = protox::compile(PROTOS, ["proto"])?;
+    // The descriptor set is kept for gRPC server reflection.
+    std::fs::write(
+        out_dir.join("actionsd_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+
+    tonic_prost_build::configure()
+        // Deterministic encoding: the stored encoding of an enqueued action
+        // is compared byte for byte on idempotent re-enqueue.
+        .btree_map(".")
+        .bytes(".")
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! Building and running the daemon. `build` binds the listener and
+//! connects everything; `run` serves until the shutdown token fires.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::PgConnectOptions;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::pipeline::Pipeline;
+use crate::proto::flyteidl2::actions::actions_service_server::ActionsServiceServer;
+use crate::rpc::ActionsApi;
+use crate::store::postgres::{PgStore, PoolSettings};
+
+pub struct Application {
+    config: Arc<Config>,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    store: Arc<PgStore>,
+    pipeline: Pipeline,
+    shutdown: CancellationToken,
+}
+
+/// Creates the database if it is missing and applies pending migrations.
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let store = open_store(config, true).await?;
+    store.close().await;
+    Ok(())
+}
+
+async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<PgStore> {
+    let url = config.database_url.expose_secret();
+    let options = PgConnectOptions::from_str(url).context("invalid database URL")?;
+    let store = PgStore::connect(
+        options,
+        &PoolSettings {
+            max_connections: config.database.max_connections,
+            acquire_timeout: config.database.acquire_timeout,
+        },
+    );
+    if migrate {
+        if !sqlx::Postgres::database_exists(url)
+            .await
+            .context("cannot reach the database")?
+        {
+            sqlx::Postgres::create_database(url)
+                .await
+                .context("cannot create the database")?;
+            info!("created the database");
+        }
+        store.migrate().await.context("cannot apply migrations")?;
+    } else {
+        store.check_migrations().await.map_err(anyhow::Error::msg)?;
+    }
+    Ok(store)
+}
+
+impl Application {
+    /// Connects to the database (migrating it if configured), starts the
+    /// event pipeline and binds the listening socket.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let store = Arc::new(open_store(&config, config.database.migrate_on_start).await?);
+        let pipeline = Pipeline::start(store.clone(), config.pipeline.clone())
+            .await
+            .context("cannot start the event pipeline")?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        Ok(Self {
+            config: Arc::new(config),
+            listener,
+            local_addr,
+            store,
+            pipeline,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Cancel it to shut the daemon down gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token fires, then: stops accepting, waits
+    /// for in-flight writes, delivers their events, ends streams with
+    /// UNAVAILABLE and closes the pool.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let Self {
+            config,
+            listener,
+            local_addr,
+            store,
+            pipeline,
+            shutdown,
+        } = self;
+        let server_config = &config.server;
+        let writes = TaskTracker::new();
+        let api = ActionsApi::new(
+            store.clone(),
+            pipeline.registry(),
+            pipeline.waker(),
+            writes.clone(),
+        );
+        let actions = ActionsServiceServer::new(api)
+            .max_decoding_message_size(server_config.max_message_size)
+            .max_encoding_message_size(server_config.max_message_size);
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(server_config.tcp_keepalive));
+        let stop_accepting = shutdown.clone();
+        let mut server = tokio::spawn(
+            Server::builder()
+                .http2_keepalive_interval(Some(server_config.http2_keepalive_interval))
+                .http2_keepalive_timeout(Some(server_config.http2_keepalive_timeout))
+                .add_service(actions)
+                .serve_with_incoming_shutdown(incoming, stop_accepting.cancelled_owned()),
+        );
+        info!(address = %local_addr, "actionsd listening");
+
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            result = &mut server => {
+                pipeline.shutdown(server_config.shutdown_timeout).await;
+                store.close().await;
+                return match result {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("server stopped unexpectedly")),
+                    Ok(Err(err)) => Err(err).context("server failed"),
+                    Err(err) => Err(err).context("server task failed"),
+                };
+            }
+        }
+
+        info!("shutting down: no new requests; finishing in-flight writes");
+        let deadline = server_config.shutdown_timeout;
+        writes.close();
+        if tokio::time::timeout(deadline, writes.wait()).await.is_err() {
+            warn!("in-flight writes did not finish before the shutdown deadline");
+        }
+        pipeline.shutdown(deadline).await;
+        match tokio::time::timeout(deadline, server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(err))) => warn!(error = %err, "server ended with an error"),
+            Ok(Err(err)) => warn!(error = %err, "server task failed"),
+            Err(_) => warn!("connections did not close before the shutdown deadline"),
+        }
+        store.close().await;
+        info!("shut down");
+        Ok(())
+    }
+}

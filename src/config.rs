@@ -1,0 +1,310 @@
+//! One typed configuration, layered: defaults → config file → environment
+//! (`ACTIONSD_*`) → flags. The environment and flags are read by clap in
+//! `main`; this module merges them over the file and validates the result
+//! once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::pipeline::PipelineSettings;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8091";
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/actionsd";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid setting {setting}: {message}")]
+    Invalid {
+        setting: &'static str,
+        message: String,
+    },
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated configuration of a daemon.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: SecretString,
+    pub log_format: LogFormat,
+    pub database: DatabaseConfig,
+    pub pipeline: PipelineSettings,
+    pub server: ServerConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+    /// Apply migrations (creating the database if needed) at start-up;
+    /// when false, start-up only checks that they were applied.
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest request or response message, in bytes.
+    pub max_message_size: usize,
+    /// How long shutdown waits for in-flight work at each step.
+    pub shutdown_timeout: Duration,
+    pub http2_keepalive_interval: Duration,
+    pub http2_keepalive_timeout: Duration,
+    pub tcp_keepalive: Duration,
+}
+
+/// Settings given on the command line or in the environment.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub database_url: Option<SecretString>,
+    pub log_format: Option<LogFormat>,
+    pub workers: Option<usize>,
+}
+
+/// The config file: every setting, all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    database_url: Option<SecretString>,
+    log_format: Option<LogFormat>,
+    #[serde(default)]
+    database: FileDatabase,
+    #[serde(default)]
+    pipeline: FilePipeline,
+    #[serde(default)]
+    server: FileServer,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDatabase {
+    max_connections: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    acquire_timeout: Option<Duration>,
+    migrate_on_start: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePipeline {
+    workers: Option<usize>,
+    worker_queue: Option<usize>,
+    batch_size: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    poll_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    notify_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    unavailable_after: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    max_message_size: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    shutdown_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    http2_keepalive_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    http2_keepalive_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    tcp_keepalive: Option<Duration>,
+}
+
+impl Config {
+    /// Merges `overrides` over the file at `path` (if any) over defaults.
+    pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_owned(),
+                    source,
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::merge(file, overrides)
+    }
+
+    /// The defaults, with overrides applied.
+    pub fn with_overrides(overrides: Overrides) -> Result<Self, ConfigError> {
+        Self::merge(FileConfig::default(), overrides)
+    }
+
+    fn merge(file: FileConfig, o: Overrides) -> Result<Self, ConfigError> {
+        let config = Self {
+            listen: o
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address")),
+            database_url: o
+                .database_url
+                .or(file.database_url)
+                .unwrap_or_else(|| SecretString::from(DEFAULT_DATABASE_URL)),
+            log_format: o.log_format.or(file.log_format).unwrap_or_default(),
+            database: DatabaseConfig {
+                max_connections: file.database.max_connections.unwrap_or(16),
+                acquire_timeout: file
+                    .database
+                    .acquire_timeout
+                    .unwrap_or(Duration::from_secs(5)),
+                migrate_on_start: file.database.migrate_on_start.unwrap_or(true),
+            },
+            pipeline: PipelineSettings {
+                workers: o.workers.or(file.pipeline.workers).unwrap_or(16),
+                worker_queue: file.pipeline.worker_queue.unwrap_or(1024),
+                batch_size: file.pipeline.batch_size.unwrap_or(1000),
+                poll_interval: file
+                    .pipeline
+                    .poll_interval
+                    .unwrap_or(Duration::from_secs(1)),
+                notify_interval: file
+                    .pipeline
+                    .notify_interval
+                    .unwrap_or(Duration::from_millis(2)),
+                unavailable_after: file
+                    .pipeline
+                    .unavailable_after
+                    .unwrap_or(Duration::from_secs(15)),
+            },
+            server: ServerConfig {
+                max_message_size: file.server.max_message_size.unwrap_or(4 * 1024 * 1024),
+                shutdown_timeout: file
+                    .server
+                    .shutdown_timeout
+                    .unwrap_or(Duration::from_secs(10)),
+                http2_keepalive_interval: file
+                    .server
+                    .http2_keepalive_interval
+                    .unwrap_or(Duration::from_secs(30)),
+                http2_keepalive_timeout: file
+                    .server
+                    .http2_keepalive_timeout
+                    .unwrap_or(Duration::from_secs(20)),
+                tcp_keepalive: file.server.tcp_keepalive.unwrap_or(Duration::from_secs(60)),
+            },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |setting: &'static str, ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    setting,
+                    message: "must be greater than 0".to_owned(),
+                })
+            }
+        };
+        positive("pipeline.workers", self.pipeline.workers > 0)?;
+        positive("pipeline.worker_queue", self.pipeline.worker_queue > 0)?;
+        positive("pipeline.batch_size", self.pipeline.batch_size > 0)?;
+        positive(
+            "pipeline.poll_interval",
+            !self.pipeline.poll_interval.is_zero(),
+        )?;
+        positive(
+            "database.max_connections",
+            self.database.max_connections > 0,
+        )?;
+        positive(
+            "database.acquire_timeout",
+            !self.database.acquire_timeout.is_zero(),
+        )?;
+        positive("server.max_message_size", self.server.max_message_size > 0)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:9000"
+            database_url = "postgres://file/db"
+            [pipeline]
+            workers = 4
+            poll_interval = "250ms"
+            "#,
+        )
+        .unwrap();
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:9001".parse().unwrap()),
+            ..Overrides::default()
+        };
+        let config = Config::merge(file, overrides).unwrap();
+        assert_eq!(config.listen.port(), 9001);
+        assert_eq!(config.database_url.expose_secret(), "postgres://file/db");
+        assert_eq!(config.pipeline.workers, 4);
+        assert_eq!(config.pipeline.poll_interval, Duration::from_millis(250));
+        assert_eq!(config.pipeline.batch_size, 1000);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<FileConfig>("lissten = \"x\"").is_err());
+        let err = Config::with_overrides(Overrides {
+            workers: Some(0),
+            ..Overrides::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid setting pipeline.workers: must be greater than 0"
+        );
+    }
+
+    #[test]
+    fn the_example_config_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/actionsd.toml");
+        Config::load(Some(&path), Overrides::default()).unwrap();
+    }
+
+    #[test]
+    fn database_url_is_redacted_in_debug_output() {
+        let config = Config::with_overrides(Overrides {
+            database_url: Some(SecretString::from("postgres://user:hunter2@host/db")),
+            ..Overrides::default()
+        })
+        .unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

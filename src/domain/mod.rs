@@ -1,0 +1,18 @@
+//! The action model: identifiers, phases, commands, state and the rules
+//! that decide whether a change is accepted. Nothing here does I/O, so the
+//! same rules serve every store backend.
+
+mod action;
+mod error;
+mod ids;
+mod phase;
+mod rules;
+
+pub use action::{
+    AbortAction, ActionKind, ActionState, Command, EnqueueAction, Event, RunSettings, SignalAction,
+    SignalValue, SimpleKind, UpdateStatus,
+};
+pub use error::Error;
+pub use ids::{ActionId, RunId, WatchKey};
+pub use phase::Phase;
+pub use rules::{decide_enqueue_existing, decide_signal, decide_update, Current, Transition};

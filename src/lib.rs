@@ -1,0 +1,10 @@
+//! actionsd: Flyte v2's ActionsService over a Postgres action store.
+
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod pipeline;
+pub mod proto;
+pub mod rpc;
+pub mod store;
+pub mod telemetry;

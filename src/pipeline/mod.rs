@@ -1,0 +1,142 @@
+//! The event pipeline: store event log → feed → sharded workers →
+//! subscribers → WatchForUpdates streams.
+//!
+//! - The feed reads every committed event exactly once (see
+//!   `Store::read_feed`), woken by local writes, by peers through the
+//!   store's listener, and by a slow fallback poll.
+//! - Each event goes to one of N workers chosen by a hash of the action's
+//!   id, so all events of one action are handled by one worker, in order.
+//! - Workers hand events to the subscribers registered for the action's
+//!   parent and for the action itself. Each subscriber keeps only the
+//!   latest state per action, so a slow stream costs memory bounded by its
+//!   number of children and never blocks a worker.
+
+mod feed;
+mod registry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+pub use registry::{Registry, Subscription};
+
+use crate::domain::Error;
+use crate::store::Store;
+
+/// Pipeline settings.
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    /// Number of shard workers.
+    pub workers: usize,
+    /// Capacity of each worker's queue.
+    pub worker_queue: usize,
+    /// Events read per feed query.
+    pub batch_size: usize,
+    /// Fallback poll when no wake-up arrives.
+    pub poll_interval: Duration,
+    /// Peers are notified at most once per this interval.
+    pub notify_interval: Duration,
+    /// Open streams end with UNAVAILABLE after the feed has failed this long.
+    pub unavailable_after: Duration,
+}
+
+/// Wakes the feed of this daemon at once, and the feeds of other daemons
+/// through the store's notification channel (at most once per
+/// `notify_interval`, never inside a write transaction).
+#[derive(Clone, Default)]
+pub struct Waker {
+    local: Arc<Notify>,
+    peers: Arc<Notify>,
+}
+
+impl Waker {
+    /// Called after a write committed events.
+    pub fn wake(&self) {
+        self.local.notify_one();
+        self.peers.notify_one();
+    }
+}
+
+/// The running pipeline.
+pub struct Pipeline {
+    registry: Arc<Registry>,
+    waker: Waker,
+    /// Stops the feed, which then drains into the workers.
+    stop_feed: CancellationToken,
+    feed: JoinSet<()>,
+    /// Stops the listener and the peer notifier.
+    stop_aux: CancellationToken,
+    aux: JoinSet<()>,
+}
+
+impl Pipeline {
+    /// Positions the feed after everything committed so far and starts the
+    /// feed, the workers, the listener and the peer notifier.
+    pub async fn start(store: Arc<dyn Store>, settings: PipelineSettings) -> Result<Self, Error> {
+        let registry = Arc::new(Registry::default());
+        let waker = Waker::default();
+        let cursor = store.feed_start().await?;
+
+        let stop_feed = CancellationToken::new();
+        let stop_aux = CancellationToken::new();
+        let mut aux = JoinSet::new();
+        aux.spawn(feed::listen(
+            store.clone(),
+            waker.local.clone(),
+            stop_aux.clone(),
+        ));
+        aux.spawn(feed::notify_peers(
+            store.clone(),
+            waker.peers.clone(),
+            settings.notify_interval,
+            stop_aux.clone(),
+        ));
+
+        let mut feed = JoinSet::new();
+        feed.spawn(feed::run(
+            store,
+            cursor,
+            registry.clone(),
+            waker.local.clone(),
+            settings,
+            stop_feed.clone(),
+        ));
+        Ok(Self {
+            registry,
+            waker,
+            stop_feed,
+            feed,
+            stop_aux,
+            aux,
+        })
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    pub fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
+    /// Reads what is left in the event log, delivers it, then ends every
+    /// stream with UNAVAILABLE. Call after in-flight writes have finished.
+    pub async fn shutdown(mut self, deadline: Duration) {
+        self.stop_feed.cancel();
+        if tokio::time::timeout(deadline, async {
+            while self.feed.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            warn!("event feed did not drain before the shutdown deadline");
+        }
+        self.registry.close_all("actionsd is shutting down");
+        self.stop_aux.cancel();
+        while self.aux.join_next().await.is_some() {}
+    }
+}

@@ -1,0 +1,269 @@
+//! Subscribers of WatchForUpdates and their coalescing buffers.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::Notify;
+
+use crate::domain::{Event, WatchKey};
+
+/// Subscribers keyed by the action they watch: (run, parent).
+#[derive(Default)]
+pub struct Registry {
+    subscribers: RwLock<HashMap<WatchKey, Vec<Arc<Subscriber>>>>,
+}
+
+impl Registry {
+    /// Registers a subscriber for `key`. Subscribe before reading the
+    /// snapshot, so no change committed after the snapshot is missed.
+    pub fn subscribe(self: &Arc<Self>, key: WatchKey) -> Subscription {
+        let subscriber = Arc::new(Subscriber::default());
+        self.subscribers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .push(subscriber.clone());
+        Subscription {
+            key,
+            subscriber,
+            registry: self.clone(),
+        }
+    }
+
+    /// Hands an event to everyone watching the action's parent (it is one
+    /// of their children) and everyone watching the action itself.
+    pub fn publish(&self, event: &Arc<Event>) {
+        let subscribers = self
+            .subscribers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if subscribers.is_empty() {
+            return;
+        }
+        if let Some(watchers) = subscribers.get(&event.id) {
+            for subscriber in watchers {
+                subscriber.offer(event);
+            }
+        }
+        if let Some(parent) = &event.parent {
+            if let Some(watchers) = subscribers.get(&event.id.sibling(parent.clone())) {
+                for subscriber in watchers {
+                    subscriber.offer(event);
+                }
+            }
+        }
+    }
+
+    /// Ends every open subscription once its buffered events are read.
+    pub fn close_all(&self, reason: &str) {
+        let subscribers = self
+            .subscribers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for subscriber in subscribers.values().flatten() {
+            subscriber.close(reason);
+        }
+    }
+
+    /// Number of open subscriptions.
+    pub fn len(&self) -> usize {
+        self.subscribers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn remove(&self, key: &WatchKey, subscriber: &Arc<Subscriber>) {
+        let mut subscribers = self
+            .subscribers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(list) = subscribers.get_mut(key) {
+            list.retain(|s| !Arc::ptr_eq(s, subscriber));
+            if list.is_empty() {
+                subscribers.remove(key);
+            }
+        }
+    }
+}
+
+/// The coalescing buffer of one stream: the latest pending state per
+/// action, in the order actions first became pending.
+#[derive(Default)]
+struct Buffer {
+    latest: HashMap<String, Arc<Event>>,
+    order: VecDeque<String>,
+    closed: Option<String>,
+}
+
+#[derive(Default)]
+pub struct Subscriber {
+    buffer: Mutex<Buffer>,
+    ready: Notify,
+}
+
+impl Subscriber {
+    /// Never blocks: a newer state replaces a pending older one.
+    fn offer(&self, event: &Arc<Event>) {
+        {
+            let mut buffer = self
+                .buffer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if buffer.closed.is_some() {
+                return;
+            }
+            let buffer = &mut *buffer;
+            match buffer.latest.entry(event.id.name.clone()) {
+                Entry::Occupied(mut pending) => {
+                    if event.version <= pending.get().version {
+                        return;
+                    }
+                    pending.insert(event.clone());
+                }
+                Entry::Vacant(slot) => {
+                    buffer.order.push_back(event.id.name.clone());
+                    slot.insert(event.clone());
+                }
+            }
+        }
+        self.ready.notify_one();
+    }
+
+    fn close(&self, reason: &str) {
+        {
+            let mut buffer = self
+                .buffer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if buffer.closed.is_none() {
+                buffer.closed = Some(reason.to_owned());
+            }
+        }
+        self.ready.notify_one();
+    }
+
+    /// Takes everything pending, waiting until something is. `Err` carries
+    /// the reason the subscription was closed, once nothing is pending.
+    async fn next_batch(&self) -> Result<Vec<Arc<Event>>, String> {
+        loop {
+            {
+                let mut buffer = self
+                    .buffer
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if !buffer.order.is_empty() {
+                    let buffer = &mut *buffer;
+                    let mut batch = Vec::with_capacity(buffer.order.len());
+                    for name in buffer.order.drain(..) {
+                        if let Some(event) = buffer.latest.remove(&name) {
+                            batch.push(event);
+                        }
+                    }
+                    return Ok(batch);
+                }
+                if let Some(reason) = &buffer.closed {
+                    return Err(reason.clone());
+                }
+            }
+            // `notify_one` stores a permit when nobody waits, so a wake-up
+            // between the check above and this await is not lost.
+            self.ready.notified().await;
+        }
+    }
+}
+
+/// A registered subscriber; unregisters itself when dropped (the stream
+/// ended or the client went away).
+pub struct Subscription {
+    key: WatchKey,
+    subscriber: Arc<Subscriber>,
+    registry: Arc<Registry>,
+}
+
+impl Subscription {
+    pub fn key(&self) -> &WatchKey {
+        &self.key
+    }
+
+    /// Waits for the next changes; see [`Subscriber::next_batch`].
+    pub async fn next_batch(&self) -> Result<Vec<Arc<Event>>, String> {
+        self.subscriber.next_batch().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.registry.remove(&self.key, &self.subscriber);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ActionId, ActionState, Phase, RunId};
+
+    fn event(name: &str, parent: Option<&str>, version: i64) -> Arc<Event> {
+        Arc::new(ActionState {
+            id: ActionId::new(
+                RunId {
+                    org: String::new(),
+                    project: "p".into(),
+                    domain: "d".into(),
+                    name: "r".into(),
+                },
+                name,
+            ),
+            parent: parent.map(str::to_owned),
+            version,
+            phase: Phase::Running,
+            attempt: 1,
+            output_uri: String::new(),
+            error: None,
+            value: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn coalesces_to_the_latest_version_per_action() {
+        let registry = Arc::new(Registry::default());
+        let sub = registry.subscribe(event("a0", None, 1).id.clone());
+        for v in 1..=100 {
+            registry.publish(&event("a1", Some("a0"), v));
+            registry.publish(&event("a2", Some("a0"), v));
+        }
+        registry.publish(&event("a1", Some("a0"), 50));
+        registry.publish(&event("a0", None, 7));
+        registry.publish(&event("x1", Some("other"), 1));
+        let batch = sub.next_batch().await.unwrap();
+        let got: Vec<(String, i64)> = batch
+            .iter()
+            .map(|e| (e.id.name.clone(), e.version))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("a1".into(), 100), ("a2".into(), 100), ("a0".into(), 7)]
+        );
+    }
+
+    #[tokio::test]
+    async fn close_delivers_pending_first_and_drop_unregisters() {
+        let registry = Arc::new(Registry::default());
+        let sub = registry.subscribe(event("a0", None, 1).id.clone());
+        registry.publish(&event("a1", Some("a0"), 3));
+        registry.close_all("bye");
+        assert_eq!(sub.next_batch().await.unwrap().len(), 1);
+        assert_eq!(sub.next_batch().await.unwrap_err(), "bye");
+        assert_eq!(registry.len(), 1);
+        drop(sub);
+        assert!(registry.is_empty());
+    }
+}

@@ -1,0 +1,26 @@
+//! Code generated from `proto/` by build.rs. Generated types stay at the
+//! edge: the RPC adapters convert them into domain types.
+
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
+
+pub mod flyteidl2 {
+    pub mod common {
+        tonic::include_proto!("flyteidl2.common");
+    }
+    pub mod core {
+        tonic::include_proto!("flyteidl2.core");
+    }
+    pub mod task {
+        tonic::include_proto!("flyteidl2.task");
+    }
+    pub mod workflow {
+        tonic::include_proto!("flyteidl2.workflow");
+    }
+    pub mod actions {
+        tonic::include_proto!("flyteidl2.actions");
+    }
+}
+
+/// The encoded `FileDescriptorSet` of every proto actionsd serves.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/actionsd_descriptor.bin"));

@@ -1,0 +1,195 @@
+//! `flyteidl2.actions.ActionsService`.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use tokio_util::task::TaskTracker;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+use tracing::{field, info_span, Instrument, Span};
+
+use super::convert;
+use crate::domain::{ActionId, Command, Error};
+use crate::pipeline::{Registry, Waker};
+use crate::proto::flyteidl2::actions::{
+    self, actions_service_server::ActionsService, watch_for_updates_response,
+};
+use crate::proto::flyteidl2::workflow::ControlMessage;
+use crate::store::Store;
+
+/// Request headers the Flyte SDK sends; recorded on the RPC span.
+const REQUEST_ID: &str = "x-request-id";
+const SDK_RUN: &str = "x-actions-run";
+
+pub type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<actions::WatchForUpdatesResponse, Status>> + Send>>;
+
+/// The service's state: the store, the pipeline's registry and waker, and
+/// a tracker of in-flight writes that shutdown waits for.
+#[derive(Clone)]
+pub struct ActionsApi {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    waker: Waker,
+    writes: TaskTracker,
+}
+
+impl ActionsApi {
+    pub fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        waker: Waker,
+        writes: TaskTracker,
+    ) -> Self {
+        Self {
+            store,
+            registry,
+            waker,
+            writes,
+        }
+    }
+
+    /// Runs one write to commit, then wakes the event feeds.
+    async fn write(&self, command: Result<Command, Error>) -> Result<(), Status> {
+        let _in_flight = self.writes.token();
+        let command = command?;
+        Span::current().record("action", field::display(command.action_id()));
+        let events = self.store.execute(command).await?;
+        if events > 0 {
+            self.waker.wake();
+        }
+        tracing::debug!(events, "accepted");
+        Ok(())
+    }
+
+    async fn watch(&self, parent: ActionId) -> Result<WatchStream, Error> {
+        // Subscribe before reading the snapshot: a change committed after
+        // the snapshot was read reaches the subscription.
+        let subscription = self.registry.subscribe(parent.clone());
+        let snapshot = self.store.watch_snapshot(&parent).await?;
+        let stream = async_stream::stream! {
+            // The last version sent per action: nothing older is sent after.
+            let mut sent: HashMap<String, i64> = HashMap::with_capacity(snapshot.len());
+            for state in snapshot {
+                sent.insert(state.id.name.clone(), state.version);
+                yield Ok(update_message(&state));
+            }
+            yield Ok(actions::WatchForUpdatesResponse {
+                message: Some(watch_for_updates_response::Message::ControlMessage(
+                    ControlMessage { sentinel: true },
+                )),
+            });
+            loop {
+                match subscription.next_batch().await {
+                    Ok(batch) => {
+                        for event in batch {
+                            match sent.get_mut(&event.id.name) {
+                                Some(last) if *last >= event.version => continue,
+                                Some(last) => *last = event.version,
+                                None => {
+                                    sent.insert(event.id.name.clone(), event.version);
+                                }
+                            }
+                            yield Ok(update_message(&event));
+                        }
+                    }
+                    Err(reason) => {
+                        // Never end with OK while running: clients reconnect
+                        // on UNAVAILABLE and get a fresh snapshot.
+                        yield Err(Status::unavailable(reason));
+                        break;
+                    }
+                }
+            }
+        };
+        Ok(Box::pin(stream))
+    }
+}
+
+fn update_message(state: &crate::domain::ActionState) -> actions::WatchForUpdatesResponse {
+    actions::WatchForUpdatesResponse {
+        message: Some(watch_for_updates_response::Message::ActionUpdate(
+            convert::action_update(state),
+        )),
+    }
+}
+
+fn header<'a>(metadata: &'a MetadataMap, name: &str) -> &'a str {
+    metadata
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+fn rpc_span(method: &'static str, metadata: &MetadataMap) -> Span {
+    info_span!(
+        "rpc",
+        method,
+        action = field::Empty,
+        request_id = header(metadata, REQUEST_ID),
+        sdk_run = header(metadata, SDK_RUN),
+    )
+}
+
+#[tonic::async_trait]
+impl ActionsService for ActionsApi {
+    type WatchForUpdatesStream = WatchStream;
+
+    async fn enqueue(
+        &self,
+        request: Request<actions::EnqueueRequest>,
+    ) -> Result<Response<actions::EnqueueResponse>, Status> {
+        let span = rpc_span("Enqueue", request.metadata());
+        let command = convert::enqueue(request.into_inner()).map(Command::Enqueue);
+        self.write(command).instrument(span).await?;
+        Ok(Response::new(actions::EnqueueResponse {}))
+    }
+
+    async fn watch_for_updates(
+        &self,
+        request: Request<actions::WatchForUpdatesRequest>,
+    ) -> Result<Response<Self::WatchForUpdatesStream>, Status> {
+        let span = rpc_span("WatchForUpdates", request.metadata());
+        async {
+            let parent = convert::watch_parent(request.get_ref())?;
+            Span::current().record("action", field::display(&parent));
+            let stream = self.watch(parent).await?;
+            tracing::debug!("watch started");
+            Ok(Response::new(stream))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn update(
+        &self,
+        request: Request<actions::UpdateRequest>,
+    ) -> Result<Response<actions::UpdateResponse>, Status> {
+        let span = rpc_span("Update", request.metadata());
+        let command = convert::update(request.into_inner()).map(Command::Update);
+        self.write(command).instrument(span).await?;
+        Ok(Response::new(actions::UpdateResponse {}))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<actions::AbortRequest>,
+    ) -> Result<Response<actions::AbortResponse>, Status> {
+        let span = rpc_span("Abort", request.metadata());
+        let command = convert::abort(request.into_inner()).map(Command::Abort);
+        self.write(command).instrument(span).await?;
+        Ok(Response::new(actions::AbortResponse {}))
+    }
+
+    async fn signal(
+        &self,
+        request: Request<actions::SignalRequest>,
+    ) -> Result<Response<actions::SignalResponse>, Status> {
+        let span = rpc_span("Signal", request.metadata());
+        let command = convert::signal(request.into_inner()).map(Command::Signal);
+        self.write(command).instrument(span).await?;
+        Ok(Response::new(actions::SignalResponse {}))
+    }
+}

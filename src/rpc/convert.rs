@@ -1,0 +1,388 @@
+//! Conversion between flyteidl2 messages and domain types, with the
+//! validation rules of the wire contract. Error messages name the field.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use prost::Message;
+
+use crate::domain::{
+    AbortAction, ActionId, ActionKind, ActionState, EnqueueAction, Error, Phase, RunId,
+    RunSettings, SignalAction, SignalValue, SimpleKind, UpdateStatus,
+};
+use crate::proto::flyteidl2::{actions, common, core, workflow};
+
+/// Byte limits of the upstream schema.
+const MAX_ORG: usize = 63;
+const MAX_PROJECT: usize = 63;
+const MAX_DOMAIN: usize = 63;
+const MAX_RUN_NAME: usize = 30;
+const MAX_ACTION_NAME: usize = 30;
+
+/// The typed view actionsd reads from the opaque RunSpec bytes.
+#[derive(Clone, PartialEq, Message)]
+struct RunSpecView {
+    #[prost(string, tag = "6")]
+    queue: String,
+    #[prost(uint32, tag = "13")]
+    max_action_concurrency: u32,
+}
+
+fn check_len(field: &str, value: &str, max: usize, required: bool) -> Result<(), Error> {
+    if required && value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(Error::invalid(
+            field,
+            format!("is {} bytes long; the limit is {max}", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Validates an action identifier; `field` is its path in the request.
+pub fn action_id(field: &str, id: Option<&common::ActionIdentifier>) -> Result<ActionId, Error> {
+    let id = id.ok_or_else(|| Error::invalid(field, "is required"))?;
+    let run_field = format!("{field}.run");
+    let run = id
+        .run
+        .as_ref()
+        .ok_or_else(|| Error::invalid(&run_field, "is required"))?;
+    check_len(&format!("{run_field}.org"), &run.org, MAX_ORG, false)?;
+    check_len(
+        &format!("{run_field}.project"),
+        &run.project,
+        MAX_PROJECT,
+        true,
+    )?;
+    check_len(
+        &format!("{run_field}.domain"),
+        &run.domain,
+        MAX_DOMAIN,
+        true,
+    )?;
+    check_len(&format!("{run_field}.name"), &run.name, MAX_RUN_NAME, true)?;
+    check_len(&format!("{field}.name"), &id.name, MAX_ACTION_NAME, true)?;
+    Ok(ActionId::new(
+        RunId {
+            org: run.org.clone(),
+            project: run.project.clone(),
+            domain: run.domain.clone(),
+            name: run.name.clone(),
+        },
+        id.name.clone(),
+    ))
+}
+
+pub fn action_id_to_proto(id: &ActionId) -> common::ActionIdentifier {
+    common::ActionIdentifier {
+        run: Some(common::RunIdentifier {
+            org: id.run.org.clone(),
+            project: id.run.project.clone(),
+            domain: id.run.domain.clone(),
+            name: id.run.name.clone(),
+        }),
+        name: id.name.clone(),
+    }
+}
+
+fn timestamp(
+    field: &str,
+    ts: Option<&prost_types::Timestamp>,
+) -> Result<Option<DateTime<Utc>>, Error> {
+    ts.map(|ts| {
+        u32::try_from(ts.nanos)
+            .ok()
+            .and_then(|nanos| DateTime::from_timestamp(ts.seconds, nanos))
+            .ok_or_else(|| Error::invalid(field, "is not a valid timestamp"))
+    })
+    .transpose()
+}
+
+/// Validates an Enqueue. The stored spec is the `Action` re-encoded with
+/// deterministic field order; opaque spec payloads are bytes and pass
+/// through unchanged.
+pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error> {
+    let action = request
+        .action
+        .ok_or_else(|| Error::invalid("action", "is required"))?;
+    let id = action_id("action.action_id", action.action_id.as_ref())?;
+    if action.recovered_from.is_some() {
+        return Err(Error::invalid(
+            "action.recovered_from",
+            "is set by the server only",
+        ));
+    }
+    check_len("action.input_uri", &action.input_uri, usize::MAX, true)?;
+    check_len(
+        "action.run_output_base",
+        &action.run_output_base,
+        usize::MAX,
+        true,
+    )?;
+    let parent = match action.parent_action_name.as_deref() {
+        None | Some("") => None,
+        Some(name) => {
+            check_len("action.parent_action_name", name, MAX_ACTION_NAME, true)?;
+            if name == id.name {
+                return Err(Error::invalid(
+                    "action.parent_action_name",
+                    "an action cannot be its own parent",
+                ));
+            }
+            Some(name.to_owned())
+        }
+    };
+
+    let mut task_queue = None;
+    let mut output_uri = String::new();
+    let mut condition_type = None;
+    let mut condition_timeout = None;
+    let (kind, phase) = match action.spec.as_ref() {
+        None => {
+            return Err(Error::invalid(
+                "action.spec",
+                "exactly one of task, trace or condition is required",
+            ))
+        }
+        Some(actions::action::Spec::Task(task)) => {
+            if !task.queue.is_empty() {
+                task_queue = Some(task.queue.clone());
+            }
+            (ActionKind::Task, Phase::Queued)
+        }
+        Some(actions::action::Spec::Trace(trace)) => {
+            let phase = match trace.phase {
+                0 => Phase::Succeeded,
+                value => Phase::from_wire(value).ok_or_else(|| {
+                    Error::invalid("action.trace.phase", format!("unknown phase {value}"))
+                })?,
+            };
+            output_uri = trace
+                .outputs
+                .as_ref()
+                .map(|o| o.output_uri.clone())
+                .unwrap_or_default();
+            (ActionKind::Trace, phase)
+        }
+        Some(actions::action::Spec::Condition(condition)) => {
+            if let Some(core::literal_type::Type::Simple(simple)) =
+                condition.r#type.as_ref().and_then(|t| t.r#type.as_ref())
+            {
+                condition_type = Some(*simple);
+            }
+            if let Some(timeout) = &condition.timeout {
+                let secs = u64::try_from(timeout.seconds).ok();
+                let nanos = u32::try_from(timeout.nanos).ok();
+                let (Some(secs), Some(nanos)) = (secs, nanos) else {
+                    return Err(Error::invalid(
+                        "action.condition.timeout",
+                        "must not be negative",
+                    ));
+                };
+                condition_timeout =
+                    Some(Duration::new(secs, 0) + Duration::from_nanos(nanos.into()));
+            }
+            (ActionKind::Condition, Phase::Paused)
+        }
+    };
+
+    let run = if parent.is_none() {
+        let view = RunSpecView::decode(request.run_spec.clone())
+            .map_err(|err| Error::invalid("run_spec", format!("is not a valid RunSpec: {err}")))?;
+        Some(RunSettings {
+            run_spec: request.run_spec,
+            queue: (!view.queue.is_empty()).then_some(view.queue),
+            max_action_concurrency: view.max_action_concurrency,
+        })
+    } else {
+        None
+    };
+
+    Ok(EnqueueAction {
+        id,
+        parent,
+        kind,
+        spec: Bytes::from(action.encode_to_vec()),
+        run,
+        task_queue,
+        phase,
+        output_uri,
+        condition_type,
+        condition_timeout,
+    })
+}
+
+pub fn update(request: actions::UpdateRequest) -> Result<UpdateStatus, Error> {
+    let id = action_id("action_id", request.action_id.as_ref())?;
+    if request.attempt == 0 {
+        return Err(Error::invalid("attempt", "must be greater than 0"));
+    }
+    let status = request
+        .status
+        .ok_or_else(|| Error::invalid("status", "is required"))?;
+    let phase = Phase::from_wire(status.phase).ok_or_else(|| {
+        Error::invalid(
+            "status.phase",
+            format!("{} is not a valid phase", status.phase),
+        )
+    })?;
+    Ok(UpdateStatus {
+        id,
+        attempt: request.attempt,
+        phase,
+        start_time: timestamp("status.start_time", status.start_time.as_ref())?,
+        end_time: timestamp("status.end_time", status.end_time.as_ref())?,
+    })
+}
+
+pub fn abort(request: actions::AbortRequest) -> Result<AbortAction, Error> {
+    let id = action_id("action_id", request.action_id.as_ref())?;
+    let reason = request.reason.unwrap_or_default();
+    let now = Utc::now();
+    let error = core::ExecutionError {
+        code: "Aborted".to_owned(),
+        message: if reason.is_empty() {
+            "aborted".to_owned()
+        } else {
+            reason.clone()
+        },
+        kind: core::execution_error::ErrorKind::User as i32,
+        timestamp: Some(prost_types::Timestamp {
+            seconds: now.timestamp(),
+            nanos: i32::try_from(now.timestamp_subsec_nanos()).unwrap_or(0),
+        }),
+        ..Default::default()
+    };
+    Ok(AbortAction {
+        id,
+        reason,
+        aborted_by: request
+            .aborted_by
+            .map(|who| Bytes::from(who.encode_to_vec())),
+        error: Bytes::from(error.encode_to_vec()),
+    })
+}
+
+pub fn signal(request: actions::SignalRequest) -> Result<SignalAction, Error> {
+    let id = action_id("action_id", request.action_id.as_ref())?;
+    check_len(
+        "parent_action_name",
+        &request.parent_action_name,
+        MAX_ACTION_NAME,
+        true,
+    )?;
+    let value = request
+        .value
+        .ok_or_else(|| Error::invalid("value", "is required"))?;
+    let primitive = match &value.value {
+        Some(core::literal::Value::Scalar(core::Scalar {
+            value: Some(core::scalar::Value::Primitive(p)),
+        })) => p.value.as_ref(),
+        _ => None,
+    };
+    let kind = match primitive {
+        Some(core::primitive::Value::Boolean(_)) => SimpleKind::Boolean,
+        Some(core::primitive::Value::Integer(_)) => SimpleKind::Integer,
+        Some(core::primitive::Value::FloatValue(_)) => SimpleKind::Float,
+        Some(core::primitive::Value::StringValue(_)) => SimpleKind::String,
+        _ => {
+            return Err(Error::invalid(
+                "value",
+                "must be a primitive boolean, integer, float or string literal",
+            ))
+        }
+    };
+    Ok(SignalAction {
+        id,
+        parent: request.parent_action_name,
+        value: SignalValue {
+            kind,
+            literal: Bytes::from(value.encode_to_vec()),
+        },
+        signalled_by: request
+            .signalled_by
+            .map(|who| Bytes::from(who.encode_to_vec())),
+    })
+}
+
+pub fn watch_parent(request: &actions::WatchForUpdatesRequest) -> Result<ActionId, Error> {
+    match &request.filter {
+        Some(actions::watch_for_updates_request::Filter::ParentActionId(id)) => {
+            action_id("parent_action_id", Some(id))
+        }
+        None => Err(Error::invalid("parent_action_id", "is required")),
+    }
+}
+
+/// The ActionUpdate a watcher receives for a state.
+pub fn action_update(state: &ActionState) -> workflow::ActionUpdate {
+    workflow::ActionUpdate {
+        action_id: Some(action_id_to_proto(&state.id)),
+        phase: state.phase.to_wire(),
+        error: state
+            .error
+            .as_ref()
+            .and_then(|b| decode_stored("error", &state.id, b)),
+        output_uri: state.output_uri.clone(),
+        value: state
+            .value
+            .as_ref()
+            .and_then(|b| decode_stored("value", &state.id, b)),
+    }
+}
+
+/// Stored messages were encoded by actionsd itself; a failure here means a
+/// damaged row, which is logged and left out rather than failing the stream.
+fn decode_stored<M: Message + Default>(what: &str, id: &ActionId, bytes: &Bytes) -> Option<M> {
+    match M::decode(bytes.clone()) {
+        Ok(message) => Some(message),
+        Err(err) => {
+            tracing::error!(action = %id, field = what, error = %err, "cannot decode stored message");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(project: &str, run: &str, name: &str) -> common::ActionIdentifier {
+        common::ActionIdentifier {
+            run: Some(common::RunIdentifier {
+                org: String::new(),
+                project: project.into(),
+                domain: "development".into(),
+                name: run.into(),
+            }),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn identifiers_are_checked_field_by_field() {
+        let err = action_id("action_id", Some(&id("", "r", "a0"))).unwrap_err();
+        assert_eq!(err.to_string(), "action_id.run.project: must not be empty");
+        let long = "x".repeat(31);
+        let err = action_id("action_id", Some(&id("p", &long, "a0"))).unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("action_id.run.name: is 31 bytes long"));
+        let err = action_id("action_id", None).unwrap_err();
+        assert_eq!(err.to_string(), "action_id: is required");
+        assert!(action_id("action_id", Some(&id("p", &"r".repeat(30), "a0"))).is_ok());
+    }
+
+    #[test]
+    fn run_spec_view_reads_queue_and_concurrency() {
+        // Field 6 (queue) = "gpu", field 13 (max_action_concurrency) = 4,
+        // plus an unknown field 14 that must be ignored.
+        let bytes = [0x32, 3, b'g', b'p', b'u', 0x68, 4, 0x72, 1, b'x'];
+        let view = RunSpecView::decode(&bytes[..]).unwrap();
+        assert_eq!(view.queue, "gpu");
+        assert_eq!(view.max_action_concurrency, 4);
+    }
+}

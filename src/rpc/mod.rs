@@ -1,0 +1,8 @@
+//! RPC adapters: convert and validate generated types into domain
+//! commands, call the store and pipeline, convert results back.
+
+pub mod actions;
+pub mod convert;
+pub mod status;
+
+pub use actions::ActionsApi;

@@ -1,0 +1,653 @@
+//! The Postgres store.
+//!
+//! Every accepted change is one transaction that updates the action row
+//! (version + 1) and appends an event row. The event feed reads the events
+//! table itself; see [`PgStore::read_feed`] for why it cannot skip a row.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{PgConnection, Row};
+use tracing::{instrument, warn};
+
+use super::{FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
+use crate::domain::{
+    decide_enqueue_existing, decide_signal, decide_update, AbortAction, ActionId, ActionKind,
+    ActionState, Command, Current, EnqueueAction, Error, Phase, RunId, SignalAction, UpdateStatus,
+};
+
+/// The LISTEN/NOTIFY channel daemons wake each other on.
+pub const CHANNEL: &str = "actionsd_events";
+
+/// The embedded migrations of the Postgres schema.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The columns of an action's observable state, in [`state_from_row`] order.
+macro_rules! state_columns {
+    () => {
+        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value"
+    };
+}
+
+/// Appends the state rows returned by the `changed` CTE to the event log.
+macro_rules! insert_events_from_changed {
+    () => {
+        concat!(
+            " INSERT INTO events (",
+            state_columns!(),
+            ") SELECT ",
+            state_columns!(),
+            " FROM changed"
+        )
+    };
+}
+
+const TERMINAL_PHASES: &str = "(5, 6, 7, 8, 10)";
+
+pub struct PgStore {
+    pool: PgPool,
+    options: PgConnectOptions,
+}
+
+/// Pool settings for [`PgStore::connect`].
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+impl PgStore {
+    /// Opens the connection pool. Connections are made lazily, so the
+    /// daemon starts (and answers UNAVAILABLE) while the database is down.
+    pub fn connect(options: PgConnectOptions, settings: &PoolSettings) -> Self {
+        let options = options.application_name("actionsd");
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_lazy_with(options.clone());
+        Self { pool, options }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.pool).await
+    }
+
+    /// Fails unless every embedded migration has been applied.
+    pub async fn check_migrations(&self) -> Result<(), String> {
+        let applied: Vec<i64> = sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| format!("cannot read applied migrations: {e}"))?;
+        let missing: Vec<i64> = MIGRATOR
+            .iter()
+            .map(|m| m.version)
+            .filter(|v| !applied.contains(v))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the database lacks migrations {missing:?}; run `actionsd migrate`"
+            ))
+        }
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    #[instrument(skip_all, fields(action = %command.action_id()))]
+    async fn execute(&self, command: Command) -> Result<usize, Error> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let events = apply(&mut tx, &command).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(events)
+    }
+
+    #[instrument(skip_all, fields(action = %parent))]
+    async fn watch_snapshot(&self, parent: &ActionId) -> Result<Vec<ActionState>, Error> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            state_columns!(),
+            " FROM actions WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4",
+            " AND (name = $5 OR parent_name = $5)",
+            " ORDER BY name = $5 DESC, created_at, name"
+        ))
+        .bind(&parent.run.org)
+        .bind(&parent.run.project)
+        .bind(&parent.run.domain)
+        .bind(&parent.run.name)
+        .bind(&parent.name)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let states = rows
+            .iter()
+            .map(state_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        match states.first() {
+            Some(first) if first.id.name == parent.name => Ok(states),
+            _ => Err(Error::ActionNotFound(parent.clone())),
+        }
+    }
+
+    async fn feed_start(&self) -> Result<FeedCursor, Error> {
+        let horizon: String =
+            sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_error)?;
+        Ok(FeedCursor {
+            major: parse_xid(&horizon)?,
+            minor: 0,
+        })
+    }
+
+    /// Reads events in (xid, seq) order, only from transactions older than
+    /// the oldest transaction still running (the snapshot's xmin).
+    ///
+    /// Sequence numbers are taken when a row is inserted, not when its
+    /// transaction commits, so reading by `seq` alone can pass over a row
+    /// whose transaction commits later. Every transaction below xmin has
+    /// finished and no new transaction can get an id below it, so the set
+    /// of rows below xmin is final: walking it in (xid, seq) order never
+    /// skips a row. Rows above xmin are read once xmin passes them.
+    async fn read_feed(&self, cursor: FeedCursor, limit: usize) -> Result<FeedBatch, Error> {
+        let row = sqlx::query(
+            "SELECT h.x::text AS horizon, EXISTS (SELECT 1 FROM events WHERE xid >= h.x) AS pending \
+             FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x) h",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let horizon: String = row.try_get("horizon").map_err(db_error)?;
+        let pending: bool = row.try_get("pending").map_err(db_error)?;
+
+        let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = sqlx::query(concat!(
+            "SELECT xid::text AS xid_text, seq, ",
+            state_columns!(),
+            " FROM events WHERE (xid, seq) > ($1::text::xid8, $2) AND xid < $3::text::xid8",
+            " ORDER BY xid, seq LIMIT $4"
+        ))
+        .bind(cursor.major.to_string())
+        .bind(cursor.minor)
+        .bind(&horizon)
+        .bind(limit_i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+
+        let mut batch = FeedBatch {
+            cursor,
+            more: rows.len() >= limit,
+            pending,
+            events: Vec::with_capacity(rows.len()),
+        };
+        for row in &rows {
+            let xid: String = row.try_get("xid_text").map_err(db_error)?;
+            batch.cursor = FeedCursor {
+                major: parse_xid(&xid)?,
+                minor: row.try_get("seq").map_err(db_error)?,
+            };
+            batch.events.push(state_from_row(row)?);
+        }
+        Ok(batch)
+    }
+
+    async fn notify_peers(&self) -> Result<(), Error> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn listen(&self) -> Result<Option<Box<dyn PeerListener>>, Error> {
+        let listener = PgPeerListener::connect(self.options.clone()).await?;
+        Ok(Some(Box::new(listener)))
+    }
+}
+
+/// The daemon's one LISTEN connection, kept outside the pool.
+struct PgPeerListener {
+    options: PgConnectOptions,
+    listener: PgListener,
+}
+
+impl PgPeerListener {
+    async fn connect(options: PgConnectOptions) -> Result<Self, Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options.clone().application_name("actionsd-listener"));
+        let mut listener = PgListener::connect_with(&pool).await.map_err(db_error)?;
+        listener.listen(CHANNEL).await.map_err(db_error)?;
+        Ok(Self { options, listener })
+    }
+}
+
+#[async_trait]
+impl PeerListener for PgPeerListener {
+    async fn next(&mut self) -> Result<PeerSignal, Error> {
+        match self.listener.try_recv().await {
+            Ok(Some(_)) => Ok(PeerSignal::Notified),
+            Ok(None) => {
+                warn!("event feed connection lost; reconnecting");
+                *self = Self::connect(self.options.clone()).await?;
+                Ok(PeerSignal::Reconnected)
+            }
+            Err(err) => {
+                let err = db_error(err);
+                // Reconnect on the next call whatever the failure was.
+                if let Ok(fresh) = Self::connect(self.options.clone()).await {
+                    *self = fresh;
+                    return Ok(PeerSignal::Reconnected);
+                }
+                Err(err)
+            }
+        }
+    }
+}
+
+async fn apply(conn: &mut PgConnection, command: &Command) -> Result<usize, Error> {
+    match command {
+        Command::Enqueue(c) => enqueue(conn, c).await,
+        Command::Update(c) => update(conn, c).await,
+        Command::Abort(c) => abort(conn, c).await,
+        Command::Signal(c) => signal(conn, c).await,
+    }
+}
+
+async fn enqueue(conn: &mut PgConnection, action: &EnqueueAction) -> Result<usize, Error> {
+    if let Some(result) = compare_existing(conn, action).await? {
+        return result.map(|()| 0);
+    }
+    let id = &action.id;
+    let run_queue = match &action.parent {
+        None => {
+            let run = action.run.clone().unwrap_or_default();
+            let inserted = sqlx::query(
+                "INSERT INTO runs (org, project, domain, name, root_name, run_spec, queue, max_action_concurrency) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT ON CONSTRAINT runs_pkey DO NOTHING",
+            )
+            .bind(&id.run.org)
+            .bind(&id.run.project)
+            .bind(&id.run.domain)
+            .bind(&id.run.name)
+            .bind(&id.name)
+            .bind(run.run_spec.as_ref())
+            .bind(&run.queue)
+            .bind(i32::try_from(run.max_action_concurrency).unwrap_or(i32::MAX))
+            .execute(&mut *conn)
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+            if inserted == 0 {
+                // A concurrent identical Enqueue may have won the race.
+                if let Some(result) = compare_existing(conn, action).await? {
+                    return result.map(|()| 0);
+                }
+                let root: String = sqlx::query_scalar(
+                    "SELECT root_name FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4",
+                )
+                .bind(&id.run.org)
+                .bind(&id.run.project)
+                .bind(&id.run.domain)
+                .bind(&id.run.name)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db_error)?;
+                return Err(Error::AlreadyExists(format!(
+                    "run {} already exists with root action '{root}'",
+                    id.run
+                )));
+            }
+            run.queue
+        }
+        Some(parent) => {
+            // FOR SHARE: an Abort of the parent waits for this insert to
+            // commit, then its cascade sees the new child.
+            let row = sqlx::query(
+                "SELECT a.phase, r.queue FROM actions a JOIN runs r \
+                   ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+                 WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4 AND a.name = $5 \
+                 FOR SHARE OF a",
+            )
+            .bind(&id.run.org)
+            .bind(&id.run.project)
+            .bind(&id.run.domain)
+            .bind(&id.run.name)
+            .bind(parent)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Error::ParentNotFound(id.sibling(parent.clone())))?;
+            let phase = phase_from_db(row.try_get("phase").map_err(db_error)?)?;
+            if phase.is_terminal() {
+                return Err(Error::ParentTerminal {
+                    parent: id.sibling(parent.clone()),
+                    phase,
+                });
+            }
+            row.try_get::<Option<String>, _>("queue")
+                .map_err(db_error)?
+        }
+    };
+    let queue = (action.kind == ActionKind::Task).then(|| {
+        action
+            .task_queue
+            .clone()
+            .or(run_queue)
+            .unwrap_or_else(|| "default".to_owned())
+    });
+    let timeout_secs = action.condition_timeout.map(|t| t.as_secs_f64());
+
+    let inserted = sqlx::query(concat!(
+        "WITH changed AS (",
+        " INSERT INTO actions (org, project, domain, run_name, name, parent_name, kind, phase, spec, queue,",
+        "   output_uri, condition_type, deadline)",
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now() + make_interval(secs => $13))",
+        " ON CONFLICT ON CONSTRAINT actions_pkey DO NOTHING",
+        " RETURNING ",
+        state_columns!(),
+        ")",
+        insert_events_from_changed!()
+    ))
+    .bind(&id.run.org)
+    .bind(&id.run.project)
+    .bind(&id.run.domain)
+    .bind(&id.run.name)
+    .bind(&id.name)
+    .bind(&action.parent)
+    .bind(action.kind as i16)
+    .bind(action.phase as i16)
+    .bind(action.spec.as_ref())
+    .bind(&queue)
+    .bind(&action.output_uri)
+    .bind(action.condition_type)
+    .bind(timeout_secs)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?
+    .rows_affected();
+    if inserted == 0 {
+        // Lost a race with a concurrent Enqueue of the same id.
+        return match compare_existing(conn, action).await? {
+            Some(result) => result.map(|()| 0),
+            None => Err(Error::Internal(format!(
+                "action {id} neither inserted nor found"
+            ))),
+        };
+    }
+    Ok(1)
+}
+
+/// `Some(Ok)` when the action exists with the same content, `Some(Err)`
+/// when it exists with different content, `None` when it does not exist.
+async fn compare_existing(
+    conn: &mut PgConnection,
+    action: &EnqueueAction,
+) -> Result<Option<Result<(), Error>>, Error> {
+    let id = &action.id;
+    let row = sqlx::query(
+        "SELECT a.spec, r.run_spec, r.root_name = a.name AS is_root FROM actions a JOIN runs r \
+           ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+         WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4 AND a.name = $5",
+    )
+    .bind(&id.run.org)
+    .bind(&id.run.project)
+    .bind(&id.run.domain)
+    .bind(&id.run.name)
+    .bind(&id.name)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let spec: Vec<u8> = row.try_get("spec").map_err(db_error)?;
+    let run_spec: Vec<u8> = row.try_get("run_spec").map_err(db_error)?;
+    let is_root: bool = row.try_get("is_root").map_err(db_error)?;
+    let same_run_spec = !is_root
+        || action.parent.is_some()
+        || action.run.as_ref().map_or(&[][..], |r| r.run_spec.as_ref()) == run_spec.as_slice();
+    Ok(Some(decide_enqueue_existing(
+        id,
+        spec == action.spec.as_ref(),
+        same_run_spec,
+    )))
+}
+
+/// Locks the action's row and reads what the rules need.
+async fn lock_current(conn: &mut PgConnection, id: &ActionId) -> Result<Current, Error> {
+    let row = sqlx::query(
+        "SELECT kind, phase, attempt, parent_name, condition_type, value FROM actions \
+         WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5 FOR UPDATE",
+    )
+    .bind(&id.run.org)
+    .bind(&id.run.project)
+    .bind(&id.run.domain)
+    .bind(&id.run.name)
+    .bind(&id.name)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?
+    .ok_or_else(|| Error::ActionNotFound(id.clone()))?;
+    let kind: i16 = row.try_get("kind").map_err(db_error)?;
+    let attempt: i32 = row.try_get("attempt").map_err(db_error)?;
+    Ok(Current {
+        kind: ActionKind::from_db(kind)
+            .ok_or_else(|| Error::Internal(format!("unknown action kind {kind}")))?,
+        phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
+        attempt: u32::try_from(attempt).unwrap_or(0),
+        parent: row.try_get("parent_name").map_err(db_error)?,
+        condition_type: row.try_get("condition_type").map_err(db_error)?,
+        value: row
+            .try_get::<Option<Vec<u8>>, _>("value")
+            .map_err(db_error)?
+            .map(Bytes::from),
+    })
+}
+
+async fn update(conn: &mut PgConnection, update: &UpdateStatus) -> Result<usize, Error> {
+    let id = &update.id;
+    let current = lock_current(conn, id).await?;
+    let Some(next) = decide_update(id, &current, update)? else {
+        return Ok(0);
+    };
+    sqlx::query(concat!(
+        "WITH changed AS (",
+        " UPDATE actions SET phase = $6, attempt = $7, version = version + 1, updated_at = now(),",
+        "   start_time = COALESCE($8, start_time),",
+        "   end_time = CASE WHEN $9 THEN COALESCE($10, end_time, now()) ELSE end_time END",
+        " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5",
+        " RETURNING ",
+        state_columns!(),
+        ")",
+        insert_events_from_changed!()
+    ))
+    .bind(&id.run.org)
+    .bind(&id.run.project)
+    .bind(&id.run.domain)
+    .bind(&id.run.name)
+    .bind(&id.name)
+    .bind(next.phase as i16)
+    .bind(i32::try_from(next.attempt).unwrap_or(i32::MAX))
+    .bind(update.start_time)
+    .bind(next.phase.is_terminal())
+    .bind(update.end_time)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    Ok(1)
+}
+
+async fn abort(conn: &mut PgConnection, abort: &AbortAction) -> Result<usize, Error> {
+    let id = &abort.id;
+    let current = lock_current(conn, id).await?;
+    if current.phase.is_terminal() {
+        return Err(Error::FailedPrecondition(format!(
+            "action {id} is already {}",
+            current.phase
+        )));
+    }
+    // Walks the whole subtree (terminal actions keep their phase, but their
+    // descendants are still aborted). Repeated until nothing changes: a
+    // child inserted by a concurrent Enqueue that committed while this
+    // statement waited for its lock is picked up by the next round.
+    let cascade = format!(
+        concat!(
+            "WITH RECURSIVE subtree(name) AS (",
+            "  SELECT $5::text",
+            "  UNION SELECT a.name FROM actions a JOIN subtree s ON a.parent_name = s.name",
+            "  WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4",
+            "), changed AS (",
+            "  UPDATE actions a SET phase = 7, version = a.version + 1, updated_at = now(),",
+            "    end_time = now(), abort_reason = $6, aborted_by = $7, error = $8",
+            "  FROM subtree s",
+            "  WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4",
+            "    AND a.name = s.name AND a.phase NOT IN {terminal}",
+            "  RETURNING a.org, a.project, a.domain, a.run_name, a.name, a.parent_name, a.version,",
+            "    a.phase, a.attempt, a.output_uri, a.error, a.value",
+            ")",
+            insert_events_from_changed!()
+        ),
+        terminal = TERMINAL_PHASES
+    );
+    let mut total = 0usize;
+    loop {
+        let changed = sqlx::query(&cascade)
+            .bind(&id.run.org)
+            .bind(&id.run.project)
+            .bind(&id.run.domain)
+            .bind(&id.run.name)
+            .bind(&id.name)
+            .bind(&abort.reason)
+            .bind(abort.aborted_by.as_deref())
+            .bind(abort.error.as_ref())
+            .execute(&mut *conn)
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        if changed == 0 {
+            break;
+        }
+        total += usize::try_from(changed).unwrap_or(usize::MAX);
+    }
+    Ok(total)
+}
+
+async fn signal(conn: &mut PgConnection, signal: &SignalAction) -> Result<usize, Error> {
+    let id = &signal.id;
+    let current = lock_current(conn, id).await?;
+    if !decide_signal(id, &current, signal)? {
+        return Ok(0);
+    }
+    sqlx::query(concat!(
+        "WITH changed AS (",
+        " UPDATE actions SET phase = 5, value = $6, signalled_by = $7, version = version + 1,",
+        "   updated_at = now(), end_time = now()",
+        " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5",
+        " RETURNING ",
+        state_columns!(),
+        ")",
+        insert_events_from_changed!()
+    ))
+    .bind(&id.run.org)
+    .bind(&id.run.project)
+    .bind(&id.run.domain)
+    .bind(&id.run.name)
+    .bind(&id.name)
+    .bind(signal.value.literal.as_ref())
+    .bind(signal.signalled_by.as_deref())
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    Ok(1)
+}
+
+fn state_from_row(row: &PgRow) -> Result<ActionState, Error> {
+    let attempt: i32 = row.try_get("attempt").map_err(db_error)?;
+    Ok(ActionState {
+        id: ActionId::new(
+            RunId {
+                org: row.try_get("org").map_err(db_error)?,
+                project: row.try_get("project").map_err(db_error)?,
+                domain: row.try_get("domain").map_err(db_error)?,
+                name: row.try_get("run_name").map_err(db_error)?,
+            },
+            row.try_get::<String, _>("name").map_err(db_error)?,
+        ),
+        parent: row.try_get("parent_name").map_err(db_error)?,
+        version: row.try_get("version").map_err(db_error)?,
+        phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
+        attempt: u32::try_from(attempt).unwrap_or(0),
+        output_uri: row.try_get("output_uri").map_err(db_error)?,
+        error: row
+            .try_get::<Option<Vec<u8>>, _>("error")
+            .map_err(db_error)?
+            .map(Bytes::from),
+        value: row
+            .try_get::<Option<Vec<u8>>, _>("value")
+            .map_err(db_error)?
+            .map(Bytes::from),
+    })
+}
+
+fn phase_from_db(value: i16) -> Result<Phase, Error> {
+    Phase::from_wire(i32::from(value))
+        .ok_or_else(|| Error::Internal(format!("unknown phase {value} in the store")))
+}
+
+fn parse_xid(text: &str) -> Result<i64, Error> {
+    text.parse()
+        .map_err(|_| Error::Internal(format!("unexpected transaction id {text:?}")))
+}
+
+/// Turns a database failure into a domain error, by error class and
+/// SQLSTATE only. The cause is logged here; clients see a short message.
+fn db_error(err: sqlx::Error) -> Error {
+    let unavailable = |err: &sqlx::Error| {
+        warn!(error = %err, "database unavailable");
+        Error::Unavailable("database unavailable; retry later".to_owned())
+    };
+    match &err {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => unavailable(&err),
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // Connection exceptions, shutdown, too many connections.
+            Some(code) if code.starts_with("08") || code.starts_with("57P") || code == "53300" => {
+                unavailable(&err)
+            }
+            // Serialization failure or deadlock: safe to retry.
+            Some("40001" | "40P01") => {
+                warn!(error = %err, "transaction conflict");
+                Error::Unavailable("conflicting concurrent change; retry".to_owned())
+            }
+            _ => internal(&err),
+        },
+        _ => internal(&err),
+    }
+}
+
+fn internal(err: &sqlx::Error) -> Error {
+    tracing::error!(error = %err, "store failure");
+    Error::Internal("store failure".to_owned())
+}
