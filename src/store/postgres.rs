@@ -59,8 +59,9 @@ pub struct PoolSettings {
 }
 
 impl PgStore {
-    /// Opens the connection pool. Connections are made lazily, so the
-    /// daemon starts (and answers UNAVAILABLE) while the database is down.
+    /// Creates the connection pool. Connections are made on demand, so a
+    /// database that goes away later yields UNAVAILABLE and is reconnected
+    /// to when it returns.
     pub fn connect(options: PgConnectOptions, settings: &PoolSettings) -> Self {
         let options = options.application_name("actionsd");
         let pool = PgPoolOptions::new()
@@ -632,8 +633,18 @@ fn db_error(err: sqlx::Error) -> Error {
         | sqlx::Error::Tls(_)
         | sqlx::Error::WorkerCrashed => unavailable(&err),
         sqlx::Error::Database(db) => match db.code().as_deref() {
-            // Connection exceptions, shutdown, too many connections.
-            Some(code) if code.starts_with("08") || code.starts_with("57P") || code == "53300" => {
+            // Connection exceptions (08), shutdown (57P), too many
+            // connections (53300), and what Postgres answers when a new
+            // connection is refused: the database does not accept
+            // connections (55000), does not exist (3D000), or the login
+            // fails (28). actionsd's own statements cannot raise the last
+            // three, so here they always mean "cannot connect".
+            Some(code)
+                if code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code.starts_with("28")
+                    || matches!(code, "53300" | "55000" | "3D000") =>
+            {
                 unavailable(&err)
             }
             // Serialization failure or deadlock: safe to retry.
