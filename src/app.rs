@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
+use tower::util::MapResponseLayer;
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -21,6 +22,27 @@ use crate::pipeline::Pipeline;
 use crate::proto::flyteidl2::actions::actions_service_server::ActionsServiceServer;
 use crate::rpc::ActionsApi;
 use crate::store::postgres::{PgStore, PoolSettings};
+
+/// tonic answers a request over the message size limit with OUT_OF_RANGE;
+/// gRPC specifies RESOURCE_EXHAUSTED. actionsd never answers OUT_OF_RANGE
+/// itself (see `rpc::status`), so every such status is rewritten.
+fn size_limit_status(
+    mut response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
+    if response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == out_of_range.as_bytes())
+    {
+        let exhausted = (tonic::Code::ResourceExhausted as i32).to_string();
+        response.headers_mut().insert(
+            "grpc-status",
+            http::HeaderValue::from_str(&exhausted).expect("a number is a valid header"),
+        );
+    }
+    response
+}
 
 pub struct Application {
     config: Arc<Config>,
@@ -128,12 +150,16 @@ impl Application {
             Server::builder()
                 .http2_keepalive_interval(Some(server_config.http2_keepalive_interval))
                 .http2_keepalive_timeout(Some(server_config.http2_keepalive_timeout))
+                .layer(MapResponseLayer::new(size_limit_status))
                 .add_service(actions)
                 .serve_with_incoming_shutdown(incoming, stop_accepting.cancelled_owned()),
         );
         info!(address = %local_addr, "actionsd listening");
 
         tokio::select! {
+            // The server ends by itself only after the token fired; checking
+            // the token first keeps that ordinary end off the error path.
+            biased;
             () = shutdown.cancelled() => {}
             result = &mut server => {
                 pipeline.shutdown(server_config.shutdown_timeout).await;
@@ -159,7 +185,9 @@ impl Application {
             Ok(Err(err)) => warn!(error = %err, "server task failed"),
             Err(_) => warn!("connections did not close before the shutdown deadline"),
         }
-        store.close().await;
+        if tokio::time::timeout(deadline, store.close()).await.is_err() {
+            warn!("database connections did not close before the shutdown deadline");
+        }
         info!("shut down");
         Ok(())
     }
