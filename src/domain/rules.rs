@@ -24,7 +24,8 @@ pub struct Transition {
 
 /// Decides an Update. `Ok(None)` means accepted but nothing changes (no
 /// event). Rules:
-/// - only task actions take status updates;
+/// - conditions are resolved by Signal, not by status updates (tasks and
+///   traces take them; a trace enqueued in a running phase finishes so);
 /// - a lower attempt is stale;
 /// - a terminal phase is final, across attempts: repeating it is a no-op,
 ///   anything else is refused;
@@ -35,10 +36,9 @@ pub fn decide_update(
     current: &Current,
     update: &UpdateStatus,
 ) -> Result<Option<Transition>, Error> {
-    if current.kind != ActionKind::Task {
+    if current.kind == ActionKind::Condition {
         return Err(Error::FailedPrecondition(format!(
-            "action {id} is a {} action; only task actions take status updates",
-            current.kind.name()
+            "action {id} is a condition; conditions are resolved by Signal"
         )));
     }
     if update.attempt < current.attempt {

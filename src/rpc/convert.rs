@@ -105,9 +105,14 @@ fn timestamp(
 /// deterministic field order; opaque spec payloads are bytes and pass
 /// through unchanged.
 pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error> {
-    let action = request
+    let mut action = request
         .action
         .ok_or_else(|| Error::invalid("action", "is required"))?;
+    // An empty parent name means "root", as an absent one does; normalise
+    // it so that both encode the same for the idempotency comparison.
+    if action.parent_action_name.as_deref() == Some("") {
+        action.parent_action_name = None;
+    }
     let id = action_id("action.action_id", action.action_id.as_ref())?;
     if action.recovered_from.is_some() {
         return Err(Error::invalid(
@@ -123,7 +128,7 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
         true,
     )?;
     let parent = match action.parent_action_name.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(name) => {
             check_len("action.parent_action_name", name, MAX_ACTION_NAME, true)?;
             if name == id.name {
