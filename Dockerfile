@@ -1,0 +1,19 @@
+# Build: the same command as in the README. No protoc is needed (protox).
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked
+
+# Run: a slim image with the binary only, as a non-root user.
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin actionsd
+COPY --from=build /src/target/release/actionsd /usr/local/bin/actionsd
+USER actionsd
+ENV ACTIONSD_LISTEN=0.0.0.0:8091
+EXPOSE 8091
+# Exec form, so SIGTERM reaches the daemon and starts a graceful shutdown.
+ENTRYPOINT ["/usr/local/bin/actionsd"]
+CMD ["serve"]
