@@ -9,14 +9,14 @@ const PROTOS: &[&str] = &["flyteidl2/actions/actions_service.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    // Embedded by src/schema.rs.
+    println!("cargo:rerun-if-changed=proto/official/flyteidl2.binpb");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
 
     let fds = protox::compile(PROTOS, ["proto"])?;
+    let descriptors = prost::Message::encode_to_vec(&fds);
     // The descriptor set is kept for gRPC server reflection.
-    std::fs::write(
-        out_dir.join("actionsd_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
-    )?;
+    std::fs::write(out_dir.join("actionsd_descriptor.bin"), &descriptors)?;
 
     tonic_prost_build::configure()
         // Deterministic encoding: the stored encoding of an enqueued action

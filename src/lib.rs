@@ -6,5 +6,6 @@ pub mod domain;
 pub mod pipeline;
 pub mod proto;
 pub mod rpc;
+pub mod schema;
 pub mod store;
 pub mod telemetry;

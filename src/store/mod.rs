@@ -71,4 +71,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Opens the wake-up channel from other daemons, if the backend has one.
     async fn listen(&self) -> Result<Option<Box<dyn PeerListener>>, Error>;
+
+    /// Checks that the store can be reached (for health checks).
+    async fn ping(&self) -> Result<(), Error>;
 }

@@ -17,6 +17,7 @@ use crate::domain::{
     decide_enqueue_existing, decide_signal, decide_update, AbortAction, ActionId, ActionKind,
     ActionState, Command, Current, EnqueueAction, Error, Phase, RunId, SignalAction, UpdateStatus,
 };
+use crate::schema;
 
 /// The LISTEN/NOTIFY channel daemons wake each other on.
 pub const CHANNEL: &str = "actionsd_events";
@@ -211,6 +212,14 @@ impl Store for PgStore {
     async fn notify_peers(&self) -> Result<(), Error> {
         sqlx::query("SELECT pg_notify($1, '')")
             .bind(CHANNEL)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), Error> {
+        sqlx::query("SELECT 1")
             .execute(&self.pool)
             .await
             .map_err(db_error)?;
@@ -425,10 +434,14 @@ async fn compare_existing(
     let is_root: bool = row.try_get("is_root").map_err(db_error)?;
     let same_run_spec = !is_root
         || action.parent.is_some()
-        || action.run.as_ref().map_or(&[][..], |r| r.run_spec.as_ref()) == run_spec.as_slice();
+        || schema::same_content(
+            schema::names::RUN_SPEC,
+            action.run.as_ref().map_or(&[][..], |r| r.run_spec.as_ref()),
+            &run_spec,
+        );
     Ok(Some(decide_enqueue_existing(
         id,
-        spec == action.spec.as_ref(),
+        schema::same_content(schema::names::ACTION, &spec, &action.spec),
         same_run_spec,
     )))
 }

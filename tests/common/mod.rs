@@ -60,6 +60,17 @@ pub fn init_logging() {
     });
 }
 
+/// A connection to the server's maintenance database, outside the test's.
+pub async fn admin(pool: &PgPool) -> sqlx::PgConnection {
+    pool.connect_options()
+        .as_ref()
+        .clone()
+        .database("postgres")
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// The URL of the test's own database.
 pub fn database_url(pool: &PgPool) -> String {
     pool.connect_options().to_url_lossy().to_string()
@@ -199,8 +210,9 @@ pub fn task_spec(name: &str) -> action::Spec {
             name: format!("tasks.{name}"),
             version: "v1".into(),
         }),
-        // Opaque TaskSpec bytes: stored and returned unchanged.
-        spec: bytes::Bytes::from_static(b"\x0a\x04\x08\x01\x10\x02"),
+        // An encoded flyteidl2.task.TaskSpec {task_template: {type:
+        // "python-task"}, short_name: "hello"}, opaque to actionsd.
+        spec: bytes::Bytes::from_static(b"\n\r\x12\x0bpython-task\x1a\x05hello"),
         cache_key: None,
         queue: String::new(),
     })
