@@ -14,14 +14,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+use tonic_web::GrpcWebLayer;
 use tower::util::MapResponseLayer;
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::pipeline::Pipeline;
 use crate::proto::flyteidl2::actions::actions_service_server::ActionsServiceServer;
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::rpc::connect::ConnectLayer;
 use crate::rpc::ActionsApi;
 use crate::store::postgres::{PgStore, PoolSettings};
+use crate::store::Store;
 
 /// tonic answers a request over the message size limit with OUT_OF_RANGE;
 /// gRPC specifies RESOURCE_EXHAUSTED. actionsd never answers OUT_OF_RANGE
@@ -139,19 +145,48 @@ impl Application {
             pipeline.waker(),
             writes.clone(),
         );
+        let connect = ConnectLayer::new(api.clone(), server_config.max_message_size);
         let actions = ActionsServiceServer::new(api)
             .max_decoding_message_size(server_config.max_message_size)
             .max_encoding_message_size(server_config.max_message_size);
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+        // Serving from the first request: `build` has just reached the
+        // database. The monitor keeps it up to date from then on.
+        for service in HEALTH_SERVICES {
+            health
+                .set_service_status(service, ServingStatus::Serving)
+                .await;
+        }
+        let monitor = tokio::spawn(monitor_health(
+            store.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ));
         let incoming = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(server_config.tcp_keepalive));
         let stop_accepting = shutdown.clone();
         let mut server = tokio::spawn(
             Server::builder()
+                // HTTP/1.1 and HTTP/2 (h2c) on one listener: Connect and
+                // gRPC-Web clients may use either.
+                .accept_http1(true)
                 .http2_keepalive_interval(Some(server_config.http2_keepalive_interval))
                 .http2_keepalive_timeout(Some(server_config.http2_keepalive_timeout))
                 .layer(MapResponseLayer::new(size_limit_status))
+                .layer(connect)
+                .layer(GrpcWebLayer::new())
                 .add_service(actions)
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
                 .serve_with_incoming_shutdown(incoming, stop_accepting.cancelled_owned()),
         );
         info!(address = %local_addr, "actionsd listening");
@@ -173,6 +208,7 @@ impl Application {
         }
 
         info!("shutting down: no new requests; finishing in-flight writes");
+        let _ = monitor.await;
         let deadline = server_config.shutdown_timeout;
         writes.close();
         if tokio::time::timeout(deadline, writes.wait()).await.is_err() {
@@ -190,5 +226,41 @@ impl Application {
         }
         info!("shut down");
         Ok(())
+    }
+}
+
+/// The services whose health follows the database: "" is the server as a
+/// whole.
+const HEALTH_SERVICES: [&str; 2] = ["", "flyteidl2.actions.ActionsService"];
+
+/// How often the health service re-checks the database.
+const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps `grpc.health.v1.Health` truthful: SERVING while the database
+/// answers, NOT_SERVING while it does not and once shutdown has begun.
+async fn monitor_health(store: Arc<PgStore>, health: HealthReporter, shutdown: CancellationToken) {
+    let mut last = ServingStatus::Serving;
+    loop {
+        let status = if store.ping().await.is_ok() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if last != status {
+            info!(?status, "health changed");
+            for service in HEALTH_SERVICES {
+                health.set_service_status(service, status).await;
+            }
+            last = status;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    for service in HEALTH_SERVICES {
+        health
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
     }
 }

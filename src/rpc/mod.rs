@@ -2,6 +2,7 @@
 //! commands, call the store and pipeline, convert results back.
 
 pub mod actions;
+pub mod connect;
 pub mod convert;
 pub mod status;
 
