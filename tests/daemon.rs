@@ -10,7 +10,7 @@ use std::time::Duration;
 use actionsd::store::postgres::{PgStore, PoolSettings, MIGRATOR};
 use common::*;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::PgPool;
 use tonic::Code;
 
 /// Polls `check` every 50 ms for at most `TIMEOUT`.
@@ -27,17 +27,6 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// A connection to the server's maintenance database, outside the test's.
-async fn admin(pool: &PgPool) -> sqlx::PgConnection {
-    pool.connect_options()
-        .as_ref()
-        .clone()
-        .database("postgres")
-        .connect()
-        .await
-        .unwrap()
 }
 
 #[sqlx::test]

@@ -101,15 +101,19 @@ async fn snapshot_then_sentinel_then_live(pool: PgPool) {
     daemon.stop().await;
 }
 
-/// Applies RUNNING then SUCCEEDED to `names` with bounded concurrency.
+/// Moves every action of `names` through `phases`, all actions at once but
+/// at most 32 requests in flight, as a well-behaved client would.
 async fn run_lifecycles(client: &Client, run: &str, names: Vec<String>, phases: &[i32]) {
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
     let mut tasks = tokio::task::JoinSet::new();
     for name in names {
         let mut client = client.clone();
         let run = run.to_owned();
         let phases = phases.to_vec();
+        let in_flight = in_flight.clone();
         tasks.spawn(async move {
             for phase in phases {
+                let _permit = in_flight.acquire().await.unwrap();
                 client
                     .update(status_update(&run, &name, 1, phase))
                     .await
