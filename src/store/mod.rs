@@ -5,6 +5,7 @@
 //! layer or the pipeline.
 
 pub mod postgres;
+pub mod sqlite;
 
 use async_trait::async_trait;
 
@@ -74,4 +75,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the store can be reached (for health checks).
     async fn ping(&self) -> Result<(), Error>;
+
+    /// Closes the store's connections, waiting for those in use.
+    async fn close(&self);
 }

@@ -23,7 +23,7 @@ use crate::schema;
 pub const CHANNEL: &str = "actionsd_events";
 
 /// The embedded migrations of the Postgres schema.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// The columns of an action's observable state, in [`state_from_row`] order.
 macro_rules! state_columns {
@@ -101,10 +101,6 @@ impl PgStore {
                 "the database lacks migrations {missing:?}; run `actionsd migrate`"
             ))
         }
-    }
-
-    pub async fn close(&self) {
-        self.pool.close().await;
     }
 }
 
@@ -216,6 +212,10 @@ impl Store for PgStore {
             .await
             .map_err(db_error)?;
         Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
     }
 
     async fn ping(&self) -> Result<(), Error> {

@@ -1,0 +1,1339 @@
+//! The embedded SQLite store: one daemon, one database file, no server.
+//!
+//! The same tables and the same rules as the Postgres store (see
+//! `postgres.rs`): every accepted change is one transaction that updates the
+//! action row (version + 1) and appends an event row. What differs follows
+//! from SQLite running one write transaction at a time:
+//! - every command begins with `BEGIN IMMEDIATE`, which takes the write lock
+//!   up front, so no row locks (`FOR UPDATE`, `FOR SHARE`) are needed and no
+//!   concurrent change can slip in between a check and a write;
+//! - the event feed reads by sequence number alone (see
+//!   [`SqliteStore::read_feed`]);
+//! - there are no peers: an advisory lock on `<file>.lock` keeps a second
+//!   daemon away from the file.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, SqliteConnection};
+use tracing::{instrument, warn};
+
+use super::{FeedBatch, FeedCursor, PeerListener, Store};
+use crate::domain::{
+    decide_enqueue_existing, decide_signal, decide_update, AbortAction, ActionId, ActionKind,
+    ActionState, Command, Current, EnqueueAction, Error, Phase, RunId, SignalAction, UpdateStatus,
+};
+use crate::schema;
+
+/// The embedded migrations of the SQLite schema.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The columns of an action's observable state, in [`state_from_row`] order.
+macro_rules! state_columns {
+    () => {
+        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value"
+    };
+}
+
+const TERMINAL_PHASES: &str = "(5, 6, 7, 8, 10)";
+
+/// SQLite primary result codes (the low byte of an extended result code).
+mod code {
+    pub const BUSY: i32 = 5;
+    pub const LOCKED: i32 = 6;
+    pub const IOERR: i32 = 10;
+    pub const FULL: i32 = 13;
+    pub const CANTOPEN: i32 = 14;
+    pub const PROTOCOL: i32 = 15;
+}
+
+/// Settings for [`SqliteStore::open`].
+#[derive(Debug, Clone)]
+pub struct SqliteSettings {
+    /// Connections in the pool. Reads run in parallel (WAL); writes take
+    /// turns whatever this is.
+    pub max_connections: u32,
+    /// How long a call waits for a pooled connection.
+    pub acquire_timeout: Duration,
+    /// How long a statement waits for a lock held by another connection
+    /// before failing with UNAVAILABLE.
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(5),
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why [`SqliteStore::open`] failed. Each variant names the file; the
+/// cause, when there is one, is its `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create the directory {}", path.display())]
+    CreateDir { path: PathBuf, source: io::Error },
+
+    #[error("cannot lock {}", path.display())]
+    LockFile { path: PathBuf, source: io::Error },
+
+    #[error(
+        "another actionsd is using {}; SQLite allows one daemon per file — use Postgres to run several",
+        path.display()
+    )]
+    Locked { path: PathBuf },
+
+    #[error("cannot open the SQLite database {}", path.display())]
+    Open { path: PathBuf, source: sqlx::Error },
+
+    #[error("cannot apply migrations to {}", path.display())]
+    Migrate {
+        path: PathBuf,
+        source: sqlx::migrate::MigrateError,
+    },
+}
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    path: PathBuf,
+    /// Queues this daemon's writers in order. SQLite would serialise them
+    /// anyway (`BEGIN IMMEDIATE` waits in its busy handler, which polls);
+    /// waiting here instead is fair and wakes the next writer at once.
+    writer: tokio::sync::Mutex<()>,
+    /// The open `<path>.lock`, locked exclusively while the store is open.
+    /// The lock belongs to the open file: closing it releases the lock.
+    lock: Mutex<Option<fd_lock::RwLock<File>>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `path` and applies
+    /// pending migrations. Fails if another process, or another store in
+    /// this process, has the file open.
+    pub async fn open(path: &Path, settings: &SqliteSettings) -> Result<Self, OpenError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let lock = lock_file(path)?;
+
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: the write-ahead log is synced on every commit, so an
+            // acknowledged write survives kill -9 and power loss.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(settings.busy_timeout);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(settings.max_connections.max(1))
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(|source| OpenError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        if let Err(source) = MIGRATOR.run(&pool).await {
+            pool.close().await;
+            return Err(OpenError::Migrate {
+                path: path.to_owned(),
+                source,
+            });
+        }
+        Ok(Self {
+            pool,
+            path: path.to_owned(),
+            writer: tokio::sync::Mutex::new(()),
+            lock: Mutex::new(Some(lock)),
+        })
+    }
+
+    /// Where the database lives when no path is configured:
+    /// `<per-user data directory>/actionsd/actionsd.db`.
+    pub fn default_path() -> Option<PathBuf> {
+        dirs::data_local_dir().map(|dir| dir.join("actionsd").join("actionsd.db"))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+/// The path of the lock file that guards `path`.
+fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Opens `<path>.lock` and locks it exclusively, without waiting.
+fn lock_file(path: &Path) -> Result<fd_lock::RwLock<File>, OpenError> {
+    let lock_path = lock_path(path);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|source| OpenError::LockFile {
+            path: lock_path.clone(),
+            source,
+        })?;
+    let mut lock = fd_lock::RwLock::new(file);
+    match lock.try_write() {
+        // The guard would unlock when dropped; the lock must instead last
+        // as long as the store, so it is kept by the open file and ends
+        // when the file is closed (at `close` or drop).
+        Ok(guard) => std::mem::forget(guard),
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+            return Err(OpenError::Locked {
+                path: path.to_owned(),
+            })
+        }
+        Err(source) => {
+            return Err(OpenError::LockFile {
+                path: lock_path,
+                source,
+            })
+        }
+    }
+    Ok(lock)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    #[instrument(skip_all, fields(action = %command.action_id()))]
+    async fn execute(&self, command: Command) -> Result<usize, Error> {
+        let _writer = self.writer.lock().await;
+        // IMMEDIATE takes the write lock now, not at the first write: a
+        // transaction that read first and then tried to write would fail
+        // (SQLITE_BUSY) instead of waiting if another writer got in between.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_error)?;
+        // One time for the whole transaction, as Postgres's now().
+        let now = now_micros();
+        let events = apply(&mut tx, &command, now).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(events)
+    }
+
+    #[instrument(skip_all, fields(action = %parent))]
+    async fn watch_snapshot(&self, parent: &ActionId) -> Result<Vec<ActionState>, Error> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            state_columns!(),
+            " FROM actions WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4",
+            " AND (name = ?5 OR parent_name = ?5)",
+            " ORDER BY name = ?5 DESC, created_at, name"
+        ))
+        .bind(&parent.run.org)
+        .bind(&parent.run.project)
+        .bind(&parent.run.domain)
+        .bind(&parent.run.name)
+        .bind(&parent.name)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let states = rows
+            .iter()
+            .map(state_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        match states.first() {
+            Some(first) if first.id.name == parent.name => Ok(states),
+            _ => Err(Error::ActionNotFound(parent.clone())),
+        }
+    }
+
+    async fn feed_start(&self) -> Result<FeedCursor, Error> {
+        let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(FeedCursor {
+            major: 0,
+            minor: last,
+        })
+    }
+
+    /// Reads events in `seq` order after `cursor.minor` (`major` is unused
+    /// and always 0).
+    ///
+    /// Postgres hands out sequence numbers at insert time and commits
+    /// transactions in any order, so its feed must also wait for older
+    /// transactions (the xid horizon). SQLite runs one write transaction at
+    /// a time, from `BEGIN IMMEDIATE` to commit: a transaction takes its
+    /// sequence numbers only after the previous one has committed, so `seq`
+    /// order is commit order. A reader sees a prefix of that order, and
+    /// reading `seq > cursor` never skips a row. Nothing is ever pending.
+    async fn read_feed(&self, cursor: FeedCursor, limit: usize) -> Result<FeedBatch, Error> {
+        let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = sqlx::query(concat!(
+            "SELECT seq, ",
+            state_columns!(),
+            " FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ))
+        .bind(cursor.minor)
+        .bind(limit_i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+
+        let mut batch = FeedBatch {
+            cursor,
+            more: rows.len() >= limit,
+            pending: false,
+            events: Vec::with_capacity(rows.len()),
+        };
+        for row in &rows {
+            batch.cursor = FeedCursor {
+                major: 0,
+                minor: row.try_get("seq").map_err(db_error)?,
+            };
+            batch.events.push(state_from_row(row)?);
+        }
+        Ok(batch)
+    }
+
+    /// There are no peers: the file lock admits one daemon per file.
+    async fn notify_peers(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    async fn listen(&self) -> Result<Option<Box<dyn PeerListener>>, Error> {
+        Ok(None)
+    }
+
+    async fn ping(&self) -> Result<(), Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Closes every connection, then releases the file lock, so another
+    /// daemon may open the file.
+    async fn close(&self) {
+        self.pool.close().await;
+        self.lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+}
+
+async fn apply(conn: &mut SqliteConnection, command: &Command, now: i64) -> Result<usize, Error> {
+    match command {
+        Command::Enqueue(c) => enqueue(conn, c, now).await,
+        Command::Update(c) => update(conn, c, now).await,
+        Command::Abort(c) => abort(conn, c, now).await,
+        Command::Signal(c) => signal(conn, c, now).await,
+    }
+}
+
+async fn enqueue(
+    conn: &mut SqliteConnection,
+    action: &EnqueueAction,
+    now: i64,
+) -> Result<usize, Error> {
+    if let Some(result) = compare_existing(conn, action).await? {
+        return result.map(|()| 0);
+    }
+    let id = &action.id;
+    let run_queue = match &action.parent {
+        None => {
+            let run = action.run.clone().unwrap_or_default();
+            let inserted = sqlx::query(
+                "INSERT INTO runs (org, project, domain, name, root_name, run_spec, queue, \
+                   max_action_concurrency, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (org, project, domain, name) DO NOTHING",
+            )
+            .bind(&id.run.org)
+            .bind(&id.run.project)
+            .bind(&id.run.domain)
+            .bind(&id.run.name)
+            .bind(&id.name)
+            .bind(run.run_spec.as_ref())
+            .bind(&run.queue)
+            .bind(i32::try_from(run.max_action_concurrency).unwrap_or(i32::MAX))
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+            if inserted == 0 {
+                // The run has another root: this action does not exist (the
+                // comparison above), and no other writer has run since.
+                let root: String = sqlx::query_scalar(
+                    "SELECT root_name FROM runs WHERE org = ?1 AND project = ?2 AND domain = ?3 AND name = ?4",
+                )
+                .bind(&id.run.org)
+                .bind(&id.run.project)
+                .bind(&id.run.domain)
+                .bind(&id.run.name)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db_error)?;
+                return Err(Error::AlreadyExists(format!(
+                    "run {} already exists with root action '{root}'",
+                    id.run
+                )));
+            }
+            run.queue
+        }
+        Some(parent) => {
+            // No FOR SHARE: this transaction holds the write lock, so an
+            // Abort of the parent runs wholly before or after it, and its
+            // cascade then sees the new child.
+            let row = sqlx::query(
+                "SELECT a.phase, r.queue FROM actions a JOIN runs r \
+                   ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+                 WHERE a.org = ?1 AND a.project = ?2 AND a.domain = ?3 AND a.run_name = ?4 AND a.name = ?5",
+            )
+            .bind(&id.run.org)
+            .bind(&id.run.project)
+            .bind(&id.run.domain)
+            .bind(&id.run.name)
+            .bind(parent)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Error::ParentNotFound(id.sibling(parent.clone())))?;
+            let phase = phase_from_db(row.try_get("phase").map_err(db_error)?)?;
+            if phase.is_terminal() {
+                return Err(Error::ParentTerminal {
+                    parent: id.sibling(parent.clone()),
+                    phase,
+                });
+            }
+            row.try_get::<Option<String>, _>("queue")
+                .map_err(db_error)?
+        }
+    };
+    let queue = (action.kind == ActionKind::Task).then(|| {
+        action
+            .task_queue
+            .clone()
+            .or(run_queue)
+            .unwrap_or_else(|| "default".to_owned())
+    });
+    let deadline = action
+        .condition_timeout
+        .map(|timeout| now.saturating_add(i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX)));
+
+    let row = sqlx::query(concat!(
+        "INSERT INTO actions (org, project, domain, run_name, name, parent_name, kind, phase, spec, queue,",
+        "   output_uri, condition_type, deadline, created_at, updated_at)",
+        " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)",
+        " ON CONFLICT (org, project, domain, run_name, name) DO NOTHING",
+        " RETURNING ",
+        state_columns!()
+    ))
+    .bind(&id.run.org)
+    .bind(&id.run.project)
+    .bind(&id.run.domain)
+    .bind(&id.run.name)
+    .bind(&id.name)
+    .bind(&action.parent)
+    .bind(action.kind as i16)
+    .bind(action.phase as i16)
+    .bind(action.spec.as_ref())
+    .bind(&queue)
+    .bind(&action.output_uri)
+    .bind(action.condition_type)
+    .bind(deadline)
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|err| match constraint(&err) {
+        // Cannot happen while writers are serialised (the checks above
+        // ran in this transaction); mapped for what they would mean.
+        Some(sqlx::error::ErrorKind::ForeignKeyViolation) => match &action.parent {
+            Some(parent) => Error::ParentNotFound(id.sibling(parent.clone())),
+            None => db_error(err),
+        },
+        Some(sqlx::error::ErrorKind::UniqueViolation) => {
+            Error::AlreadyExists(format!("action {id} already exists"))
+        }
+        _ => db_error(err),
+    })?;
+    let Some(row) = row else {
+        // Not reachable either: the comparison above found no such action.
+        return match compare_existing(conn, action).await? {
+            Some(result) => result.map(|()| 0),
+            None => Err(Error::Internal(format!(
+                "action {id} neither inserted nor found"
+            ))),
+        };
+    };
+    append_event(conn, &state_from_row(&row)?, now).await?;
+    Ok(1)
+}
+
+/// `Some(Ok)` when the action exists with the same content, `Some(Err)`
+/// when it exists with different content, `None` when it does not exist.
+async fn compare_existing(
+    conn: &mut SqliteConnection,
+    action: &EnqueueAction,
+) -> Result<Option<Result<(), Error>>, Error> {
+    let id = &action.id;
+    let row = sqlx::query(
+        "SELECT a.spec, r.run_spec, r.root_name = a.name AS is_root FROM actions a JOIN runs r \
+           ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+         WHERE a.org = ?1 AND a.project = ?2 AND a.domain = ?3 AND a.run_name = ?4 AND a.name = ?5",
+    )
+    .bind(&id.run.org)
+    .bind(&id.run.project)
+    .bind(&id.run.domain)
+    .bind(&id.run.name)
+    .bind(&id.name)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let spec: Vec<u8> = row.try_get("spec").map_err(db_error)?;
+    let run_spec: Vec<u8> = row.try_get("run_spec").map_err(db_error)?;
+    let is_root = row.try_get::<i64, _>("is_root").map_err(db_error)? != 0;
+    let same_run_spec = !is_root
+        || action.parent.is_some()
+        || schema::same_content(
+            schema::names::RUN_SPEC,
+            action.run.as_ref().map_or(&[][..], |r| r.run_spec.as_ref()),
+            &run_spec,
+        );
+    Ok(Some(decide_enqueue_existing(
+        id,
+        schema::same_content(schema::names::ACTION, &spec, &action.spec),
+        same_run_spec,
+    )))
+}
+
+/// Reads what the rules need. No row lock: the transaction holds the
+/// database's write lock, so the row cannot change until it commits.
+async fn read_current(conn: &mut SqliteConnection, id: &ActionId) -> Result<Current, Error> {
+    let row = sqlx::query(
+        "SELECT kind, phase, attempt, parent_name, condition_type, value FROM actions \
+         WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
+    )
+    .bind(&id.run.org)
+    .bind(&id.run.project)
+    .bind(&id.run.domain)
+    .bind(&id.run.name)
+    .bind(&id.name)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?
+    .ok_or_else(|| Error::ActionNotFound(id.clone()))?;
+    let kind: i64 = row.try_get("kind").map_err(db_error)?;
+    let attempt: i64 = row.try_get("attempt").map_err(db_error)?;
+    Ok(Current {
+        kind: i16::try_from(kind)
+            .ok()
+            .and_then(ActionKind::from_db)
+            .ok_or_else(|| Error::Internal(format!("unknown action kind {kind}")))?,
+        phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
+        attempt: u32::try_from(attempt).unwrap_or(0),
+        parent: row.try_get("parent_name").map_err(db_error)?,
+        condition_type: row.try_get("condition_type").map_err(db_error)?,
+        value: row
+            .try_get::<Option<Vec<u8>>, _>("value")
+            .map_err(db_error)?
+            .map(Bytes::from),
+    })
+}
+
+async fn update(
+    conn: &mut SqliteConnection,
+    update: &UpdateStatus,
+    now: i64,
+) -> Result<usize, Error> {
+    let id = &update.id;
+    let current = read_current(conn, id).await?;
+    let Some(next) = decide_update(id, &current, update)? else {
+        return Ok(0);
+    };
+    let row = sqlx::query(concat!(
+        "UPDATE actions SET phase = ?6, attempt = ?7, version = version + 1, updated_at = ?11,",
+        "   start_time = COALESCE(?8, start_time),",
+        "   end_time = CASE WHEN ?9 THEN COALESCE(?10, end_time, ?11) ELSE end_time END",
+        " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
+        " RETURNING ",
+        state_columns!()
+    ))
+    .bind(&id.run.org)
+    .bind(&id.run.project)
+    .bind(&id.run.domain)
+    .bind(&id.run.name)
+    .bind(&id.name)
+    .bind(next.phase as i16)
+    .bind(i32::try_from(next.attempt).unwrap_or(i32::MAX))
+    .bind(update.start_time.as_ref().map(DateTime::timestamp_micros))
+    .bind(next.phase.is_terminal())
+    .bind(update.end_time.as_ref().map(DateTime::timestamp_micros))
+    .bind(now)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    append_event(conn, &state_from_row(&row)?, now).await?;
+    Ok(1)
+}
+
+async fn abort(conn: &mut SqliteConnection, abort: &AbortAction, now: i64) -> Result<usize, Error> {
+    let id = &abort.id;
+    let current = read_current(conn, id).await?;
+    if current.phase.is_terminal() {
+        return Err(Error::FailedPrecondition(format!(
+            "action {id} is already {}",
+            current.phase
+        )));
+    }
+    // Walks the whole subtree (terminal actions keep their phase, but their
+    // descendants are still aborted). One pass is enough: this transaction
+    // holds the write lock, so no child can be enqueued meanwhile.
+    let cascade = format!(
+        concat!(
+            "WITH RECURSIVE subtree(name) AS (",
+            "  SELECT ?5",
+            "  UNION SELECT a.name FROM actions a JOIN subtree s ON a.parent_name = s.name",
+            "  WHERE a.org = ?1 AND a.project = ?2 AND a.domain = ?3 AND a.run_name = ?4",
+            ")",
+            " UPDATE actions SET phase = 7, version = version + 1, updated_at = ?9,",
+            "   end_time = ?9, abort_reason = ?6, aborted_by = ?7, error = ?8",
+            " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4",
+            "   AND name IN (SELECT name FROM subtree) AND phase NOT IN {terminal}",
+            " RETURNING ",
+            state_columns!()
+        ),
+        terminal = TERMINAL_PHASES
+    );
+    let rows = sqlx::query(&cascade)
+        .bind(&id.run.org)
+        .bind(&id.run.project)
+        .bind(&id.run.domain)
+        .bind(&id.run.name)
+        .bind(&id.name)
+        .bind(&abort.reason)
+        .bind(abort.aborted_by.as_deref())
+        .bind(abort.error.as_ref())
+        .bind(now)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    for row in &rows {
+        append_event(conn, &state_from_row(row)?, now).await?;
+    }
+    Ok(rows.len())
+}
+
+async fn signal(
+    conn: &mut SqliteConnection,
+    signal: &SignalAction,
+    now: i64,
+) -> Result<usize, Error> {
+    let id = &signal.id;
+    let current = read_current(conn, id).await?;
+    if !decide_signal(id, &current, signal)? {
+        return Ok(0);
+    }
+    let row = sqlx::query(concat!(
+        "UPDATE actions SET phase = 5, value = ?6, signalled_by = ?7, version = version + 1,",
+        "   updated_at = ?8, end_time = ?8",
+        " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
+        " RETURNING ",
+        state_columns!()
+    ))
+    .bind(&id.run.org)
+    .bind(&id.run.project)
+    .bind(&id.run.domain)
+    .bind(&id.run.name)
+    .bind(&id.name)
+    .bind(signal.value.literal.as_ref())
+    .bind(signal.signalled_by.as_deref())
+    .bind(now)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    append_event(conn, &state_from_row(&row)?, now).await?;
+    Ok(1)
+}
+
+/// Appends the state a change produced to the event log, in the change's
+/// transaction.
+async fn append_event(
+    conn: &mut SqliteConnection,
+    state: &ActionState,
+    now: i64,
+) -> Result<(), Error> {
+    sqlx::query(concat!(
+        "INSERT INTO events (",
+        state_columns!(),
+        ", created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+    ))
+    .bind(&state.id.run.org)
+    .bind(&state.id.run.project)
+    .bind(&state.id.run.domain)
+    .bind(&state.id.run.name)
+    .bind(&state.id.name)
+    .bind(&state.parent)
+    .bind(state.version)
+    .bind(state.phase as i16)
+    .bind(i64::from(state.attempt))
+    .bind(&state.output_uri)
+    .bind(state.error.as_deref())
+    .bind(state.value.as_deref())
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+fn state_from_row(row: &SqliteRow) -> Result<ActionState, Error> {
+    let attempt: i64 = row.try_get("attempt").map_err(db_error)?;
+    Ok(ActionState {
+        id: ActionId::new(
+            RunId {
+                org: row.try_get("org").map_err(db_error)?,
+                project: row.try_get("project").map_err(db_error)?,
+                domain: row.try_get("domain").map_err(db_error)?,
+                name: row.try_get("run_name").map_err(db_error)?,
+            },
+            row.try_get::<String, _>("name").map_err(db_error)?,
+        ),
+        parent: row.try_get("parent_name").map_err(db_error)?,
+        version: row.try_get("version").map_err(db_error)?,
+        phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
+        attempt: u32::try_from(attempt).unwrap_or(0),
+        output_uri: row.try_get("output_uri").map_err(db_error)?,
+        error: row
+            .try_get::<Option<Vec<u8>>, _>("error")
+            .map_err(db_error)?
+            .map(Bytes::from),
+        value: row
+            .try_get::<Option<Vec<u8>>, _>("value")
+            .map_err(db_error)?
+            .map(Bytes::from),
+    })
+}
+
+fn phase_from_db(value: i64) -> Result<Phase, Error> {
+    i32::try_from(value)
+        .ok()
+        .and_then(Phase::from_wire)
+        .ok_or_else(|| Error::Internal(format!("unknown phase {value} in the store")))
+}
+
+/// Now, as stored: microseconds since the Unix epoch, UTC.
+fn now_micros() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+/// The kind of a constraint violation, if `err` is one.
+fn constraint(err: &sqlx::Error) -> Option<sqlx::error::ErrorKind> {
+    match err {
+        sqlx::Error::Database(db) => match db.kind() {
+            sqlx::error::ErrorKind::Other => None,
+            kind => Some(kind),
+        },
+        _ => None,
+    }
+}
+
+/// The primary result code of a SQLite error (sqlx reports the extended
+/// code, whose low byte is the primary one).
+fn primary_code(db: &dyn sqlx::error::DatabaseError) -> Option<i32> {
+    db.code()?.parse::<i32>().ok().map(|code| code & 0xff)
+}
+
+/// Turns a database failure into a domain error, by error class and SQLite
+/// result code only. The cause is logged here; clients see a short message.
+fn db_error(err: sqlx::Error) -> Error {
+    let unavailable = |err: &sqlx::Error| {
+        warn!(error = %err, "database unavailable");
+        Error::Unavailable("database unavailable; retry later".to_owned())
+    };
+    match &err {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::WorkerCrashed => unavailable(&err),
+        sqlx::Error::Database(db) => match primary_code(db.as_ref()) {
+            // Another connection holds a lock past the busy timeout.
+            Some(code::BUSY | code::LOCKED) => {
+                warn!(error = %err, "database busy");
+                Error::Unavailable("database busy; retry".to_owned())
+            }
+            // The file cannot be read, written or synced (disk full, I/O
+            // error, file gone, lock protocol race): the change was rolled
+            // back and may succeed later.
+            Some(code::IOERR | code::FULL | code::CANTOPEN | code::PROTOCOL) => unavailable(&err),
+            _ => internal(&err),
+        },
+        _ => internal(&err),
+    }
+}
+
+fn internal(err: &sqlx::Error) -> Error {
+    tracing::error!(error = %err, "store failure");
+    Error::Internal("store failure".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::domain::{Event, RunSettings, SignalValue, SimpleKind};
+    use crate::proto::flyteidl2::actions;
+
+    fn run_id() -> RunId {
+        RunId {
+            org: String::new(),
+            project: "p".to_owned(),
+            domain: "d".to_owned(),
+            name: "r1".to_owned(),
+        }
+    }
+
+    fn id(name: &str) -> ActionId {
+        ActionId::new(run_id(), name)
+    }
+
+    /// A valid encoded Action; `input_uri` makes contents differ.
+    fn spec(name: &str, input_uri: &str) -> Bytes {
+        Bytes::from(
+            actions::Action {
+                input_uri: input_uri.to_owned(),
+                run_output_base: format!("s3://b/{name}"),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+    }
+
+    fn task(name: &str, parent: Option<&str>) -> EnqueueAction {
+        EnqueueAction {
+            id: id(name),
+            parent: parent.map(str::to_owned),
+            kind: ActionKind::Task,
+            spec: spec(name, "s3://b/in"),
+            run: parent.is_none().then(|| RunSettings {
+                run_spec: Bytes::new(),
+                queue: Some("gpu".to_owned()),
+                max_action_concurrency: 0,
+            }),
+            task_queue: None,
+            phase: Phase::Queued,
+            output_uri: String::new(),
+            condition_type: None,
+            condition_timeout: None,
+        }
+    }
+
+    fn condition(name: &str, parent: &str) -> EnqueueAction {
+        EnqueueAction {
+            kind: ActionKind::Condition,
+            phase: Phase::Paused,
+            condition_type: Some(SimpleKind::Boolean as i32),
+            condition_timeout: Some(Duration::from_secs(60)),
+            ..task(name, Some(parent))
+        }
+    }
+
+    fn update(name: &str, attempt: u32, phase: Phase) -> Command {
+        Command::Update(UpdateStatus {
+            id: id(name),
+            attempt,
+            phase,
+            start_time: None,
+            end_time: None,
+        })
+    }
+
+    fn signal(name: &str, parent: &str, literal: &'static [u8]) -> Command {
+        Command::Signal(SignalAction {
+            id: id(name),
+            parent: parent.to_owned(),
+            value: SignalValue {
+                kind: SimpleKind::Boolean,
+                literal: Bytes::from_static(literal),
+            },
+            signalled_by: None,
+        })
+    }
+
+    fn abort(name: &str) -> Command {
+        Command::Abort(AbortAction {
+            id: id(name),
+            reason: "stop".to_owned(),
+            aborted_by: Some(Bytes::from_static(b"who")),
+            error: Bytes::from_static(b"aborted-error"),
+        })
+    }
+
+    async fn open(dir: &tempfile::TempDir) -> SqliteStore {
+        SqliteStore::open(&dir.path().join("db").join("actionsd.db"), &settings())
+            .await
+            .expect("open")
+    }
+
+    fn settings() -> SqliteSettings {
+        SqliteSettings {
+            busy_timeout: Duration::from_secs(2),
+            ..SqliteSettings::default()
+        }
+    }
+
+    async fn read_all(store: &SqliteStore, from: FeedCursor, page: usize) -> Vec<(i64, Event)> {
+        let mut cursor = from;
+        let mut all = Vec::new();
+        loop {
+            let batch = store.read_feed(cursor, page).await.expect("read_feed");
+            assert!(!batch.pending);
+            assert!(batch.events.len() <= page);
+            let count = i64::try_from(batch.events.len()).unwrap();
+            // Cursors advance by one per event: no gap, no repeat.
+            assert_eq!(batch.cursor.minor, cursor.minor + count);
+            all.extend((1..=count).map(|i| cursor.minor + i).zip(batch.events));
+            cursor = batch.cursor;
+            if !batch.more {
+                return all;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_second_open_of_the_same_file_fails_with_the_lock_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("actionsd.db");
+        let first = SqliteStore::open(&path, &settings()).await.unwrap();
+        let Err(err) = SqliteStore::open(&path, &settings()).await else {
+            panic!("a second open succeeded");
+        };
+        assert!(matches!(err, OpenError::Locked { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "another actionsd is using {}; SQLite allows one daemon per file — use Postgres to run several",
+                path.display()
+            )
+        );
+        first.close().await;
+        // Closing releases the lock.
+        let again = SqliteStore::open(&path, &settings()).await.unwrap();
+        again.close().await;
+    }
+
+    #[tokio::test]
+    async fn migrations_apply_once() {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..2 {
+            let store = open(&dir).await;
+            let applied: Vec<i64> = sqlx::query_scalar(
+                "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+            )
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+            let embedded: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+            assert_eq!(applied, embedded);
+            let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+            assert_eq!(journal, "wal");
+            let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+            assert_eq!(synchronous, 2, "synchronous = FULL");
+            let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+            assert_eq!(foreign_keys, 1);
+            store.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_round_trip_and_the_feed_returns_every_event_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let start = store.feed_start().await.unwrap();
+        assert_eq!(start, FeedCursor::default());
+
+        // Enqueue: root, idempotent repeat, conflicting content, second root.
+        assert_eq!(
+            store
+                .execute(Command::Enqueue(task("a0", None)))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .execute(Command::Enqueue(task("a0", None)))
+                .await
+                .unwrap(),
+            0
+        );
+        let changed = EnqueueAction {
+            spec: spec("a0", "s3://b/other"),
+            ..task("a0", None)
+        };
+        let err = store.execute(Command::Enqueue(changed)).await.unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)), "{err:?}");
+        let err = store
+            .execute(Command::Enqueue(task("b0", None)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::AlreadyExists(m) if m.contains("'a0'")),
+            "{err:?}"
+        );
+
+        // Children: missing parent, a task inheriting the run's queue, a
+        // task with its own queue, a condition with a deadline, a grandchild.
+        let err = store
+            .execute(Command::Enqueue(task("c9", Some("nope"))))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::ParentNotFound(_)), "{err:?}");
+        assert_eq!(
+            store
+                .execute(Command::Enqueue(task("c1", Some("a0"))))
+                .await
+                .unwrap(),
+            1
+        );
+        let own_queue = EnqueueAction {
+            task_queue: Some("cpu".to_owned()),
+            ..task("c2", Some("a0"))
+        };
+        assert_eq!(store.execute(Command::Enqueue(own_queue)).await.unwrap(), 1);
+        assert_eq!(
+            store
+                .execute(Command::Enqueue(condition("k1", "a0")))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .execute(Command::Enqueue(task("g1", Some("c1"))))
+                .await
+                .unwrap(),
+            1
+        );
+        let queues: Vec<(String, Option<String>, Option<i64>)> =
+            sqlx::query_as("SELECT name, queue, deadline FROM actions ORDER BY name")
+                .fetch_all(store.pool())
+                .await
+                .unwrap();
+        let now = now_micros();
+        for (name, queue, deadline) in &queues {
+            match name.as_str() {
+                "a0" | "c1" | "g1" => assert_eq!(queue.as_deref(), Some("gpu"), "{name}"),
+                "c2" => assert_eq!(queue.as_deref(), Some("cpu")),
+                "k1" => {
+                    assert_eq!(queue, &None);
+                    let deadline = deadline.expect("a condition with a timeout has a deadline");
+                    assert!(deadline > now + 50_000_000 && deadline <= now + 60_000_000);
+                }
+                other => panic!("unexpected action {other}"),
+            }
+        }
+
+        // Update: forward, repeat, backwards, stale.
+        assert_eq!(
+            store
+                .execute(update("c1", 1, Phase::Running))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .execute(update("c1", 1, Phase::Running))
+                .await
+                .unwrap(),
+            0
+        );
+        let err = store
+            .execute(update("c1", 1, Phase::Queued))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+        assert_eq!(
+            store
+                .execute(update("c2", 1, Phase::Succeeded))
+                .await
+                .unwrap(),
+            1
+        );
+        let err = store
+            .execute(update("zz", 1, Phase::Running))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::ActionNotFound(_)), "{err:?}");
+
+        // Signal: resolve, repeat, different value.
+        assert_eq!(store.execute(signal("k1", "a0", b"yes")).await.unwrap(), 1);
+        assert_eq!(store.execute(signal("k1", "a0", b"yes")).await.unwrap(), 0);
+        let err = store.execute(signal("k1", "a0", b"no")).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+
+        // Abort the root: a0, c1 and g1 are aborted; c2 and k1 are terminal.
+        assert_eq!(store.execute(abort("a0")).await.unwrap(), 3);
+        let err = store.execute(abort("a0")).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+        let err = store
+            .execute(Command::Enqueue(task("c3", Some("a0"))))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::ParentTerminal {
+                    phase: Phase::Aborted,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+
+        // The snapshot: the action, then its children by creation.
+        let snapshot = store.watch_snapshot(&id("a0")).await.unwrap();
+        let names: Vec<&str> = snapshot.iter().map(|s| s.id.name.as_str()).collect();
+        assert_eq!(names, ["a0", "c1", "c2", "k1"]);
+        let phases: Vec<Phase> = snapshot.iter().map(|s| s.phase).collect();
+        assert_eq!(
+            phases,
+            [
+                Phase::Aborted,
+                Phase::Aborted,
+                Phase::Succeeded,
+                Phase::Succeeded
+            ]
+        );
+        assert_eq!(snapshot[0].error.as_deref(), Some(&b"aborted-error"[..]));
+        assert_eq!(snapshot[3].value.as_deref(), Some(&b"yes"[..]));
+        let err = store.watch_snapshot(&id("zz")).await.unwrap_err();
+        assert!(matches!(err, Error::ActionNotFound(_)), "{err:?}");
+        let (reason, by): (String, Vec<u8>) =
+            sqlx::query_as("SELECT abort_reason, aborted_by FROM actions WHERE name = 'g1'")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!((reason.as_str(), by.as_slice()), ("stop", &b"who"[..]));
+
+        // The feed: 5 enqueues + 2 updates + 1 signal + 3 aborts, each once,
+        // in commit order, read in pages smaller than the log.
+        let events = read_all(&store, start, 4).await;
+        let seen: Vec<(&str, i64, Phase)> = events
+            .iter()
+            .map(|(_, e)| (e.id.name.as_str(), e.version, e.phase))
+            .collect();
+        assert_eq!(
+            &seen[..8],
+            [
+                ("a0", 1, Phase::Queued),
+                ("c1", 1, Phase::Queued),
+                ("c2", 1, Phase::Queued),
+                ("k1", 1, Phase::Paused),
+                ("g1", 1, Phase::Queued),
+                ("c1", 2, Phase::Running),
+                ("c2", 2, Phase::Succeeded),
+                ("k1", 2, Phase::Succeeded),
+            ]
+        );
+        let mut aborted: Vec<(&str, i64, Phase)> = seen[8..].to_vec();
+        aborted.sort_unstable_by_key(|(name, version, _)| (*name, *version));
+        assert_eq!(
+            aborted,
+            [
+                ("a0", 2, Phase::Aborted),
+                ("c1", 3, Phase::Aborted),
+                ("g1", 2, Phase::Aborted),
+            ]
+        );
+        assert!(events[8..]
+            .iter()
+            .all(|(_, e)| e.error.as_deref() == Some(&b"aborted-error"[..])));
+        let seqs: Vec<i64> = events.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, (1..=11).collect::<Vec<_>>());
+        assert_eq!(store.feed_start().await.unwrap().minor, 11);
+        let empty = store
+            .read_feed(
+                FeedCursor {
+                    major: 0,
+                    minor: 11,
+                },
+                10,
+            )
+            .await
+            .unwrap();
+        assert!(empty.events.is_empty() && !empty.more && !empty.pending);
+        assert_eq!(empty.cursor.minor, 11);
+
+        assert!(store.listen().await.unwrap().is_none());
+        store.notify_peers().await.unwrap();
+        store.ping().await.unwrap();
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_writers_take_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(open(&dir).await);
+        store
+            .execute(Command::Enqueue(task("a0", None)))
+            .await
+            .unwrap();
+        let mut writers = tokio::task::JoinSet::new();
+        for i in 0..16 {
+            let store = store.clone();
+            writers.spawn(async move {
+                let name = format!("c{i}");
+                store
+                    .execute(Command::Enqueue(task(&name, Some("a0"))))
+                    .await
+                    .unwrap();
+                store
+                    .execute(update(&name, 1, Phase::Running))
+                    .await
+                    .unwrap()
+            });
+        }
+        while let Some(result) = writers.join_next().await {
+            assert_eq!(result.unwrap(), 1);
+        }
+        let events = read_all(&store, FeedCursor::default(), 7).await;
+        assert_eq!(events.len(), 1 + 16 * 2);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_write_lock_held_past_the_busy_timeout_is_unavailable() {
+        use sqlx::Connection;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("actionsd.db");
+        let store = SqliteStore::open(
+            &path,
+            &SqliteSettings {
+                busy_timeout: Duration::from_millis(100),
+                ..SqliteSettings::default()
+            },
+        )
+        .await
+        .unwrap();
+        // A connection outside the store (what a second writer would be)
+        // holds the write lock.
+        let mut other =
+            SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(&path))
+                .await
+                .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let err = store
+            .execute(Command::Enqueue(task("a0", None)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Unavailable(m) if m == "database busy; retry"),
+            "{err:?}"
+        );
+        // Reads go on meanwhile (WAL), and writes once the lock is gone.
+        store.ping().await.unwrap();
+        sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+        assert_eq!(
+            store
+                .execute(Command::Enqueue(task("a0", None)))
+                .await
+                .unwrap(),
+            1
+        );
+        other.close().await.unwrap();
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn state_survives_close_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        store
+            .execute(Command::Enqueue(task("a0", None)))
+            .await
+            .unwrap();
+        store
+            .execute(Command::Enqueue(task("c1", Some("a0"))))
+            .await
+            .unwrap();
+        store
+            .execute(update("c1", 2, Phase::Running))
+            .await
+            .unwrap();
+        let before = store.watch_snapshot(&id("a0")).await.unwrap();
+        let cursor = store.feed_start().await.unwrap();
+        store.close().await;
+        drop(store);
+
+        let store = open(&dir).await;
+        assert_eq!(store.watch_snapshot(&id("a0")).await.unwrap(), before);
+        assert_eq!(store.feed_start().await.unwrap(), cursor);
+        // Sequence numbers go on from where they were.
+        store
+            .execute(update("c1", 2, Phase::Succeeded))
+            .await
+            .unwrap();
+        let batch = store.read_feed(cursor, 10).await.unwrap();
+        assert_eq!(batch.events.len(), 1);
+        assert_eq!(batch.cursor.minor, cursor.minor + 1);
+        assert_eq!(batch.events[0].attempt, 2);
+        assert_eq!(
+            store
+                .execute(Command::Enqueue(task("a0", None)))
+                .await
+                .unwrap(),
+            0
+        );
+        store.close().await;
+    }
+
+    #[test]
+    fn the_default_path_is_in_the_user_data_directory() {
+        if let Some(path) = SqliteStore::default_path() {
+            assert!(path.ends_with("actionsd/actionsd.db"), "{}", path.display());
+        }
+    }
+}
