@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
@@ -20,13 +20,14 @@ use tonic_web::GrpcWebLayer;
 use tower::util::MapResponseLayer;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, StoreLocation};
 use crate::pipeline::Pipeline;
 use crate::proto::flyteidl2::actions::actions_service_server::ActionsServiceServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::rpc::connect::ConnectLayer;
 use crate::rpc::ActionsApi;
 use crate::store::postgres::{PgStore, PoolSettings};
+use crate::store::sqlite::{SqliteSettings, SqliteStore};
 use crate::store::Store;
 
 /// tonic answers a request over the message size limit with OUT_OF_RANGE;
@@ -54,7 +55,7 @@ pub struct Application {
     config: Arc<Config>,
     listener: TcpListener,
     local_addr: SocketAddr,
-    store: Arc<PgStore>,
+    store: Arc<dyn Store>,
     pipeline: Pipeline,
     shutdown: CancellationToken,
 }
@@ -66,8 +67,28 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<PgStore> {
-    let url = config.database_url.expose_secret();
+/// Opens the configured store. Postgres is migrated (or checked) as
+/// configured; an SQLite file belongs to one daemon, which always brings
+/// it up to date.
+async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
+    match &config.store {
+        StoreLocation::Postgres(url) => Ok(Arc::new(open_postgres(config, url, migrate).await?)),
+        StoreLocation::Sqlite(path) => {
+            let store = SqliteStore::open(path, &SqliteSettings::default())
+                .await
+                .with_context(|| format!("cannot open the SQLite store {}", path.display()))?;
+            info!(path = %path.display(), "store: SQLite");
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+async fn open_postgres(
+    config: &Config,
+    url: &SecretString,
+    migrate: bool,
+) -> anyhow::Result<PgStore> {
+    let url = url.expose_secret();
     let options = PgConnectOptions::from_str(url).context("invalid database URL")?;
     let store = PgStore::connect(
         options,
@@ -90,6 +111,7 @@ async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<PgStore> {
     } else {
         store.check_migrations().await.map_err(anyhow::Error::msg)?;
     }
+    info!("store: Postgres");
     Ok(store)
 }
 
@@ -97,7 +119,7 @@ impl Application {
     /// Connects to the database (migrating it if configured), starts the
     /// event pipeline and binds the listening socket.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let store = Arc::new(open_store(&config, config.database.migrate_on_start).await?);
+        let store = open_store(&config, config.database.migrate_on_start).await?;
         let pipeline = Pipeline::start(store.clone(), config.pipeline.clone())
             .await
             .context("cannot start the event pipeline")?;
@@ -238,7 +260,11 @@ const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Keeps `grpc.health.v1.Health` truthful: SERVING while the database
 /// answers, NOT_SERVING while it does not and once shutdown has begun.
-async fn monitor_health(store: Arc<PgStore>, health: HealthReporter, shutdown: CancellationToken) {
+async fn monitor_health(
+    store: Arc<dyn Store>,
+    health: HealthReporter,
+    shutdown: CancellationToken,
+) {
     let mut last = ServingStatus::Serving;
     loop {
         let status = if store.ping().await.is_ok() {

@@ -7,13 +7,49 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::pipeline::PipelineSettings;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8091";
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/actionsd";
+
+/// Where actions are stored, from `database_url`.
+#[derive(Debug, Clone)]
+pub enum StoreLocation {
+    /// `postgres://…` or `postgresql://…`: shared by any number of daemons.
+    Postgres(SecretString),
+    /// `sqlite://PATH` (or no URL at all: the per-user default file): one
+    /// daemon per file.
+    Sqlite(PathBuf),
+}
+
+impl StoreLocation {
+    /// The default store: `actionsd.db` in the per-user data directory
+    /// (`$XDG_DATA_HOME/actionsd`, usually `~/.local/share/actionsd`, on
+    /// Linux; `~/Library/Application Support/actionsd` on macOS).
+    pub fn default_sqlite() -> Option<Self> {
+        crate::store::sqlite::SqliteStore::default_path().map(Self::Sqlite)
+    }
+
+    fn parse(url: &SecretString) -> Result<Self, ConfigError> {
+        let text = url.expose_secret();
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            return Ok(Self::Postgres(url.clone()));
+        }
+        let path = text
+            .strip_prefix("sqlite://")
+            .or_else(|| text.strip_prefix("sqlite:"))
+            .map(|rest| rest.split('?').next().unwrap_or(rest));
+        match path {
+            Some(path) if !path.is_empty() => Ok(Self::Sqlite(PathBuf::from(path))),
+            _ => Err(ConfigError::Invalid {
+                setting: "database_url",
+                message: "expected postgres://…, postgresql://… or sqlite://PATH".to_owned(),
+            }),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -49,7 +85,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    pub database_url: SecretString,
+    pub store: StoreLocation,
     pub log_format: LogFormat,
     pub database: DatabaseConfig,
     pub pipeline: PipelineSettings,
@@ -167,10 +203,15 @@ impl Config {
                 .listen
                 .or(file.listen)
                 .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address")),
-            database_url: o
-                .database_url
-                .or(file.database_url)
-                .unwrap_or_else(|| SecretString::from(DEFAULT_DATABASE_URL)),
+            store: match o.database_url.or(file.database_url) {
+                Some(url) => StoreLocation::parse(&url)?,
+                None => StoreLocation::default_sqlite().ok_or(ConfigError::Invalid {
+                    setting: "database_url",
+                    message: "no per-user data directory for the default SQLite file; \
+                              give --database-url sqlite://PATH"
+                        .to_owned(),
+                })?,
+            },
             log_format: o.log_format.or(file.log_format).unwrap_or_default(),
             database: DatabaseConfig {
                 max_connections: file.database.max_connections.unwrap_or(16),
@@ -252,7 +293,6 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use secrecy::ExposeSecret;
 
     #[test]
     fn flags_override_file_which_overrides_defaults() {
@@ -272,7 +312,9 @@ mod tests {
         };
         let config = Config::merge(file, overrides).unwrap();
         assert_eq!(config.listen.port(), 9001);
-        assert_eq!(config.database_url.expose_secret(), "postgres://file/db");
+        assert!(
+            matches!(&config.store, StoreLocation::Postgres(url) if url.expose_secret() == "postgres://file/db")
+        );
         assert_eq!(config.pipeline.workers, 4);
         assert_eq!(config.pipeline.poll_interval, Duration::from_millis(250));
         assert_eq!(config.pipeline.batch_size, 1000);
@@ -296,6 +338,34 @@ mod tests {
     fn the_example_config_file_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/actionsd.toml");
         Config::load(Some(&path), Overrides::default()).unwrap();
+    }
+
+    #[test]
+    fn database_urls_choose_the_backend() {
+        let location = |url: &str| {
+            Config::with_overrides(Overrides {
+                database_url: Some(SecretString::from(url)),
+                ..Overrides::default()
+            })
+            .map(|c| c.store)
+        };
+        assert!(matches!(
+            location("postgresql://h/db"),
+            Ok(StoreLocation::Postgres(_))
+        ));
+        assert!(
+            matches!(location("sqlite:///var/lib/a.db"), Ok(StoreLocation::Sqlite(p)) if p == Path::new("/var/lib/a.db"))
+        );
+        assert!(
+            matches!(location("sqlite:rel.db?mode=rwc"), Ok(StoreLocation::Sqlite(p)) if p == Path::new("rel.db"))
+        );
+        assert!(location("mysql://h/db").is_err());
+        assert!(location("sqlite://").is_err());
+        // No URL at all: the per-user SQLite file.
+        let config = Config::with_overrides(Overrides::default()).unwrap();
+        assert!(
+            matches!(config.store, StoreLocation::Sqlite(p) if p.ends_with("actionsd/actionsd.db"))
+        );
     }
 
     #[test]
