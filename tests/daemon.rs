@@ -3,11 +3,14 @@
 
 mod common;
 
+conformance!(restart_loses_no_acknowledged_enqueue,);
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actionsd::store::postgres::{PgStore, PoolSettings, MIGRATOR};
+use actionsd::store::Store;
 use common::*;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
@@ -29,10 +32,14 @@ where
     }
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/postgres")]
+#[cfg_attr(
+    not(actionsd_postgres),
+    ignore = "the Postgres suite needs DATABASE_URL"
+)]
 async fn two_daemons_deliver_each_others_changes(pool: PgPool) {
-    let a = Daemon::start(&pool).await;
-    let b = Daemon::start(&pool).await;
+    let a = Daemon::start(&TestDb::postgres(pool.clone())).await;
+    let b = Daemon::start(&TestDb::postgres(pool.clone())).await;
     let mut via_a = a.client().await;
     let mut via_b = b.client().await;
 
@@ -57,9 +64,8 @@ async fn two_daemons_deliver_each_others_changes(pool: PgPool) {
     b.stop().await;
 }
 
-#[sqlx::test]
-async fn restart_loses_no_acknowledged_enqueue(pool: PgPool) {
-    let daemon = Daemon::start(&pool).await;
+async fn restart_loses_no_acknowledged_enqueue(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
     let client = daemon.client().await;
     client
         .clone()
@@ -88,7 +94,7 @@ async fn restart_loses_no_acknowledged_enqueue(pool: PgPool) {
         async move { acked.load(Ordering::SeqCst) >= 20 }
     })
     .await;
-    daemon.kill();
+    daemon.kill().await;
     let mut acknowledged = Vec::new();
     while let Some(result) = calls.join_next().await {
         if let Ok(name) = result.unwrap() {
@@ -97,7 +103,7 @@ async fn restart_loses_no_acknowledged_enqueue(pool: PgPool) {
     }
     assert!(acknowledged.len() >= 20);
 
-    let restarted = Daemon::start(&pool).await;
+    let restarted = Daemon::start(&db).await;
     let mut client = restarted.client().await;
     let after = phases(&mut client, "r1", "a0").await;
     for name in &acknowledged {
@@ -110,10 +116,14 @@ async fn restart_loses_no_acknowledged_enqueue(pool: PgPool) {
     restarted.stop().await;
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/postgres")]
+#[cfg_attr(
+    not(actionsd_postgres),
+    ignore = "the Postgres suite needs DATABASE_URL"
+)]
 async fn killed_listen_connection_still_converges(pool: PgPool) {
-    let a = Daemon::start(&pool).await;
-    let b = Daemon::start(&pool).await;
+    let a = Daemon::start(&TestDb::postgres(pool.clone())).await;
+    let b = Daemon::start(&TestDb::postgres(pool.clone())).await;
     let mut via_a = a.client().await;
     let mut via_b = b.client().await;
     via_a.enqueue(task("r1", "a0", None)).await.unwrap();
@@ -171,9 +181,13 @@ async fn killed_listen_connection_still_converges(pool: PgPool) {
     b.stop().await;
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/postgres")]
+#[cfg_attr(
+    not(actionsd_postgres),
+    ignore = "the Postgres suite needs DATABASE_URL"
+)]
 async fn database_outage_gives_unavailable_then_recovers(pool: PgPool) {
-    let daemon = Daemon::start(&pool).await;
+    let daemon = Daemon::start(&TestDb::postgres(pool.clone())).await;
     let mut client = daemon.client().await;
     client.enqueue(task("r1", "a0", None)).await.unwrap();
 
@@ -221,6 +235,10 @@ async fn database_outage_gives_unavailable_then_recovers(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = false)]
+#[cfg_attr(
+    not(actionsd_postgres),
+    ignore = "the Postgres suite needs DATABASE_URL"
+)]
 async fn migrations_apply_to_an_empty_database_once(pool: PgPool) {
     let options: PgConnectOptions = pool.connect_options().as_ref().clone();
     let store = PgStore::connect(

@@ -4,6 +4,13 @@
 
 mod common;
 
+conformance!(
+    connect_unary_json_and_binary,
+    connect_errors_have_codes_and_http_statuses,
+    connect_stream_snapshot_live_gzip_and_end_of_stream,
+    reflection_lists_every_service,
+);
+
 use std::io::{Read, Write};
 use std::time::Duration;
 
@@ -78,9 +85,8 @@ fn parent_json(run: &str, name: &str) -> String {
     )
 }
 
-#[sqlx::test]
-async fn connect_unary_json_and_binary(pool: PgPool) {
-    let daemon = Daemon::start(&pool).await;
+async fn connect_unary_json_and_binary(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
     let http = http();
 
     // JSON, with the proto3 JSON mapping (bytes as base64).
@@ -119,9 +125,8 @@ async fn connect_unary_json_and_binary(pool: PgPool) {
     daemon.stop().await;
 }
 
-#[sqlx::test]
-async fn connect_errors_have_codes_and_http_statuses(pool: PgPool) {
-    let daemon = Daemon::start(&pool).await;
+async fn connect_errors_have_codes_and_http_statuses(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
     let http = http();
     let call = |path: &'static str, content_type: &'static str, body: Vec<u8>| {
         let request = http
@@ -192,9 +197,8 @@ async fn connect_errors_have_codes_and_http_statuses(pool: PgPool) {
     daemon.stop().await;
 }
 
-#[sqlx::test]
-async fn connect_stream_snapshot_live_gzip_and_end_of_stream(pool: PgPool) {
-    let daemon = Daemon::start(&pool).await;
+async fn connect_stream_snapshot_live_gzip_and_end_of_stream(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
     let mut client = daemon.client().await;
     client.enqueue(task("cs1", "a0", None)).await.unwrap();
     client
@@ -341,9 +345,13 @@ async fn health_status(daemon: &Daemon, service: &str) -> ServingStatus {
     ServingStatus::try_from(response.into_inner().status).unwrap()
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/postgres")]
+#[cfg_attr(
+    not(actionsd_postgres),
+    ignore = "the Postgres suite needs DATABASE_URL"
+)]
 async fn health_follows_the_database(pool: PgPool) {
-    let daemon = Daemon::start(&pool).await;
+    let daemon = Daemon::start(&TestDb::postgres(pool.clone())).await;
     assert_eq!(health_status(&daemon, "").await, ServingStatus::Serving);
     assert_eq!(
         health_status(&daemon, "flyteidl2.actions.ActionsService").await,
@@ -380,14 +388,13 @@ async fn wait_for_health(daemon: &Daemon, expected: ServingStatus) {
     }
 }
 
-#[sqlx::test]
-async fn reflection_lists_every_service(pool: PgPool) {
+async fn reflection_lists_every_service(db: TestDb) {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
-    let daemon = Daemon::start(&pool).await;
+    let daemon = Daemon::start(&db).await;
     let channel = Channel::from_shared(format!("http://{}", daemon.addr))
         .unwrap()
         .connect()

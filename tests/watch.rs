@@ -3,16 +3,21 @@
 
 mod common;
 
+conformance!(
+    snapshot_then_sentinel_then_live,
+    concurrent_lifecycles_never_go_backwards,
+    slow_stream_keeps_final_states_without_delaying_others,
+    shutdown_ends_streams_with_unavailable,
+);
+
 use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use sqlx::PgPool;
 use tonic::Code;
 
-#[sqlx::test]
-async fn snapshot_then_sentinel_then_live(pool: PgPool) {
-    let daemon = Daemon::start(&pool).await;
+async fn snapshot_then_sentinel_then_live(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
     let mut client = daemon.client().await;
     client.enqueue(task("r1", "a0", None)).await.unwrap();
     client.enqueue(task("r1", "a1", Some("a0"))).await.unwrap();
@@ -142,9 +147,8 @@ fn assert_never_backwards(watcher: &Watcher) {
     }
 }
 
-#[sqlx::test]
-async fn concurrent_lifecycles_never_go_backwards(pool: PgPool) {
-    let daemon = Daemon::start(&pool).await;
+async fn concurrent_lifecycles_never_go_backwards(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
     let mut client = daemon.client().await;
     client.enqueue(task("r1", "a0", None)).await.unwrap();
     let mut watcher = Watcher::open(&mut client, "r1", "a0").await;
@@ -176,9 +180,8 @@ async fn concurrent_lifecycles_never_go_backwards(pool: PgPool) {
     daemon.stop().await;
 }
 
-#[sqlx::test]
-async fn slow_stream_keeps_final_states_without_delaying_others(pool: PgPool) {
-    let daemon = Daemon::start(&pool).await;
+async fn slow_stream_keeps_final_states_without_delaying_others(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
     let mut setup = daemon.client().await;
     setup.enqueue(task("r1", "a0", None)).await.unwrap();
     let children = 500;
@@ -229,9 +232,8 @@ async fn slow_stream_keeps_final_states_without_delaying_others(pool: PgPool) {
     daemon.stop().await;
 }
 
-#[sqlx::test]
-async fn shutdown_ends_streams_with_unavailable(pool: PgPool) {
-    let daemon = Daemon::start(&pool).await;
+async fn shutdown_ends_streams_with_unavailable(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
     let mut client = daemon.client().await;
     client.enqueue(task("r1", "a0", None)).await.unwrap();
     let mut watcher = Watcher::open(&mut client, "r1", "a0").await;

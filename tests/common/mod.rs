@@ -76,6 +76,87 @@ pub fn database_url(pool: &PgPool) -> String {
     pool.connect_options().to_url_lossy().to_string()
 }
 
+/// A fresh, empty database of either backend, owned by one test.
+pub enum TestDb {
+    /// A database created by `#[sqlx::test]` on the server of DATABASE_URL.
+    Postgres(PgPool),
+    /// A file in a temporary directory, removed with the test.
+    Sqlite {
+        dir: tempfile::TempDir,
+        pool: sqlx::SqlitePool,
+    },
+}
+
+impl TestDb {
+    pub fn postgres(pool: PgPool) -> Self {
+        Self::Postgres(pool)
+    }
+
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Connected lazily: the daemon creates and migrates the file.
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_lazy_with(
+                sqlx::sqlite::SqliteConnectOptions::new().filename(dir.path().join("actionsd.db")),
+            );
+        Self::Sqlite { dir, pool }
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Self::Postgres(pool) => database_url(pool),
+            Self::Sqlite { dir, .. } => {
+                format!("sqlite://{}", dir.path().join("actionsd.db").display())
+            }
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+}
+
+/// Runs a query that reads the same on both backends and returns its rows.
+#[macro_export]
+macro_rules! rows {
+    ($db:expr, $row:ty, $sql:expr) => {
+        match &$db {
+            $crate::common::TestDb::Postgres(pool) => sqlx::query_as::<_, $row>($sql)
+                .fetch_all(pool)
+                .await
+                .unwrap(),
+            $crate::common::TestDb::Sqlite { pool, .. } => sqlx::query_as::<_, $row>($sql)
+                .fetch_all(pool)
+                .await
+                .unwrap(),
+        }
+    };
+}
+
+/// Runs each named `async fn(TestDb)` on both backends: `NAME::postgres`
+/// on a fresh Postgres database (ignored, never passed, without
+/// DATABASE_URL) and `NAME::sqlite` on a fresh SQLite file.
+#[macro_export]
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[sqlx::test(migrations = "migrations/postgres")]
+                #[cfg_attr(not(actionsd_postgres), ignore = "the Postgres suite needs DATABASE_URL")]
+                async fn postgres(pool: sqlx::PgPool) {
+                    super::$name($crate::common::TestDb::postgres(pool)).await;
+                }
+
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$name($crate::common::TestDb::sqlite()).await;
+                }
+            }
+        )*
+    };
+}
+
 /// A daemon on its own runtime, so that `kill` can drop every task at once
 /// the way a crash would.
 pub struct Daemon {
@@ -86,8 +167,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub async fn start(pool: &PgPool) -> Self {
-        Self::start_url(&database_url(pool)).await
+    pub async fn start(db: &TestDb) -> Self {
+        Self::start_url(&db.url()).await
     }
 
     pub async fn start_url(url: &str) -> Self {
@@ -156,10 +237,13 @@ impl Daemon {
     }
 
     /// Ends the daemon abruptly, as a crash would: no draining, every task
-    /// and connection dropped.
-    pub fn kill(mut self) {
+    /// cancelled where it stands and every connection dropped. Returns once
+    /// everything is dropped (a dead process holds no file locks either).
+    pub async fn kill(mut self) {
         if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
+            tokio::task::spawn_blocking(move || runtime.shutdown_timeout(TIMEOUT))
+                .await
+                .unwrap();
         }
     }
 }

@@ -3,14 +3,14 @@
 #
 # Builds the daemon, installs each client (pinned) into a project-local
 # environment (tests/interop/python/.venv, tests/interop/node/node_modules),
-# starts the daemon on an ephemeral loopback port over a fresh database on
-# the server named by DATABASE_URL, runs the Python, Node and curl suites,
-# then stops the daemon and drops the database.
+# starts the daemon on an ephemeral loopback port over a fresh database (on
+# the Postgres server named by DATABASE_URL, or an SQLite file when it is
+# unset), runs the Python, Node and curl suites, then stops the daemon and
+# removes the database.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-: "${DATABASE_URL:?set DATABASE_URL, e.g. postgres://postgres@127.0.0.1:5432/postgres}"
 
 cd "$root"
 echo "== building actionsd"
@@ -27,16 +27,24 @@ echo "== installing the Node clients (tests/interop/node/node_modules)"
 (cd "$here/node" && npm ci --no-audit --no-fund --loglevel=error && npm run --silent generate)
 
 database="actionsd_interop_$$"
-server_url="${DATABASE_URL%/*}"
-log="$(mktemp)"
+scratch="$(mktemp -d)"
+log="$scratch/actionsd.log"
+if [ -n "${DATABASE_URL:-}" ]; then
+    store="${DATABASE_URL%/*}/$database"
+else
+    store="sqlite://$scratch/actionsd.db"
+fi
+echo "== store: ${store%%://*}"
 "$root/target/debug/actionsd" serve --listen 127.0.0.1:0 \
-    --database-url "$server_url/$database" --log-format json >"$log" 2>&1 &
+    --database-url "$store" --log-format json >"$log" 2>&1 &
 daemon=$!
 cleanup() {
     kill -TERM "$daemon" 2>/dev/null || true
     wait "$daemon" 2>/dev/null || true
-    psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$database\"" >/dev/null 2>&1 || true
-    rm -f "$log"
+    if [ -n "${DATABASE_URL:-}" ]; then
+        psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$database\"" >/dev/null 2>&1 || true
+    fi
+    rm -rf "$scratch"
 }
 trap cleanup EXIT
 
