@@ -5,7 +5,10 @@
 
 use std::{env, path::PathBuf};
 
-const PROTOS: &[&str] = &["flyteidl2/actions/actions_service.proto"];
+const PROTOS: &[&str] = &[
+    "flyteidl2/actions/actions_service.proto",
+    "actionsd/executor/v1/executor.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

@@ -21,6 +21,15 @@ pub mod flyteidl2 {
     }
 }
 
+/// actionsd's own services.
+pub mod actionsd {
+    pub mod executor {
+        pub mod v1 {
+            tonic::include_proto!("actionsd.executor.v1");
+        }
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every proto actionsd serves.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/actionsd_descriptor.bin"));

@@ -88,6 +88,8 @@ pub struct EnqueueAction {
     pub phase: Phase,
     /// Initial output location (traces carry theirs).
     pub output_uri: String,
+    /// Action.run_output_base: attempts write under it by default.
+    pub run_output_base: String,
     /// For conditions: the declared `SimpleType`, when the type is simple.
     pub condition_type: Option<i32>,
     /// For conditions: how long to wait for a signal.
@@ -141,6 +143,7 @@ pub enum Command {
     Update(UpdateStatus),
     Abort(AbortAction),
     Signal(SignalAction),
+    Finish(super::FinishAction),
 }
 
 impl Command {
@@ -150,6 +153,7 @@ impl Command {
             Self::Update(c) => &c.id,
             Self::Abort(c) => &c.id,
             Self::Signal(c) => &c.id,
+            Self::Finish(c) => &c.id,
         }
     }
 }
@@ -167,6 +171,10 @@ pub struct ActionState {
     pub error: Option<Bytes>,
     /// The encoded `Literal` a condition was signalled with.
     pub value: Option<Bytes>,
+    /// The queue of a task action.
+    pub queue: Option<String>,
+    /// The executor that holds (or last held) a lease on the action.
+    pub lease_holder: Option<String>,
 }
 
 /// A committed change: the state it produced. Events are read back from the

@@ -4,6 +4,7 @@
 
 mod action;
 mod error;
+mod executor;
 mod ids;
 mod phase;
 mod rules;
@@ -13,6 +14,10 @@ pub use action::{
     SignalValue, SimpleKind, UpdateStatus,
 };
 pub use error::Error;
+pub use executor::{
+    decide_finish, default_output_uri, Cancellation, ClaimRequest, FinishAction, HeartbeatOutcome,
+    Lease, Leased, ReapOutcome, ReapSettings,
+};
 pub use ids::{ActionId, RunId, WatchKey};
 pub use phase::Phase;
 pub use rules::{decide_enqueue_existing, decide_signal, decide_update, Current, Transition};

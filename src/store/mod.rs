@@ -9,7 +9,10 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 
-use crate::domain::{ActionId, ActionState, Command, Error, Event};
+use crate::domain::{
+    ActionId, ActionState, ClaimRequest, Command, Error, Event, HeartbeatOutcome, Lease,
+    ReapOutcome, ReapSettings,
+};
 
 /// A position in the event log. Its meaning is the backend's: for
 /// Postgres it is (transaction id, sequence number).
@@ -73,9 +76,128 @@ pub trait Store: Send + Sync + 'static {
     /// Opens the wake-up channel from other daemons, if the backend has one.
     async fn listen(&self) -> Result<Option<Box<dyn PeerListener>>, Error>;
 
+    /// Leases queued task actions of `request.queue` to the executor,
+    /// oldest first, up to its free capacity and within each run's
+    /// `max_action_concurrency`; each moves to INITIALIZING with an event.
+    /// Safe with any number of claimers on any number of daemons: an attempt
+    /// is leased once.
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Lease>, Error>;
+
+    /// The executor's live leases of unfinished actions, oldest first. A new
+    /// lease stream re-sends them: a lease pushed on a stream that broke
+    /// before the executor read it would otherwise be kept alive by its
+    /// heartbeats without ever running.
+    async fn leases_of(&self, executor: &str) -> Result<Vec<Lease>, Error>;
+
+    /// Extends the executor's live leases by `ttl` and releases those whose
+    /// action became terminal, reporting the aborted ones (once).
+    async fn heartbeat(
+        &self,
+        executor: &str,
+        ttl: std::time::Duration,
+    ) -> Result<HeartbeatOutcome, Error>;
+
+    /// One reaper pass: requeues (attempt + 1) or fails actions whose lease
+    /// expired, and times out conditions past their deadline. Safe when
+    /// several daemons reap at once.
+    async fn reap(&self, settings: &ReapSettings) -> Result<ReapOutcome, Error>;
+
     /// Checks that the store can be reached (for health checks).
     async fn ping(&self) -> Result<(), Error>;
 
     /// Closes the store's connections, waiting for those in use.
     async fn close(&self);
+}
+
+/// Runs every write of the store it wraps in a task of its own, so a write
+/// always reaches commit or rollback, even when the request that started it
+/// is cancelled — a client that disconnects mid-call, or a lease stream
+/// dropped while claiming. A cancelled future would otherwise abandon its
+/// transaction half-way, holding locks until the connection is reused.
+pub struct Detached {
+    inner: std::sync::Arc<dyn Store>,
+}
+
+impl Detached {
+    pub fn new(inner: std::sync::Arc<dyn Store>) -> Self {
+        Self { inner }
+    }
+
+    async fn spawn<T, F>(
+        &self,
+        write: impl FnOnce(std::sync::Arc<dyn Store>) -> F,
+    ) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, Error>> + Send + 'static,
+    {
+        tokio::spawn(write(self.inner.clone()))
+            .await
+            .map_err(|err| {
+                tracing::error!(error = %err, "store write task failed");
+                Error::Internal("store write failed".to_owned())
+            })?
+    }
+}
+
+#[async_trait]
+impl Store for Detached {
+    async fn execute(&self, command: Command) -> Result<usize, Error> {
+        self.spawn(|store| async move { store.execute(command).await })
+            .await
+    }
+
+    async fn watch_snapshot(&self, parent: &ActionId) -> Result<Vec<ActionState>, Error> {
+        self.inner.watch_snapshot(parent).await
+    }
+
+    async fn feed_start(&self) -> Result<FeedCursor, Error> {
+        self.inner.feed_start().await
+    }
+
+    async fn read_feed(&self, cursor: FeedCursor, limit: usize) -> Result<FeedBatch, Error> {
+        self.inner.read_feed(cursor, limit).await
+    }
+
+    async fn notify_peers(&self) -> Result<(), Error> {
+        self.inner.notify_peers().await
+    }
+
+    async fn listen(&self) -> Result<Option<Box<dyn PeerListener>>, Error> {
+        self.inner.listen().await
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Lease>, Error> {
+        let request = request.clone();
+        self.spawn(|store| async move { store.claim(&request).await })
+            .await
+    }
+
+    async fn leases_of(&self, executor: &str) -> Result<Vec<Lease>, Error> {
+        self.inner.leases_of(executor).await
+    }
+
+    async fn heartbeat(
+        &self,
+        executor: &str,
+        ttl: std::time::Duration,
+    ) -> Result<HeartbeatOutcome, Error> {
+        let executor = executor.to_owned();
+        self.spawn(|store| async move { store.heartbeat(&executor, ttl).await })
+            .await
+    }
+
+    async fn reap(&self, settings: &ReapSettings) -> Result<ReapOutcome, Error> {
+        let settings = settings.clone();
+        self.spawn(|store| async move { store.reap(&settings).await })
+            .await
+    }
+
+    async fn ping(&self) -> Result<(), Error> {
+        self.inner.ping().await
+    }
+
+    async fn close(&self) {
+        self.inner.close().await;
+    }
 }

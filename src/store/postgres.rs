@@ -14,8 +14,10 @@ use tracing::{instrument, warn};
 
 use super::{FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
 use crate::domain::{
-    decide_enqueue_existing, decide_signal, decide_update, AbortAction, ActionId, ActionKind,
-    ActionState, Command, Current, EnqueueAction, Error, Phase, RunId, SignalAction, UpdateStatus,
+    decide_enqueue_existing, decide_finish, decide_signal, decide_update, default_output_uri,
+    AbortAction, ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current,
+    EnqueueAction, Error, FinishAction, HeartbeatOutcome, Lease, Leased, Phase, ReapOutcome,
+    ReapSettings, RunId, SignalAction, UpdateStatus,
 };
 use crate::schema;
 
@@ -28,7 +30,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/post
 /// The columns of an action's observable state, in [`state_from_row`] order.
 macro_rules! state_columns {
     () => {
-        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value"
+        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value, queue, lease_holder"
     };
 }
 
@@ -218,6 +220,262 @@ impl Store for PgStore {
         self.pool.close().await;
     }
 
+    #[instrument(skip_all, fields(executor = %request.executor, queue = %request.queue))]
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Lease>, Error> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let held: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM actions WHERE lease_holder = $1 AND lease_deadline IS NOT NULL \
+             AND phase NOT IN {TERMINAL_PHASES}"
+        ))
+        .bind(&request.executor)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let free = i64::from(request.capacity) - held;
+        if free <= 0 {
+            tx.commit().await.map_err(db_error)?;
+            return Ok(Vec::new());
+        }
+        // Oldest first; rows locked by another claimer are skipped, so
+        // claimers never wait for each other and never lease one attempt
+        // twice. A few extra candidates make up for runs at their limit.
+        let candidates = sqlx::query(
+            "SELECT a.org, a.project, a.domain, a.run_name, a.name, r.max_action_concurrency \
+             FROM actions a JOIN runs r \
+               ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+             WHERE a.queue = $1 AND a.phase = 1 AND a.kind = 1 \
+             ORDER BY a.created_at, a.name LIMIT $2 FOR UPDATE OF a SKIP LOCKED",
+        )
+        .bind(&request.queue)
+        .bind(free * 2 + 16)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+
+        let ttl = request.lease_ttl.as_secs_f64();
+        let mut leases = Vec::new();
+        for candidate in &candidates {
+            if i64::try_from(leases.len()).unwrap_or(i64::MAX) >= free {
+                break;
+            }
+            let id = ActionId::new(
+                RunId {
+                    org: candidate.try_get("org").map_err(db_error)?,
+                    project: candidate.try_get("project").map_err(db_error)?,
+                    domain: candidate.try_get("domain").map_err(db_error)?,
+                    name: candidate.try_get("run_name").map_err(db_error)?,
+                },
+                candidate.try_get::<String, _>("name").map_err(db_error)?,
+            );
+            let limit: i32 = candidate
+                .try_get("max_action_concurrency")
+                .map_err(db_error)?;
+            if limit > 0 && !run_has_room(&mut tx, &id.run, limit).await? {
+                continue;
+            }
+            let row = sqlx::query(concat!(
+                "WITH changed AS (",
+                " UPDATE actions SET phase = 3, lease_holder = $6,",
+                "   lease_deadline = now() + make_interval(secs => $7),",
+                "   version = version + 1, updated_at = now()",
+                " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5",
+                " RETURNING *",
+                "), logged AS (",
+                insert_events_from_changed!(),
+                ")",
+                " SELECT c.spec, c.attempt, c.lease_deadline, c.run_output_base, r.run_spec",
+                " FROM changed c JOIN runs r",
+                "   ON (r.org, r.project, r.domain, r.name) = (c.org, c.project, c.domain, c.run_name)"
+            ))
+            .bind(&id.run.org)
+            .bind(&id.run.project)
+            .bind(&id.run.domain)
+            .bind(&id.run.name)
+            .bind(&id.name)
+            .bind(&request.executor)
+            .bind(ttl)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            let attempt =
+                u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?).unwrap_or(0);
+            let base: String = row.try_get("run_output_base").map_err(db_error)?;
+            leases.push(Lease {
+                output_uri: default_output_uri(&base, &id.name, attempt),
+                id,
+                spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
+                run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
+                attempt,
+                deadline: row.try_get("lease_deadline").map_err(db_error)?,
+            });
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(leases)
+    }
+
+    async fn leases_of(&self, executor: &str) -> Result<Vec<Lease>, Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.spec, a.attempt, \
+                    a.lease_deadline, a.run_output_base, r.run_spec \
+             FROM actions a JOIN runs r \
+               ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+             WHERE a.lease_holder = $1 AND a.lease_deadline IS NOT NULL \
+               AND a.phase NOT IN {TERMINAL_PHASES} \
+             ORDER BY a.created_at, a.name"
+        ))
+        .bind(executor)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                let id = ActionId::new(
+                    RunId {
+                        org: row.try_get("org").map_err(db_error)?,
+                        project: row.try_get("project").map_err(db_error)?,
+                        domain: row.try_get("domain").map_err(db_error)?,
+                        name: row.try_get("run_name").map_err(db_error)?,
+                    },
+                    row.try_get::<String, _>("name").map_err(db_error)?,
+                );
+                let attempt =
+                    u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?).unwrap_or(0);
+                let base: String = row.try_get("run_output_base").map_err(db_error)?;
+                Ok(Lease {
+                    output_uri: default_output_uri(&base, &id.name, attempt),
+                    id,
+                    spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
+                    run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
+                    attempt,
+                    deadline: row.try_get("lease_deadline").map_err(db_error)?,
+                })
+            })
+            .collect()
+    }
+
+    #[instrument(skip_all, fields(executor = %executor))]
+    async fn heartbeat(&self, executor: &str, ttl: Duration) -> Result<HeartbeatOutcome, Error> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let released = sqlx::query(&format!(
+            "UPDATE actions SET lease_deadline = NULL \
+             WHERE lease_holder = $1 AND lease_deadline IS NOT NULL AND phase IN {TERMINAL_PHASES} \
+             RETURNING org, project, domain, run_name, name, attempt, phase, abort_reason"
+        ))
+        .bind(executor)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let mut cancelled = Vec::new();
+        for row in &released {
+            if phase_from_db(row.try_get("phase").map_err(db_error)?)? != Phase::Aborted {
+                continue;
+            }
+            cancelled.push(Cancellation {
+                id: ActionId::new(
+                    RunId {
+                        org: row.try_get("org").map_err(db_error)?,
+                        project: row.try_get("project").map_err(db_error)?,
+                        domain: row.try_get("domain").map_err(db_error)?,
+                        name: row.try_get("run_name").map_err(db_error)?,
+                    },
+                    row.try_get::<String, _>("name").map_err(db_error)?,
+                ),
+                attempt: u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?)
+                    .unwrap_or(0),
+                reason: row
+                    .try_get::<Option<String>, _>("abort_reason")
+                    .map_err(db_error)?
+                    .unwrap_or_default(),
+            });
+        }
+        let deadline = sqlx::query_scalar(&format!(
+            "WITH extended AS (UPDATE actions SET lease_deadline = now() + make_interval(secs => $2) \
+               WHERE lease_holder = $1 AND lease_deadline IS NOT NULL AND phase NOT IN {TERMINAL_PHASES}) \
+             SELECT now() + make_interval(secs => $2)"
+        ))
+        .bind(executor)
+        .bind(ttl.as_secs_f64())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(HeartbeatOutcome {
+            deadline,
+            cancelled,
+        })
+    }
+
+    async fn reap(&self, settings: &ReapSettings) -> Result<ReapOutcome, Error> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let max = i32::try_from(settings.max_system_retries).unwrap_or(i32::MAX);
+        // Expired leases: requeue with the next attempt while retries are
+        // left, else fail with a SYSTEM error. Rows another reaper is
+        // handling are skipped.
+        let phases: Vec<i16> = sqlx::query_scalar(&format!(
+            concat!(
+                "WITH expired AS (",
+                "  SELECT org, project, domain, run_name, name FROM actions",
+                "  WHERE lease_deadline < now() AND phase NOT IN {terminal} FOR UPDATE SKIP LOCKED",
+                "), changed AS (",
+                "  UPDATE actions a SET",
+                "    phase = CASE WHEN a.attempt <= $1 THEN 1 ELSE 6 END,",
+                "    attempt = CASE WHEN a.attempt <= $1 THEN a.attempt + 1 ELSE a.attempt END,",
+                "    error = CASE WHEN a.attempt <= $1 THEN a.error ELSE $2 END,",
+                "    end_time = CASE WHEN a.attempt <= $1 THEN a.end_time ELSE now() END,",
+                "    lease_holder = NULL, lease_deadline = NULL,",
+                "    version = a.version + 1, updated_at = now()",
+                "  FROM expired e",
+                "  WHERE (a.org, a.project, a.domain, a.run_name, a.name)",
+                "      = (e.org, e.project, e.domain, e.run_name, e.name)",
+                "  RETURNING a.*",
+                ")",
+                insert_events_from_changed!(),
+                " RETURNING phase"
+            ),
+            terminal = TERMINAL_PHASES
+        ))
+        .bind(max)
+        .bind(settings.lease_error.as_ref())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        // Terminal actions whose lease was never released (their executor
+        // vanished before a heartbeat reported the end).
+        sqlx::query(&format!(
+            "UPDATE actions SET lease_deadline = NULL \
+             WHERE lease_deadline < now() AND phase IN {TERMINAL_PHASES}"
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        // Conditions nobody signalled in time.
+        let timed_out = sqlx::query(concat!(
+            "WITH due AS (",
+            "  SELECT org, project, domain, run_name, name FROM actions",
+            "  WHERE kind = 3 AND phase = 9 AND deadline < now() FOR UPDATE SKIP LOCKED",
+            "), changed AS (",
+            "  UPDATE actions a SET phase = 8, error = $1, end_time = now(),",
+            "    version = a.version + 1, updated_at = now()",
+            "  FROM due d",
+            "  WHERE (a.org, a.project, a.domain, a.run_name, a.name)",
+            "      = (d.org, d.project, d.domain, d.run_name, d.name)",
+            "  RETURNING a.*",
+            ")",
+            insert_events_from_changed!()
+        ))
+        .bind(settings.timeout_error.as_ref())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?
+        .rows_affected();
+        tx.commit().await.map_err(db_error)?;
+        Ok(ReapOutcome {
+            requeued: phases.iter().filter(|p| **p == 1).count(),
+            failed: phases.iter().filter(|p| **p == 6).count(),
+            timed_out: usize::try_from(timed_out).unwrap_or(usize::MAX),
+        })
+    }
+
     async fn ping(&self) -> Result<(), Error> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
@@ -279,6 +537,7 @@ async fn apply(conn: &mut PgConnection, command: &Command) -> Result<usize, Erro
         Command::Update(c) => update(conn, c).await,
         Command::Abort(c) => abort(conn, c).await,
         Command::Signal(c) => signal(conn, c).await,
+        Command::Finish(c) => finish(conn, c).await,
     }
 }
 
@@ -369,8 +628,8 @@ async fn enqueue(conn: &mut PgConnection, action: &EnqueueAction) -> Result<usiz
     let inserted = sqlx::query(concat!(
         "WITH changed AS (",
         " INSERT INTO actions (org, project, domain, run_name, name, parent_name, kind, phase, spec, queue,",
-        "   output_uri, condition_type, deadline)",
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now() + make_interval(secs => $13))",
+        "   output_uri, condition_type, deadline, run_output_base)",
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now() + make_interval(secs => $13), $14)",
         " ON CONFLICT ON CONSTRAINT actions_pkey DO NOTHING",
         " RETURNING ",
         state_columns!(),
@@ -390,6 +649,7 @@ async fn enqueue(conn: &mut PgConnection, action: &EnqueueAction) -> Result<usiz
     .bind(&action.output_uri)
     .bind(action.condition_type)
     .bind(timeout_secs)
+    .bind(&action.run_output_base)
     .execute(&mut *conn)
     .await
     .map_err(db_error)?
@@ -536,7 +796,7 @@ async fn abort(conn: &mut PgConnection, abort: &AbortAction) -> Result<usize, Er
             "  WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4",
             "    AND a.name = s.name AND a.phase NOT IN {terminal}",
             "  RETURNING a.org, a.project, a.domain, a.run_name, a.name, a.parent_name, a.version,",
-            "    a.phase, a.attempt, a.output_uri, a.error, a.value",
+            "    a.phase, a.attempt, a.output_uri, a.error, a.value, a.queue, a.lease_holder",
             ")",
             insert_events_from_changed!()
         ),
@@ -594,6 +854,89 @@ async fn signal(conn: &mut PgConnection, signal: &SignalAction) -> Result<usize,
     Ok(1)
 }
 
+/// Whether a run with `max_action_concurrency = limit` may lease one more
+/// action. Locks the run row first, so that concurrent claimers of the same
+/// run count one after the other and the limit holds exactly.
+async fn run_has_room(conn: &mut PgConnection, run: &RunId, limit: i32) -> Result<bool, Error> {
+    sqlx::query(
+        "SELECT 1 FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4 FOR UPDATE",
+    )
+    .bind(&run.org)
+    .bind(&run.project)
+    .bind(&run.domain)
+    .bind(&run.name)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let leased: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM actions \
+         WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 \
+         AND lease_deadline IS NOT NULL AND phase NOT IN {TERMINAL_PHASES}"
+    ))
+    .bind(&run.org)
+    .bind(&run.project)
+    .bind(&run.domain)
+    .bind(&run.name)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    Ok(leased < i64::from(limit))
+}
+
+async fn finish(conn: &mut PgConnection, finish: &FinishAction) -> Result<usize, Error> {
+    let id = &finish.id;
+    let row = sqlx::query(
+        "SELECT kind, phase, attempt, lease_holder, run_output_base FROM actions \
+         WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5 FOR UPDATE",
+    )
+    .bind(&id.run.org)
+    .bind(&id.run.project)
+    .bind(&id.run.domain)
+    .bind(&id.run.name)
+    .bind(&id.name)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?
+    .ok_or_else(|| Error::ActionNotFound(id.clone()))?;
+    let kind: i16 = row.try_get("kind").map_err(db_error)?;
+    let current = Leased {
+        is_task: kind == ActionKind::Task as i16,
+        phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
+        attempt: u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?).unwrap_or(0),
+        holder: row.try_get("lease_holder").map_err(db_error)?,
+    };
+    if !decide_finish(id, &current, finish)? {
+        return Ok(0);
+    }
+    let base: String = row.try_get("run_output_base").map_err(db_error)?;
+    let output_uri = finish
+        .output_uri
+        .clone()
+        .unwrap_or_else(|| default_output_uri(&base, &id.name, finish.attempt));
+    sqlx::query(concat!(
+        "WITH changed AS (",
+        " UPDATE actions SET phase = $6, output_uri = $7, error = $8, lease_deadline = NULL,",
+        "   end_time = now(), version = version + 1, updated_at = now()",
+        " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5",
+        " RETURNING ",
+        state_columns!(),
+        ")",
+        insert_events_from_changed!()
+    ))
+    .bind(&id.run.org)
+    .bind(&id.run.project)
+    .bind(&id.run.domain)
+    .bind(&id.run.name)
+    .bind(&id.name)
+    .bind(finish.phase as i16)
+    .bind(&output_uri)
+    .bind(finish.error.as_deref())
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    Ok(1)
+}
+
 fn state_from_row(row: &PgRow) -> Result<ActionState, Error> {
     let attempt: i32 = row.try_get("attempt").map_err(db_error)?;
     Ok(ActionState {
@@ -619,6 +962,8 @@ fn state_from_row(row: &PgRow) -> Result<ActionState, Error> {
             .try_get::<Option<Vec<u8>>, _>("value")
             .map_err(db_error)?
             .map(Bytes::from),
+        queue: row.try_get("queue").map_err(db_error)?,
+        lease_holder: row.try_get("lease_holder").map_err(db_error)?,
     })
 }
 

@@ -12,6 +12,7 @@
 //! - there are no peers: an advisory lock on `<file>.lock` keeps a second
 //!   daemon away from the file.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -30,8 +31,10 @@ use tracing::{instrument, warn};
 
 use super::{FeedBatch, FeedCursor, PeerListener, Store};
 use crate::domain::{
-    decide_enqueue_existing, decide_signal, decide_update, AbortAction, ActionId, ActionKind,
-    ActionState, Command, Current, EnqueueAction, Error, Phase, RunId, SignalAction, UpdateStatus,
+    decide_enqueue_existing, decide_finish, decide_signal, decide_update, default_output_uri,
+    AbortAction, ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current,
+    EnqueueAction, Error, FinishAction, HeartbeatOutcome, Lease, Leased, Phase, ReapOutcome,
+    ReapSettings, RunId, SignalAction, UpdateStatus,
 };
 use crate::schema;
 
@@ -41,7 +44,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqli
 /// The columns of an action's observable state, in [`state_from_row`] order.
 macro_rules! state_columns {
     () => {
-        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value"
+        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value, queue, lease_holder"
     };
 }
 
@@ -326,6 +329,290 @@ impl Store for SqliteStore {
         Ok(None)
     }
 
+    #[instrument(skip_all, fields(executor = %request.executor, queue = %request.queue))]
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Lease>, Error> {
+        let _writer = self.writer.lock().await;
+        // The write lock serialises claimers (here and in any other
+        // connection): an attempt is leased once and every count below
+        // stays true until the commit, without row locks.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_error)?;
+        let now = now_micros();
+        let held: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM actions WHERE lease_holder = ?1 AND lease_deadline IS NOT NULL \
+             AND phase NOT IN {TERMINAL_PHASES}"
+        ))
+        .bind(&request.executor)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let free = usize::try_from(i64::from(request.capacity) - held).unwrap_or(0);
+        let mut leases = Vec::new();
+        if free == 0 {
+            tx.commit().await.map_err(db_error)?;
+            return Ok(leases);
+        }
+        let deadline = now.saturating_add(micros(request.lease_ttl));
+        let deadline_time = time_from_micros(deadline)?;
+        let page = i64::try_from(free.saturating_mul(2).saturating_add(16)).unwrap_or(i64::MAX);
+        // The runs met so far: their RunSpec and how many more actions they
+        // may lease (`None`: unlimited). Only this transaction changes
+        // leases until it commits, so the counts stay exact.
+        let mut runs: HashMap<RunId, (Bytes, Option<i64>)> = HashMap::new();
+        // Oldest first. Claimed candidates leave the queue; those skipped
+        // because their run is at its limit stay, so pages go on after the
+        // last candidate seen.
+        let mut after: Option<(i64, ActionId)> = None;
+        'pages: loop {
+            let candidates = sqlx::query(
+                "SELECT org, project, domain, run_name, name, created_at FROM actions \
+                 WHERE queue = ?1 AND phase = 1 AND kind = 1 \
+                   AND (?2 IS NULL \
+                     OR (created_at, name, org, project, domain, run_name) > (?2, ?3, ?4, ?5, ?6, ?7)) \
+                 ORDER BY created_at, name, org, project, domain, run_name LIMIT ?8",
+            )
+            .bind(&request.queue)
+            .bind(after.as_ref().map(|(created, _)| *created))
+            .bind(after.as_ref().map(|(_, id)| id.name.as_str()))
+            .bind(after.as_ref().map(|(_, id)| id.run.org.as_str()))
+            .bind(after.as_ref().map(|(_, id)| id.run.project.as_str()))
+            .bind(after.as_ref().map(|(_, id)| id.run.domain.as_str()))
+            .bind(after.as_ref().map(|(_, id)| id.run.name.as_str()))
+            .bind(page)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            let last_page = i64::try_from(candidates.len()).unwrap_or(i64::MAX) < page;
+            for candidate in &candidates {
+                if leases.len() >= free {
+                    break 'pages;
+                }
+                let id = action_id_from_row(candidate)?;
+                after = Some((
+                    candidate.try_get("created_at").map_err(db_error)?,
+                    id.clone(),
+                ));
+                if !runs.contains_key(&id.run) {
+                    let run = read_run_room(&mut tx, &id.run).await?;
+                    runs.insert(id.run.clone(), run);
+                }
+                let Some((run_spec, room)) = runs.get_mut(&id.run) else {
+                    continue;
+                };
+                if let Some(room) = room {
+                    if *room <= 0 {
+                        continue;
+                    }
+                    *room -= 1;
+                }
+                let run_spec = run_spec.clone();
+                let row = sqlx::query(concat!(
+                    "UPDATE actions SET phase = 3, lease_holder = ?6, lease_deadline = ?7,",
+                    "   version = version + 1, updated_at = ?8",
+                    " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
+                    " RETURNING ",
+                    state_columns!(),
+                    ", spec, run_output_base"
+                ))
+                .bind(&id.run.org)
+                .bind(&id.run.project)
+                .bind(&id.run.domain)
+                .bind(&id.run.name)
+                .bind(&id.name)
+                .bind(&request.executor)
+                .bind(deadline)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                let state = state_from_row(&row)?;
+                append_event(&mut tx, &state, now).await?;
+                let base: String = row.try_get("run_output_base").map_err(db_error)?;
+                leases.push(Lease {
+                    output_uri: default_output_uri(&base, &id.name, state.attempt),
+                    id,
+                    spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
+                    run_spec,
+                    attempt: state.attempt,
+                    deadline: deadline_time,
+                });
+            }
+            if last_page || leases.len() >= free {
+                break;
+            }
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(leases)
+    }
+
+    #[instrument(skip_all, fields(executor = %executor))]
+    async fn leases_of(&self, executor: &str) -> Result<Vec<Lease>, Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.spec, a.attempt, \
+                    a.lease_deadline, a.run_output_base, r.run_spec \
+             FROM actions a JOIN runs r \
+               ON r.org = a.org AND r.project = a.project AND r.domain = a.domain \
+              AND r.name = a.run_name \
+             WHERE a.lease_holder = ?1 AND a.lease_deadline IS NOT NULL \
+               AND a.phase NOT IN {TERMINAL_PHASES} \
+             ORDER BY a.created_at, a.name"
+        ))
+        .bind(executor)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                let id = ActionId::new(
+                    RunId {
+                        org: row.try_get("org").map_err(db_error)?,
+                        project: row.try_get("project").map_err(db_error)?,
+                        domain: row.try_get("domain").map_err(db_error)?,
+                        name: row.try_get("run_name").map_err(db_error)?,
+                    },
+                    row.try_get::<String, _>("name").map_err(db_error)?,
+                );
+                let attempt =
+                    u32::try_from(row.try_get::<i64, _>("attempt").map_err(db_error)?).unwrap_or(0);
+                let base: String = row.try_get("run_output_base").map_err(db_error)?;
+                Ok(Lease {
+                    output_uri: default_output_uri(&base, &id.name, attempt),
+                    id,
+                    spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
+                    run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
+                    attempt,
+                    deadline: time_from_micros(row.try_get("lease_deadline").map_err(db_error)?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn heartbeat(&self, executor: &str, ttl: Duration) -> Result<HeartbeatOutcome, Error> {
+        let _writer = self.writer.lock().await;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_error)?;
+        let now = now_micros();
+        // Leases whose action ended: released, so each is reported once.
+        let released = sqlx::query(&format!(
+            "UPDATE actions SET lease_deadline = NULL \
+             WHERE lease_holder = ?1 AND lease_deadline IS NOT NULL AND phase IN {TERMINAL_PHASES} \
+             RETURNING org, project, domain, run_name, name, attempt, phase, abort_reason"
+        ))
+        .bind(executor)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let mut cancelled = Vec::new();
+        for row in &released {
+            if phase_from_db(row.try_get("phase").map_err(db_error)?)? != Phase::Aborted {
+                continue;
+            }
+            cancelled.push(Cancellation {
+                id: action_id_from_row(row)?,
+                attempt: u32::try_from(row.try_get::<i64, _>("attempt").map_err(db_error)?)
+                    .unwrap_or(0),
+                reason: row
+                    .try_get::<Option<String>, _>("abort_reason")
+                    .map_err(db_error)?
+                    .unwrap_or_default(),
+            });
+        }
+        let deadline = now.saturating_add(micros(ttl));
+        sqlx::query(&format!(
+            "UPDATE actions SET lease_deadline = ?2 \
+             WHERE lease_holder = ?1 AND lease_deadline IS NOT NULL AND phase NOT IN {TERMINAL_PHASES}"
+        ))
+        .bind(executor)
+        .bind(deadline)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(HeartbeatOutcome {
+            deadline: time_from_micros(deadline)?,
+            cancelled,
+        })
+    }
+
+    async fn reap(&self, settings: &ReapSettings) -> Result<ReapOutcome, Error> {
+        let _writer = self.writer.lock().await;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_error)?;
+        let now = now_micros();
+        // Expired leases: requeue with the next attempt while retries are
+        // left, else fail with a SYSTEM error. The CASEs read the row as it
+        // was before this UPDATE.
+        let expired = sqlx::query(&format!(
+            concat!(
+                "UPDATE actions SET",
+                "   phase = CASE WHEN attempt <= ?1 THEN 1 ELSE 6 END,",
+                "   attempt = CASE WHEN attempt <= ?1 THEN attempt + 1 ELSE attempt END,",
+                "   error = CASE WHEN attempt <= ?1 THEN error ELSE ?2 END,",
+                "   end_time = CASE WHEN attempt <= ?1 THEN end_time ELSE ?3 END,",
+                "   lease_holder = NULL, lease_deadline = NULL,",
+                "   version = version + 1, updated_at = ?3",
+                " WHERE lease_deadline < ?3 AND phase NOT IN {terminal}",
+                " RETURNING ",
+                state_columns!()
+            ),
+            terminal = TERMINAL_PHASES
+        ))
+        .bind(i64::from(settings.max_system_retries))
+        .bind(settings.lease_error.as_ref())
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let mut outcome = ReapOutcome::default();
+        for row in &expired {
+            let state = state_from_row(row)?;
+            if state.phase == Phase::Queued {
+                outcome.requeued += 1;
+            } else {
+                outcome.failed += 1;
+            }
+            append_event(&mut tx, &state, now).await?;
+        }
+        // Terminal actions whose lease was never released (their executor
+        // vanished before a heartbeat reported the end).
+        sqlx::query(&format!(
+            "UPDATE actions SET lease_deadline = NULL \
+             WHERE lease_deadline < ?1 AND phase IN {TERMINAL_PHASES}"
+        ))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        // Conditions nobody signalled in time.
+        let due = sqlx::query(concat!(
+            "UPDATE actions SET phase = 8, error = ?1, end_time = ?2,",
+            "   version = version + 1, updated_at = ?2",
+            " WHERE kind = 3 AND phase = 9 AND deadline < ?2",
+            " RETURNING ",
+            state_columns!()
+        ))
+        .bind(settings.timeout_error.as_ref())
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        for row in &due {
+            append_event(&mut tx, &state_from_row(row)?, now).await?;
+        }
+        outcome.timed_out = due.len();
+        tx.commit().await.map_err(db_error)?;
+        Ok(outcome)
+    }
+
     async fn ping(&self) -> Result<(), Error> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
@@ -351,6 +638,7 @@ async fn apply(conn: &mut SqliteConnection, command: &Command, now: i64) -> Resu
         Command::Update(c) => update(conn, c, now).await,
         Command::Abort(c) => abort(conn, c, now).await,
         Command::Signal(c) => signal(conn, c, now).await,
+        Command::Finish(c) => finish(conn, c, now).await,
     }
 }
 
@@ -447,8 +735,8 @@ async fn enqueue(
 
     let row = sqlx::query(concat!(
         "INSERT INTO actions (org, project, domain, run_name, name, parent_name, kind, phase, spec, queue,",
-        "   output_uri, condition_type, deadline, created_at, updated_at)",
-        " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)",
+        "   output_uri, condition_type, deadline, created_at, updated_at, run_output_base)",
+        " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15)",
         " ON CONFLICT (org, project, domain, run_name, name) DO NOTHING",
         " RETURNING ",
         state_columns!()
@@ -467,6 +755,7 @@ async fn enqueue(
     .bind(action.condition_type)
     .bind(deadline)
     .bind(now)
+    .bind(&action.run_output_base)
     .fetch_optional(&mut *conn)
     .await
     .map_err(|err| match constraint(&err) {
@@ -683,6 +972,104 @@ async fn signal(
     Ok(1)
 }
 
+/// A run's RunSpec and how many more of its actions may be leased (`None`:
+/// no `max_action_concurrency`), counting its live leases.
+async fn read_run_room(
+    conn: &mut SqliteConnection,
+    run: &RunId,
+) -> Result<(Bytes, Option<i64>), Error> {
+    let row = sqlx::query(&format!(
+        "SELECT r.run_spec, r.max_action_concurrency, \
+           (SELECT count(*) FROM actions a \
+            WHERE a.org = r.org AND a.project = r.project AND a.domain = r.domain \
+              AND a.run_name = r.name AND a.lease_deadline IS NOT NULL \
+              AND a.phase NOT IN {TERMINAL_PHASES}) AS leased \
+         FROM runs r WHERE r.org = ?1 AND r.project = ?2 AND r.domain = ?3 AND r.name = ?4"
+    ))
+    .bind(&run.org)
+    .bind(&run.project)
+    .bind(&run.domain)
+    .bind(&run.name)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let limit: i64 = row.try_get("max_action_concurrency").map_err(db_error)?;
+    let leased: i64 = row.try_get("leased").map_err(db_error)?;
+    Ok((
+        Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
+        (limit > 0).then(|| limit - leased),
+    ))
+}
+
+async fn finish(
+    conn: &mut SqliteConnection,
+    finish: &FinishAction,
+    now: i64,
+) -> Result<usize, Error> {
+    let id = &finish.id;
+    let row = sqlx::query(
+        "SELECT kind, phase, attempt, lease_holder, run_output_base FROM actions \
+         WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
+    )
+    .bind(&id.run.org)
+    .bind(&id.run.project)
+    .bind(&id.run.domain)
+    .bind(&id.run.name)
+    .bind(&id.name)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?
+    .ok_or_else(|| Error::ActionNotFound(id.clone()))?;
+    let kind: i64 = row.try_get("kind").map_err(db_error)?;
+    let current = Leased {
+        is_task: kind == ActionKind::Task as i64,
+        phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
+        attempt: u32::try_from(row.try_get::<i64, _>("attempt").map_err(db_error)?).unwrap_or(0),
+        holder: row.try_get("lease_holder").map_err(db_error)?,
+    };
+    if !decide_finish(id, &current, finish)? {
+        return Ok(0);
+    }
+    let base: String = row.try_get("run_output_base").map_err(db_error)?;
+    let output_uri = finish
+        .output_uri
+        .clone()
+        .unwrap_or_else(|| default_output_uri(&base, &id.name, finish.attempt));
+    let row = sqlx::query(concat!(
+        "UPDATE actions SET phase = ?6, output_uri = ?7, error = ?8, lease_deadline = NULL,",
+        "   end_time = ?9, version = version + 1, updated_at = ?9",
+        " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
+        " RETURNING ",
+        state_columns!()
+    ))
+    .bind(&id.run.org)
+    .bind(&id.run.project)
+    .bind(&id.run.domain)
+    .bind(&id.run.name)
+    .bind(&id.name)
+    .bind(finish.phase as i16)
+    .bind(&output_uri)
+    .bind(finish.error.as_deref())
+    .bind(now)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    append_event(conn, &state_from_row(&row)?, now).await?;
+    Ok(1)
+}
+
+fn action_id_from_row(row: &SqliteRow) -> Result<ActionId, Error> {
+    Ok(ActionId::new(
+        RunId {
+            org: row.try_get("org").map_err(db_error)?,
+            project: row.try_get("project").map_err(db_error)?,
+            domain: row.try_get("domain").map_err(db_error)?,
+            name: row.try_get("run_name").map_err(db_error)?,
+        },
+        row.try_get::<String, _>("name").map_err(db_error)?,
+    ))
+}
+
 /// Appends the state a change produced to the event log, in the change's
 /// transaction.
 async fn append_event(
@@ -693,7 +1080,7 @@ async fn append_event(
     sqlx::query(concat!(
         "INSERT INTO events (",
         state_columns!(),
-        ", created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+        ", created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
     ))
     .bind(&state.id.run.org)
     .bind(&state.id.run.project)
@@ -707,6 +1094,8 @@ async fn append_event(
     .bind(&state.output_uri)
     .bind(state.error.as_deref())
     .bind(state.value.as_deref())
+    .bind(&state.queue)
+    .bind(&state.lease_holder)
     .bind(now)
     .execute(&mut *conn)
     .await
@@ -739,6 +1128,8 @@ fn state_from_row(row: &SqliteRow) -> Result<ActionState, Error> {
             .try_get::<Option<Vec<u8>>, _>("value")
             .map_err(db_error)?
             .map(Bytes::from),
+        queue: row.try_get("queue").map_err(db_error)?,
+        lease_holder: row.try_get("lease_holder").map_err(db_error)?,
     })
 }
 
@@ -752,6 +1143,17 @@ fn phase_from_db(value: i64) -> Result<Phase, Error> {
 /// Now, as stored: microseconds since the Unix epoch, UTC.
 fn now_micros() -> i64 {
     Utc::now().timestamp_micros()
+}
+
+/// A duration in stored units (microseconds), saturating.
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// A stored time (microseconds since the Unix epoch) as a UTC time.
+fn time_from_micros(micros: i64) -> Result<DateTime<Utc>, Error> {
+    DateTime::from_timestamp_micros(micros)
+        .ok_or_else(|| Error::Internal(format!("time {micros} out of range")))
 }
 
 /// The kind of a constraint violation, if `err` is one.
@@ -851,6 +1253,7 @@ mod tests {
             task_queue: None,
             phase: Phase::Queued,
             output_uri: String::new(),
+            run_output_base: "s3://b/r1/".to_owned(),
             condition_type: None,
             condition_timeout: None,
         }
@@ -1326,6 +1729,604 @@ mod tests {
                 .await
                 .unwrap(),
             0
+        );
+        store.close().await;
+    }
+
+    fn in_run(action: EnqueueAction, run: &str) -> EnqueueAction {
+        let run_id = RunId {
+            name: run.to_owned(),
+            ..run_id()
+        };
+        EnqueueAction {
+            id: ActionId::new(run_id, action.id.name.clone()),
+            run_output_base: format!("s3://b/{run}/"),
+            ..action
+        }
+    }
+
+    fn claim_request(executor: &str, capacity: u32) -> ClaimRequest {
+        ClaimRequest {
+            executor: executor.to_owned(),
+            queue: "gpu".to_owned(),
+            capacity,
+            lease_ttl: Duration::from_secs(60),
+        }
+    }
+
+    fn finish(
+        name: &str,
+        executor: &str,
+        attempt: u32,
+        phase: Phase,
+        output_uri: Option<&str>,
+    ) -> Command {
+        Command::Finish(FinishAction {
+            id: id(name),
+            executor: executor.to_owned(),
+            attempt,
+            phase,
+            output_uri: output_uri.map(str::to_owned),
+            error: None,
+        })
+    }
+
+    fn reap_settings(max_system_retries: u32) -> ReapSettings {
+        ReapSettings {
+            max_system_retries,
+            lease_error: Bytes::from_static(b"lease-error"),
+            timeout_error: Bytes::from_static(b"timeout-error"),
+        }
+    }
+
+    async fn enqueue_all(store: &SqliteStore, actions: Vec<EnqueueAction>) {
+        for action in actions {
+            assert_eq!(store.execute(Command::Enqueue(action)).await.unwrap(), 1);
+        }
+    }
+
+    /// (phase, attempt, lease_holder, lease_deadline, end_time, version) of
+    /// an action of run r1.
+    async fn lease_row(
+        store: &SqliteStore,
+        name: &str,
+    ) -> (i64, i64, Option<String>, Option<i64>, Option<i64>, i64) {
+        sqlx::query_as(
+            "SELECT phase, attempt, lease_holder, lease_deadline, end_time, version FROM actions \
+             WHERE run_name = 'r1' AND name = ?1",
+        )
+        .bind(name)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+    }
+
+    /// Moves the live leases of r1's `name` into the past.
+    async fn expire_lease(store: &SqliteStore, name: &str) {
+        sqlx::query(
+            "UPDATE actions SET lease_deadline = lease_deadline - 3600000000 \
+             WHERE run_name = 'r1' AND name = ?1 AND lease_deadline IS NOT NULL",
+        )
+        .bind(name)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+
+    fn names(leases: &[Lease]) -> Vec<(&str, &str)> {
+        leases
+            .iter()
+            .map(|l| (l.id.run.name.as_str(), l.id.name.as_str()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn claim_is_oldest_first_within_capacity_and_run_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        // r1 may lease 2 actions at once; r2 is unlimited.
+        let limited = EnqueueAction {
+            run: Some(RunSettings {
+                run_spec: Bytes::from_static(b"run-spec-1"),
+                queue: Some("gpu".to_owned()),
+                max_action_concurrency: 2,
+            }),
+            ..task("a0", None)
+        };
+        let other_queue = EnqueueAction {
+            task_queue: Some("cpu".to_owned()),
+            ..task("x1", Some("a0"))
+        };
+        enqueue_all(
+            &store,
+            vec![
+                limited,
+                task("c1", Some("a0")),
+                task("c2", Some("a0")),
+                task("c3", Some("a0")),
+                other_queue,
+                condition("k1", "a0"),
+                in_run(task("b0", None), "r2"),
+                in_run(task("d1", Some("b0")), "r2"),
+            ],
+        )
+        .await;
+        // Creation order, unlike name order: c3, a0, x1, c1, b0, c2, d1.
+        for (name, created) in [
+            ("c3", 10),
+            ("a0", 20),
+            ("x1", 25),
+            ("c1", 30),
+            ("b0", 40),
+            ("c2", 50),
+            ("d1", 60),
+        ] {
+            sqlx::query("UPDATE actions SET created_at = ?1 WHERE name = ?2")
+                .bind(created)
+                .bind(name)
+                .execute(store.pool())
+                .await
+                .unwrap();
+        }
+        let cursor = store.feed_start().await.unwrap();
+
+        // Capacity 3: c3 and a0 fill r1's limit, so c1 is skipped for b0.
+        let before = now_micros();
+        let leases = store.claim(&claim_request("e1", 3)).await.unwrap();
+        assert_eq!(names(&leases), [("r1", "c3"), ("r1", "a0"), ("r2", "b0")]);
+        let c3 = &leases[0];
+        assert_eq!(c3.attempt, 1);
+        assert_eq!(c3.output_uri, "s3://b/r1/c3/1");
+        assert_eq!(c3.spec, spec("c3", "s3://b/in"));
+        assert_eq!(c3.run_spec, Bytes::from_static(b"run-spec-1"));
+        assert_eq!(leases[2].output_uri, "s3://b/r2/b0/1");
+        assert!(leases[2].run_spec.is_empty());
+        let deadline = c3.deadline.timestamp_micros();
+        assert!(deadline >= before + 60_000_000 && deadline <= now_micros() + 60_000_000);
+        let (phase, attempt, holder, stored_deadline, _, version) = lease_row(&store, "c3").await;
+        assert_eq!(
+            (phase, attempt, holder.as_deref(), stored_deadline, version),
+            (3, 1, Some("e1"), Some(deadline), 2)
+        );
+
+        // One event per lease, naming the queue and the executor.
+        let events = read_all(&store, cursor, 10).await;
+        assert_eq!(events.len(), 3);
+        for (_, event) in &events {
+            assert_eq!(event.phase, Phase::Initializing);
+            assert_eq!(event.version, 2);
+            assert_eq!(event.queue.as_deref(), Some("gpu"));
+            assert_eq!(event.lease_holder.as_deref(), Some("e1"));
+        }
+
+        // e1 is full; e2 gets what r1's limit leaves: d1 only.
+        assert!(store
+            .claim(&claim_request("e1", 3))
+            .await
+            .unwrap()
+            .is_empty());
+        let leases = store.claim(&claim_request("e2", 10)).await.unwrap();
+        assert_eq!(names(&leases), [("r2", "d1")]);
+        // A claimed attempt is not claimed again.
+        assert!(store
+            .claim(&claim_request("e2", 10))
+            .await
+            .unwrap()
+            .is_empty());
+
+        // c3 ends: r1 has room for one more, the oldest (c1 before c2), and
+        // e1 has room for one more too.
+        assert_eq!(
+            store
+                .execute(finish("c3", "e1", 1, Phase::Succeeded, None))
+                .await
+                .unwrap(),
+            1
+        );
+        let leases = store.claim(&claim_request("e2", 10)).await.unwrap();
+        assert_eq!(names(&leases), [("r1", "c1")]);
+        assert!(store
+            .claim(&claim_request("e1", 3))
+            .await
+            .unwrap()
+            .is_empty());
+
+        // The other queue is served separately; conditions never are.
+        let cpu = ClaimRequest {
+            queue: "cpu".to_owned(),
+            ..claim_request("e3", 10)
+        };
+        let leases = store.claim(&cpu).await.unwrap();
+        assert!(leases.is_empty(), "r1 is at its limit: {leases:?}");
+        let queued: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM actions WHERE phase = 1 ORDER BY name")
+                .fetch_all(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(queued, ["c2", "x1"]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn claim_serves_other_queues_and_unlimited_runs_up_to_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let mut actions = vec![task("a0", None)];
+        for i in 0..40 {
+            actions.push(task(&format!("c{i:02}"), Some("a0")));
+        }
+        actions.push(EnqueueAction {
+            task_queue: Some("cpu".to_owned()),
+            ..task("x1", Some("a0"))
+        });
+        enqueue_all(&store, actions).await;
+        let cpu = ClaimRequest {
+            queue: "cpu".to_owned(),
+            ..claim_request("e1", 10)
+        };
+        assert_eq!(names(&store.claim(&cpu).await.unwrap()), [("r1", "x1")]);
+        // e1 holds one lease, so 39 more fit.
+        let leases = store.claim(&claim_request("e1", 40)).await.unwrap();
+        assert_eq!(leases.len(), 39);
+        let leases = store.claim(&claim_request("e2", 100)).await.unwrap();
+        assert_eq!(leases.len(), 2);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn claim_pages_past_runs_at_their_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        // r1 (limit 1) has many old queued actions; r2's one is newer.
+        let mut actions = vec![EnqueueAction {
+            run: Some(RunSettings {
+                run_spec: Bytes::new(),
+                queue: Some("gpu".to_owned()),
+                max_action_concurrency: 1,
+            }),
+            ..task("a0", None)
+        }];
+        for i in 0..40 {
+            actions.push(task(&format!("c{i:02}"), Some("a0")));
+        }
+        actions.push(in_run(task("b0", None), "r2"));
+        enqueue_all(&store, actions).await;
+        let leases = store.claim(&claim_request("e1", 1)).await.unwrap();
+        assert_eq!(names(&leases), [("r1", "a0")]);
+        let leases = store.claim(&claim_request("e2", 1)).await.unwrap();
+        assert_eq!(names(&leases), [("r2", "b0")]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn heartbeat_extends_live_leases_and_reports_an_abort_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        enqueue_all(
+            &store,
+            vec![
+                task("a0", None),
+                task("c1", Some("a0")),
+                task("c2", Some("a0")),
+            ],
+        )
+        .await;
+        let leases = store.claim(&claim_request("e1", 10)).await.unwrap();
+        assert_eq!(leases.len(), 3);
+        assert_eq!(store.execute(abort("c1")).await.unwrap(), 1);
+        // c2 ends without a Finish: released, but not reported.
+        assert_eq!(
+            store
+                .execute(update("c2", 1, Phase::Succeeded))
+                .await
+                .unwrap(),
+            1
+        );
+        expire_lease(&store, "a0").await;
+        let (_, _, _, _, _, version) = lease_row(&store, "a0").await;
+        let cursor = store.feed_start().await.unwrap();
+
+        let before = now_micros();
+        let beat = store
+            .heartbeat("e1", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(
+            beat.cancelled,
+            [Cancellation {
+                id: id("c1"),
+                attempt: 1,
+                reason: "stop".to_owned(),
+            }]
+        );
+        let deadline = beat.deadline.timestamp_micros();
+        assert!(deadline >= before + 30_000_000 && deadline <= now_micros() + 30_000_000);
+        // a0 is extended (even past its deadline, until a reaper took it);
+        // the ended leases are released. No version change, no event.
+        let a0 = lease_row(&store, "a0").await;
+        assert_eq!((a0.3, a0.5), (Some(deadline), version));
+        assert_eq!(lease_row(&store, "c1").await.3, None);
+        assert_eq!(lease_row(&store, "c2").await.3, None);
+        assert_eq!(store.feed_start().await.unwrap(), cursor);
+
+        // Reported once.
+        let beat = store
+            .heartbeat("e1", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(beat.cancelled.is_empty());
+        // Another executor's heartbeat touches nothing of e1's.
+        let other = store
+            .heartbeat("e2", Duration::from_secs(90))
+            .await
+            .unwrap();
+        assert!(other.cancelled.is_empty());
+        assert_eq!(
+            lease_row(&store, "a0").await.3,
+            Some(beat.deadline.timestamp_micros())
+        );
+        // The released leases no longer count against e1's capacity.
+        enqueue_all(&store, vec![task("c3", Some("a0"))]).await;
+        let leases = store.claim(&claim_request("e1", 2)).await.unwrap();
+        assert_eq!(names(&leases), [("r1", "c3")]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn finish_needs_the_holder_and_the_current_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        enqueue_all(
+            &store,
+            vec![
+                task("a0", None),
+                task("c1", Some("a0")),
+                condition("k1", "a0"),
+            ],
+        )
+        .await;
+        assert_eq!(
+            store.claim(&claim_request("e1", 10)).await.unwrap().len(),
+            2
+        );
+        let cursor = store.feed_start().await.unwrap();
+
+        for (command, what) in [
+            (
+                finish("a0", "e2", 1, Phase::Succeeded, None),
+                "other executor",
+            ),
+            (
+                finish("a0", "e1", 2, Phase::Succeeded, None),
+                "stale attempt",
+            ),
+            (finish("k1", "e1", 1, Phase::Succeeded, None), "not a task"),
+        ] {
+            let err = store.execute(command).await.unwrap_err();
+            assert!(
+                matches!(err, Error::FailedPrecondition(_)),
+                "{what}: {err:?}"
+            );
+        }
+        let err = store
+            .execute(finish("zz", "e1", 1, Phase::Succeeded, None))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::ActionNotFound(_)), "{err:?}");
+
+        // The default output location; the lease ends, the holder stays.
+        assert_eq!(
+            store
+                .execute(finish("a0", "e1", 1, Phase::Succeeded, None))
+                .await
+                .unwrap(),
+            1
+        );
+        let (phase, attempt, holder, deadline, end_time, version) = lease_row(&store, "a0").await;
+        assert_eq!(
+            (phase, attempt, holder.as_deref(), deadline, version),
+            (5, 1, Some("e1"), None, 3)
+        );
+        assert!(end_time.is_some());
+        // A repeat changes nothing; a different end is refused.
+        assert_eq!(
+            store
+                .execute(finish("a0", "e1", 1, Phase::Succeeded, None))
+                .await
+                .unwrap(),
+            0
+        );
+        let err = store
+            .execute(finish("a0", "e1", 1, Phase::Failed, None))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+
+        // A given output location and error are stored as given.
+        let failed = Command::Finish(FinishAction {
+            id: id("c1"),
+            executor: "e1".to_owned(),
+            attempt: 1,
+            phase: Phase::Failed,
+            output_uri: Some("s3://elsewhere/c1".to_owned()),
+            error: Some(Bytes::from_static(b"user-error")),
+        });
+        assert_eq!(store.execute(failed).await.unwrap(), 1);
+
+        let events = read_all(&store, cursor, 10).await;
+        let seen: Vec<_> = events
+            .iter()
+            .map(|(_, e)| {
+                (
+                    e.id.name.as_str(),
+                    e.phase,
+                    e.output_uri.as_str(),
+                    e.error.as_deref(),
+                    e.lease_holder.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("a0", Phase::Succeeded, "s3://b/r1/a0/1", None, Some("e1")),
+                (
+                    "c1",
+                    Phase::Failed,
+                    "s3://elsewhere/c1",
+                    Some(&b"user-error"[..]),
+                    Some("e1")
+                ),
+            ]
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn reap_requeues_expired_leases_then_fails_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        enqueue_all(&store, vec![task("a0", None), task("c1", Some("a0"))]).await;
+        assert_eq!(
+            store.claim(&claim_request("e1", 10)).await.unwrap().len(),
+            2
+        );
+        // c1 ends without a Finish, so its lease stays until it expires.
+        assert_eq!(
+            store
+                .execute(update("c1", 1, Phase::Succeeded))
+                .await
+                .unwrap(),
+            1
+        );
+        // Nothing expired yet.
+        assert_eq!(
+            store.reap(&reap_settings(1)).await.unwrap(),
+            ReapOutcome::default()
+        );
+        expire_lease(&store, "a0").await;
+        expire_lease(&store, "c1").await;
+        let cursor = store.feed_start().await.unwrap();
+
+        let outcome = store.reap(&reap_settings(1)).await.unwrap();
+        assert_eq!(
+            outcome,
+            ReapOutcome {
+                requeued: 1,
+                failed: 0,
+                timed_out: 0
+            }
+        );
+        assert_eq!(lease_row(&store, "a0").await, (1, 2, None, None, None, 3));
+        // The terminal action's lease is cleared without a change.
+        let c1 = lease_row(&store, "c1").await;
+        assert_eq!((c1.0, c1.3, c1.5), (5, None, 3));
+
+        // The next attempt is leased as any queued action.
+        let leases = store.claim(&claim_request("e2", 10)).await.unwrap();
+        assert_eq!(names(&leases), [("r1", "a0")]);
+        assert_eq!(
+            (leases[0].attempt, leases[0].output_uri.as_str()),
+            (2, "s3://b/r1/a0/2")
+        );
+        expire_lease(&store, "a0").await;
+        let outcome = store.reap(&reap_settings(1)).await.unwrap();
+        assert_eq!(
+            outcome,
+            ReapOutcome {
+                requeued: 0,
+                failed: 1,
+                timed_out: 0
+            }
+        );
+        let (phase, attempt, holder, deadline, end_time, version) = lease_row(&store, "a0").await;
+        assert_eq!(
+            (phase, attempt, holder, deadline, version),
+            (6, 2, None, None, 5)
+        );
+        assert!(end_time.is_some());
+        let error: Vec<u8> = sqlx::query_scalar("SELECT error FROM actions WHERE name = 'a0'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(error, b"lease-error");
+        assert_eq!(
+            store.reap(&reap_settings(1)).await.unwrap(),
+            ReapOutcome::default()
+        );
+
+        let events = read_all(&store, cursor, 10).await;
+        let seen: Vec<(&str, i64, Phase, u32, Option<&str>)> = events
+            .iter()
+            .map(|(_, e)| {
+                (
+                    e.id.name.as_str(),
+                    e.version,
+                    e.phase,
+                    e.attempt,
+                    e.lease_holder.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("a0", 3, Phase::Queued, 2, None),
+                ("a0", 4, Phase::Initializing, 2, Some("e2")),
+                ("a0", 5, Phase::Failed, 2, None),
+            ]
+        );
+        assert_eq!(events[2].1.error.as_deref(), Some(&b"lease-error"[..]));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn reap_times_out_conditions_past_their_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        enqueue_all(
+            &store,
+            vec![
+                task("a0", None),
+                condition("k1", "a0"),
+                condition("k2", "a0"),
+            ],
+        )
+        .await;
+        assert_eq!(
+            store.reap(&reap_settings(1)).await.unwrap(),
+            ReapOutcome::default()
+        );
+        sqlx::query("UPDATE actions SET deadline = ?1 WHERE name = 'k1'")
+            .bind(now_micros() - 1_000_000)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let cursor = store.feed_start().await.unwrap();
+        let outcome = store.reap(&reap_settings(1)).await.unwrap();
+        assert_eq!(
+            outcome,
+            ReapOutcome {
+                requeued: 0,
+                failed: 0,
+                timed_out: 1
+            }
+        );
+        let (phase, _, _, _, end_time, version) = lease_row(&store, "k1").await;
+        assert_eq!((phase, version), (8, 2));
+        assert!(end_time.is_some());
+        assert_eq!(lease_row(&store, "k2").await.0, 9);
+        let events = read_all(&store, cursor, 10).await;
+        assert_eq!(events.len(), 1);
+        let event = &events[0].1;
+        assert_eq!(
+            (event.id.name.as_str(), event.phase, event.error.as_deref()),
+            ("k1", Phase::TimedOut, Some(&b"timeout-error"[..]))
+        );
+        // Once.
+        assert_eq!(
+            store.reap(&reap_settings(1)).await.unwrap(),
+            ReapOutcome::default()
         );
         store.close().await;
     }

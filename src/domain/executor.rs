@@ -1,0 +1,200 @@
+//! Leasing: executors take queued task actions, heartbeat while they run
+//! them and report how they finished.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+use super::{ActionId, Error, Phase};
+
+/// An executor asking for work.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    pub executor: String,
+    pub queue: String,
+    /// How many leased actions of this executor may be unfinished at once.
+    pub capacity: u32,
+    pub lease_ttl: Duration,
+}
+
+/// A task action leased to an executor. Leasing moved it to INITIALIZING.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub id: ActionId,
+    /// The `Action` as enqueued.
+    pub spec: Bytes,
+    /// The run's RunSpec as given with the root's Enqueue.
+    pub run_spec: Bytes,
+    pub attempt: u32,
+    pub deadline: DateTime<Utc>,
+    /// `<run_output_base>/<action name>/<attempt>`.
+    pub output_uri: String,
+}
+
+/// A leased action that was aborted: its executor must stop it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cancellation {
+    pub id: ActionId,
+    pub attempt: u32,
+    pub reason: String,
+}
+
+/// What a heartbeat did.
+#[derive(Debug, Clone)]
+pub struct HeartbeatOutcome {
+    /// The new deadline of every live lease of the executor.
+    pub deadline: DateTime<Utc>,
+    /// Leases of the executor whose action was aborted; reported once.
+    pub cancelled: Vec<Cancellation>,
+}
+
+/// A validated Finish.
+#[derive(Debug, Clone)]
+pub struct FinishAction {
+    pub id: ActionId,
+    pub executor: String,
+    pub attempt: u32,
+    /// A terminal phase.
+    pub phase: Phase,
+    /// `None`: `<run_output_base>/<action name>/<attempt>`.
+    pub output_uri: Option<String>,
+    /// The encoded `ExecutionError`, if any.
+    pub error: Option<Bytes>,
+}
+
+/// How the reaper treats expired leases and overdue conditions.
+#[derive(Debug, Clone)]
+pub struct ReapSettings {
+    /// An expired lease is requeued with attempt + 1 while the attempt is at
+    /// most this; after that the action fails.
+    pub max_system_retries: u32,
+    /// The encoded `ExecutionError` (kind SYSTEM) of an action whose leases
+    /// kept expiring.
+    pub lease_error: Bytes,
+    /// The encoded `ExecutionError` of a condition nobody signalled in time.
+    pub timeout_error: Bytes,
+}
+
+/// What one reaper pass changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReapOutcome {
+    pub requeued: usize,
+    pub failed: usize,
+    pub timed_out: usize,
+}
+
+/// What Finish needs to know about the action's row.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub is_task: bool,
+    pub phase: Phase,
+    pub attempt: u32,
+    pub holder: Option<String>,
+}
+
+/// Decides a Finish. `Ok(false)`: the attempt already ended the same way
+/// (a repeated Finish), nothing changes. The executor must hold the lease
+/// of the current attempt; a terminal action (aborted meanwhile, say)
+/// cannot end differently.
+pub fn decide_finish(
+    id: &ActionId,
+    current: &Leased,
+    finish: &FinishAction,
+) -> Result<bool, Error> {
+    if !current.is_task {
+        return Err(Error::FailedPrecondition(format!(
+            "action {id} is not a task action"
+        )));
+    }
+    if finish.attempt != current.attempt {
+        return Err(Error::FailedPrecondition(format!(
+            "stale attempt {} for action {id}: current attempt is {}",
+            finish.attempt, current.attempt
+        )));
+    }
+    if current.holder.as_deref() != Some(finish.executor.as_str()) {
+        return Err(Error::FailedPrecondition(format!(
+            "action {id} is not leased by executor '{}'",
+            finish.executor
+        )));
+    }
+    if current.phase.is_terminal() {
+        if current.phase == finish.phase {
+            return Ok(false);
+        }
+        return Err(Error::FailedPrecondition(format!(
+            "action {id} is already {}",
+            current.phase
+        )));
+    }
+    Ok(true)
+}
+
+/// The default output location of an attempt.
+pub fn default_output_uri(run_output_base: &str, action: &str, attempt: u32) -> String {
+    format!(
+        "{}/{action}/{attempt}",
+        run_output_base.trim_end_matches('/')
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::RunId;
+
+    fn finish(executor: &str, attempt: u32, phase: Phase) -> FinishAction {
+        FinishAction {
+            id: id(),
+            executor: executor.into(),
+            attempt,
+            phase,
+            output_uri: None,
+            error: None,
+        }
+    }
+
+    fn id() -> ActionId {
+        ActionId::new(
+            RunId {
+                org: String::new(),
+                project: "p".into(),
+                domain: "d".into(),
+                name: "r".into(),
+            },
+            "a1",
+        )
+    }
+
+    #[test]
+    fn finish_needs_the_current_attempt_of_the_holder() {
+        let leased = |phase| Leased {
+            is_task: true,
+            phase,
+            attempt: 2,
+            holder: Some("e1".into()),
+        };
+        let running = leased(Phase::Running);
+        assert!(decide_finish(&id(), &running, &finish("e1", 2, Phase::Succeeded)).unwrap());
+        assert!(decide_finish(&id(), &running, &finish("e1", 1, Phase::Succeeded)).is_err());
+        assert!(decide_finish(&id(), &running, &finish("e2", 2, Phase::Succeeded)).is_err());
+        let done = leased(Phase::Succeeded);
+        assert!(!decide_finish(&id(), &done, &finish("e1", 2, Phase::Succeeded)).unwrap());
+        assert!(decide_finish(
+            &id(),
+            &leased(Phase::Aborted),
+            &finish("e1", 2, Phase::Failed)
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn default_output_uri_joins_without_double_slashes() {
+        assert_eq!(
+            default_output_uri("s3://b/run/", "a1", 2),
+            "s3://b/run/a1/2"
+        );
+        assert_eq!(default_output_uri("s3://b/run", "a1", 1), "s3://b/run/a1/1");
+    }
+}
