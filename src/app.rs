@@ -20,15 +20,20 @@ use tonic_web::GrpcWebLayer;
 use tower::util::MapResponseLayer;
 use tracing::{info, warn};
 
+use crate::config::ExecutorConfig;
 use crate::config::{Config, StoreLocation};
+use crate::domain::ReapSettings;
 use crate::pipeline::Pipeline;
+use crate::proto::actionsd::executor::v1::executor_service_server::ExecutorServiceServer;
 use crate::proto::flyteidl2::actions::actions_service_server::ActionsServiceServer;
+use crate::proto::flyteidl2::core::{execution_error::ErrorKind, ExecutionError};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::rpc::connect::ConnectLayer;
+use crate::rpc::executor::ExecutorApi;
 use crate::rpc::ActionsApi;
 use crate::store::postgres::{PgStore, PoolSettings};
 use crate::store::sqlite::{SqliteSettings, SqliteStore};
-use crate::store::Store;
+use crate::store::{Detached, Store};
 
 /// tonic answers a request over the message size limit with OUT_OF_RANGE;
 /// gRPC specifies RESOURCE_EXHAUSTED. actionsd never answers OUT_OF_RANGE
@@ -119,7 +124,9 @@ impl Application {
     /// Connects to the database (migrating it if configured), starts the
     /// event pipeline and binds the listening socket.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let store = open_store(&config, config.database.migrate_on_start).await?;
+        let store: Arc<dyn Store> = Arc::new(Detached::new(
+            open_store(&config, config.database.migrate_on_start).await?,
+        ));
         let pipeline = Pipeline::start(store.clone(), config.pipeline.clone())
             .await
             .context("cannot start the event pipeline")?;
@@ -167,7 +174,27 @@ impl Application {
             pipeline.waker(),
             writes.clone(),
         );
-        let connect = ConnectLayer::new(api.clone(), server_config.max_message_size);
+        let executor_api = ExecutorApi::new(
+            store.clone(),
+            pipeline.executors(),
+            pipeline.waker(),
+            writes.clone(),
+            config.executor.lease_ttl,
+        );
+        let connect = ConnectLayer::new(
+            api.clone(),
+            executor_api.clone(),
+            server_config.max_message_size,
+        );
+        let executors = ExecutorServiceServer::new(executor_api)
+            .max_decoding_message_size(server_config.max_message_size)
+            .max_encoding_message_size(server_config.max_message_size);
+        let reaper = tokio::spawn(reap(
+            store.clone(),
+            pipeline.waker(),
+            config.executor.clone(),
+            shutdown.clone(),
+        ));
         let actions = ActionsServiceServer::new(api)
             .max_decoding_message_size(server_config.max_message_size)
             .max_encoding_message_size(server_config.max_message_size);
@@ -206,6 +233,7 @@ impl Application {
                 .layer(connect)
                 .layer(GrpcWebLayer::new())
                 .add_service(actions)
+                .add_service(executors)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
@@ -231,6 +259,7 @@ impl Application {
 
         info!("shutting down: no new requests; finishing in-flight writes");
         let _ = monitor.await;
+        let _ = reaper.await;
         let deadline = server_config.shutdown_timeout;
         writes.close();
         if tokio::time::timeout(deadline, writes.wait()).await.is_err() {
@@ -288,5 +317,58 @@ async fn monitor_health(
         health
             .set_service_status(service, ServingStatus::NotServing)
             .await;
+    }
+}
+
+/// Requeues expired leases and times out overdue conditions, on every
+/// daemon (passes on several daemons skip each other's rows).
+async fn reap(
+    store: Arc<dyn Store>,
+    waker: crate::pipeline::Waker,
+    config: ExecutorConfig,
+    shutdown: CancellationToken,
+) {
+    let error = |code: &str, message: String, kind: ErrorKind| {
+        bytes::Bytes::from(prost::Message::encode_to_vec(&ExecutionError {
+            code: code.to_owned(),
+            message,
+            kind: kind as i32,
+            ..Default::default()
+        }))
+    };
+    let settings = ReapSettings {
+        max_system_retries: config.max_system_retries,
+        lease_error: error(
+            "LeaseExpired",
+            format!(
+                "the executor stopped heartbeating; the lease expired {} times",
+                config.max_system_retries + 1
+            ),
+            ErrorKind::System,
+        ),
+        timeout_error: error(
+            "ConditionTimedOut",
+            "the condition was not signalled before its timeout".to_owned(),
+            ErrorKind::User,
+        ),
+    };
+    loop {
+        match store.reap(&settings).await {
+            Ok(outcome) if outcome != crate::domain::ReapOutcome::default() => {
+                info!(
+                    requeued = outcome.requeued,
+                    failed = outcome.failed,
+                    timed_out = outcome.timed_out,
+                    "reaped"
+                );
+                waker.wake();
+            }
+            Ok(_) => {}
+            Err(err) => warn!(error = %err, "reaper pass failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(config.reaper_interval) => {}
+            () = shutdown.cancelled() => return,
+        }
     }
 }

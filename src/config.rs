@@ -90,6 +90,19 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub pipeline: PipelineSettings,
     pub server: ServerConfig,
+    pub executor: ExecutorConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// How long a lease lasts without a heartbeat.
+    pub lease_ttl: Duration,
+    /// How often each daemon looks for expired leases and overdue
+    /// conditions.
+    pub reaper_interval: Duration,
+    /// Expired leases are requeued (attempt + 1) this many times; then the
+    /// action fails with a SYSTEM error.
+    pub max_system_retries: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -134,6 +147,18 @@ struct FileConfig {
     pipeline: FilePipeline,
     #[serde(default)]
     server: FileServer,
+    #[serde(default)]
+    executor: FileExecutor,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileExecutor {
+    #[serde(default, with = "humantime_serde")]
+    lease_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    reaper_interval: Option<Duration>,
+    max_system_retries: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -254,6 +279,14 @@ impl Config {
                     .unwrap_or(Duration::from_secs(20)),
                 tcp_keepalive: file.server.tcp_keepalive.unwrap_or(Duration::from_secs(60)),
             },
+            executor: ExecutorConfig {
+                lease_ttl: file.executor.lease_ttl.unwrap_or(Duration::from_secs(30)),
+                reaper_interval: file
+                    .executor
+                    .reaper_interval
+                    .unwrap_or(Duration::from_secs(1)),
+                max_system_retries: file.executor.max_system_retries.unwrap_or(3),
+            },
         };
         config.validate()?;
         Ok(config)
@@ -286,6 +319,11 @@ impl Config {
             !self.database.acquire_timeout.is_zero(),
         )?;
         positive("server.max_message_size", self.server.max_message_size > 0)?;
+        positive("executor.lease_ttl", !self.executor.lease_ttl.is_zero())?;
+        positive(
+            "executor.reaper_interval",
+            !self.executor.reaper_interval.is_zero(),
+        )?;
         Ok(())
     }
 }

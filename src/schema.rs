@@ -16,8 +16,20 @@ use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, Serializ
 
 static OFFICIAL: &[u8] = include_bytes!("../proto/official/flyteidl2.binpb");
 
+/// The official flyteidl2 schema, plus actionsd's own services (which
+/// import only flyteidl2 messages that both schemas share).
 static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
-    DescriptorPool::decode(OFFICIAL).expect("the embedded flyteidl2 descriptor set is valid")
+    let mut pool =
+        DescriptorPool::decode(OFFICIAL).expect("the embedded flyteidl2 descriptor set is valid");
+    let ours = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+        .expect("the generated descriptor set is valid");
+    for file in ours.file {
+        if file.name().starts_with("actionsd/") {
+            pool.add_file_descriptor_proto(file)
+                .expect("actionsd's protos fit the flyteidl2 schema");
+        }
+    }
+    pool
 });
 
 /// Full names of the messages actionsd transcodes or compares.

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{PipelineSettings, Registry};
+use super::{ExecutorRegistry, PipelineSettings, Registry};
 use crate::domain::{ActionId, Event};
 use crate::store::{FeedCursor, PeerSignal, Store};
 
@@ -37,6 +37,7 @@ pub(super) async fn run(
     store: Arc<dyn Store>,
     mut cursor: FeedCursor,
     registry: Arc<Registry>,
+    executors: Arc<ExecutorRegistry>,
     wake: Arc<Notify>,
     settings: PipelineSettings,
     stop: CancellationToken,
@@ -47,9 +48,11 @@ pub(super) async fn run(
     for _ in 0..workers {
         let (tx, mut rx) = mpsc::channel::<Arc<Event>>(settings.worker_queue.max(1));
         let registry = registry.clone();
+        let executors = executors.clone();
         worker_tasks.spawn(async move {
             while let Some(event) = rx.recv().await {
                 registry.publish(&event);
+                executors.publish(&event);
             }
         });
         shards.push(tx);

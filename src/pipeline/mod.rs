@@ -11,6 +11,7 @@
 //!   latest state per action, so a slow stream costs memory bounded by its
 //!   number of children and never blocks a worker.
 
+mod executors;
 mod feed;
 mod registry;
 
@@ -22,6 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+pub use executors::{ExecutorRegistry, LeaseRegistration};
 pub use registry::{Registry, Subscription};
 
 use crate::domain::Error;
@@ -64,6 +66,7 @@ impl Waker {
 /// The running pipeline.
 pub struct Pipeline {
     registry: Arc<Registry>,
+    executors: Arc<ExecutorRegistry>,
     waker: Waker,
     /// Stops the feed, which then drains into the workers.
     stop_feed: CancellationToken,
@@ -78,6 +81,7 @@ impl Pipeline {
     /// feed, the workers, the listener and the peer notifier.
     pub async fn start(store: Arc<dyn Store>, settings: PipelineSettings) -> Result<Self, Error> {
         let registry = Arc::new(Registry::default());
+        let executors = Arc::new(ExecutorRegistry::default());
         let waker = Waker::default();
         let cursor = store.feed_start().await?;
 
@@ -101,12 +105,14 @@ impl Pipeline {
             store,
             cursor,
             registry.clone(),
+            executors.clone(),
             waker.local.clone(),
             settings,
             stop_feed.clone(),
         ));
         Ok(Self {
             registry,
+            executors,
             waker,
             stop_feed,
             feed,
@@ -117,6 +123,10 @@ impl Pipeline {
 
     pub fn registry(&self) -> Arc<Registry> {
         self.registry.clone()
+    }
+
+    pub fn executors(&self) -> Arc<ExecutorRegistry> {
+        self.executors.clone()
     }
 
     pub fn waker(&self) -> Waker {

@@ -229,6 +229,8 @@ mod tests {
             output_uri: String::new(),
             error: None,
             value: None,
+            queue: None,
+            lease_holder: None,
         })
     }
 

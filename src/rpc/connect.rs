@@ -34,12 +34,18 @@ use tonic::metadata::MetadataMap;
 use tonic::Status;
 use tower::{Layer, Service};
 
+use super::executor::ExecutorApi;
 use super::status::connect_code;
 use super::ActionsApi;
+use crate::proto::actionsd::executor::v1::executor_service_server::ExecutorService;
 use crate::proto::flyteidl2::actions::actions_service_server::ActionsService;
 use crate::schema;
 
-const SERVICE: &str = "/flyteidl2.actions.ActionsService/";
+/// The services served over Connect.
+const SERVICES: [&str; 2] = [
+    "/flyteidl2.actions.ActionsService/",
+    "/actionsd.executor.v1.ExecutorService/",
+];
 const TIMEOUT_HEADER: &str = "connect-timeout-ms";
 const STREAM_ENCODING: &str = "connect-content-encoding";
 const STREAM_ACCEPT_ENCODING: &str = "connect-accept-encoding";
@@ -73,28 +79,6 @@ fn kind(headers: &HeaderMap) -> Option<Kind> {
         "application/connect+json" => Kind::Stream(Codec::Json),
         _ => return None,
     })
-}
-
-/// The full protobuf name of a method's request message.
-fn request_type(method: &str) -> &'static str {
-    match method {
-        "Enqueue" => "flyteidl2.actions.EnqueueRequest",
-        "Update" => "flyteidl2.actions.UpdateRequest",
-        "Abort" => "flyteidl2.actions.AbortRequest",
-        "Signal" => "flyteidl2.actions.SignalRequest",
-        _ => "flyteidl2.actions.WatchForUpdatesRequest",
-    }
-}
-
-/// The full protobuf name of a method's response message.
-fn response_type(method: &str) -> &'static str {
-    match method {
-        "Enqueue" => "flyteidl2.actions.EnqueueResponse",
-        "Update" => "flyteidl2.actions.UpdateResponse",
-        "Abort" => "flyteidl2.actions.AbortResponse",
-        "Signal" => "flyteidl2.actions.SignalResponse",
-        _ => "flyteidl2.actions.WatchForUpdatesResponse",
-    }
 }
 
 /// The full protobuf names of a method's request and response.
@@ -158,10 +142,11 @@ pub struct ConnectLayer {
 }
 
 impl ConnectLayer {
-    pub fn new(actions: ActionsApi, max_message_size: usize) -> Self {
+    pub fn new(actions: ActionsApi, executor: ExecutorApi, max_message_size: usize) -> Self {
         Self {
             handler: Arc::new(Handler {
                 actions,
+                executor,
                 max_message_size,
             }),
         }
@@ -210,7 +195,8 @@ where
             let future = self.inner.call(request);
             return Box::pin(future);
         }
-        if request.uri().path().starts_with(SERVICE) && kind(request.headers()).is_some() {
+        let path = request.uri().path();
+        if SERVICES.iter().any(|s| path.starts_with(s)) && kind(request.headers()).is_some() {
             let handler = self.handler.clone();
             return Box::pin(async move { Ok(handler.handle(request).await) });
         }
@@ -227,52 +213,89 @@ where
 
 struct Handler {
     actions: ActionsApi,
+    executor: ExecutorApi,
     max_message_size: usize,
 }
 
 impl Handler {
     async fn handle(&self, request: Request<Body>) -> Response<Body> {
-        let method = request.uri().path()[SERVICE.len()..].to_owned();
+        let path = request.uri().path().to_owned();
         let Some(kind) = kind(request.headers()) else {
             return plain(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported content type",
             );
         };
-        let api = &self.actions;
-        let types = |name: &str| Types {
-            request: request_type(name),
-            response: response_type(name),
-        };
-        match (method.as_str(), kind) {
-            ("Enqueue", Kind::Unary(codec)) => {
-                self.unary(request, codec, types("Enqueue"), |r| api.enqueue(r))
+        let (actions, executor) = (&self.actions, &self.executor);
+        let types = |request, response| Types { request, response };
+        match (path.as_str(), kind) {
+            ("/flyteidl2.actions.ActionsService/Enqueue", Kind::Unary(codec)) => {
+                let t = types(
+                    "flyteidl2.actions.EnqueueRequest",
+                    "flyteidl2.actions.EnqueueResponse",
+                );
+                self.unary(request, codec, t, |r| actions.enqueue(r)).await
+            }
+            ("/flyteidl2.actions.ActionsService/Update", Kind::Unary(codec)) => {
+                let t = types(
+                    "flyteidl2.actions.UpdateRequest",
+                    "flyteidl2.actions.UpdateResponse",
+                );
+                self.unary(request, codec, t, |r| actions.update(r)).await
+            }
+            ("/flyteidl2.actions.ActionsService/Abort", Kind::Unary(codec)) => {
+                let t = types(
+                    "flyteidl2.actions.AbortRequest",
+                    "flyteidl2.actions.AbortResponse",
+                );
+                self.unary(request, codec, t, |r| actions.abort(r)).await
+            }
+            ("/flyteidl2.actions.ActionsService/Signal", Kind::Unary(codec)) => {
+                let t = types(
+                    "flyteidl2.actions.SignalRequest",
+                    "flyteidl2.actions.SignalResponse",
+                );
+                self.unary(request, codec, t, |r| actions.signal(r)).await
+            }
+            ("/flyteidl2.actions.ActionsService/WatchForUpdates", Kind::Stream(codec)) => {
+                let t = types(
+                    "flyteidl2.actions.WatchForUpdatesRequest",
+                    "flyteidl2.actions.WatchForUpdatesResponse",
+                );
+                self.server_stream(request, codec, t, |r| actions.watch_for_updates(r))
                     .await
             }
-            ("Update", Kind::Unary(codec)) => {
-                self.unary(request, codec, types("Update"), |r| api.update(r))
+            ("/actionsd.executor.v1.ExecutorService/Lease", Kind::Stream(codec)) => {
+                let t = types(
+                    "actionsd.executor.v1.LeaseRequest",
+                    "actionsd.executor.v1.LeaseResponse",
+                );
+                self.server_stream(request, codec, t, |r| executor.lease(r))
                     .await
             }
-            ("Abort", Kind::Unary(codec)) => {
-                self.unary(request, codec, types("Abort"), |r| api.abort(r))
+            ("/actionsd.executor.v1.ExecutorService/Heartbeat", Kind::Unary(codec)) => {
+                let t = types(
+                    "actionsd.executor.v1.HeartbeatRequest",
+                    "actionsd.executor.v1.HeartbeatResponse",
+                );
+                self.unary(request, codec, t, |r| executor.heartbeat(r))
                     .await
             }
-            ("Signal", Kind::Unary(codec)) => {
-                self.unary(request, codec, types("Signal"), |r| api.signal(r))
-                    .await
+            ("/actionsd.executor.v1.ExecutorService/Finish", Kind::Unary(codec)) => {
+                let t = types(
+                    "actionsd.executor.v1.FinishRequest",
+                    "actionsd.executor.v1.FinishResponse",
+                );
+                self.unary(request, codec, t, |r| executor.finish(r)).await
             }
-            ("WatchForUpdates", Kind::Stream(codec)) => {
-                self.server_stream(request, codec, types("WatchForUpdates"), |r| {
-                    api.watch_for_updates(r)
-                })
-                .await
-            }
-            ("Enqueue" | "Update" | "Abort" | "Signal" | "WatchForUpdates", _) => plain(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "content type does not match the method's stream type",
-            ),
             _ => unary_error(
-                &Status::unimplemented(format!("unknown method {method}")),
+                &Status::unimplemented(format!(
+                    "no {} method {path}",
+                    match kind {
+                        Kind::Unary(_) => "unary",
+                        Kind::Stream(_) => "server-streaming",
+                    }
+                )),
                 StatusCode::NOT_FOUND,
             ),
         }

@@ -8,9 +8,10 @@ use chrono::{DateTime, Utc};
 use prost::Message;
 
 use crate::domain::{
-    AbortAction, ActionId, ActionKind, ActionState, EnqueueAction, Error, Phase, RunId,
-    RunSettings, SignalAction, SignalValue, SimpleKind, UpdateStatus,
+    AbortAction, ActionId, ActionKind, ActionState, ClaimRequest, EnqueueAction, Error,
+    FinishAction, Phase, RunId, RunSettings, SignalAction, SignalValue, SimpleKind, UpdateStatus,
 };
+use crate::proto::actionsd::executor::v1 as executor;
 use crate::proto::flyteidl2::{actions, common, core, workflow};
 
 /// Byte limits of the upstream schema.
@@ -215,8 +216,56 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
         task_queue,
         phase,
         output_uri,
+        run_output_base: action.run_output_base.clone(),
         condition_type,
         condition_timeout,
+    })
+}
+
+pub fn timestamp_to_proto(time: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: time.timestamp(),
+        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// Validates a Lease request.
+pub fn lease_request(
+    request: executor::LeaseRequest,
+    lease_ttl: Duration,
+) -> Result<ClaimRequest, Error> {
+    check_len("executor_id", &request.executor_id, 256, true)?;
+    check_len("queue", &request.queue, 256, true)?;
+    if request.capacity == 0 {
+        return Err(Error::invalid("capacity", "must be greater than 0"));
+    }
+    Ok(ClaimRequest {
+        executor: request.executor_id,
+        queue: request.queue,
+        capacity: request.capacity,
+        lease_ttl,
+    })
+}
+
+/// Validates a Finish.
+pub fn finish(request: executor::FinishRequest) -> Result<FinishAction, Error> {
+    let id = action_id("action_id", request.action_id.as_ref())?;
+    check_len("executor_id", &request.executor_id, 256, true)?;
+    if request.attempt == 0 {
+        return Err(Error::invalid("attempt", "must be greater than 0"));
+    }
+    let phase = Phase::from_wire(request.phase)
+        .filter(|p| crate::rpc::executor::finishable(*p))
+        .ok_or_else(|| {
+            Error::invalid("phase", "must be SUCCEEDED, FAILED, TIMED_OUT or ABORTED")
+        })?;
+    Ok(FinishAction {
+        id,
+        executor: request.executor_id,
+        attempt: request.attempt,
+        phase,
+        output_uri: (!request.output_uri.is_empty()).then_some(request.output_uri),
+        error: request.error.map(|e| Bytes::from(e.encode_to_vec())),
     })
 }
 
@@ -255,10 +304,7 @@ pub fn abort(request: actions::AbortRequest) -> Result<AbortAction, Error> {
             reason.clone()
         },
         kind: core::execution_error::ErrorKind::User as i32,
-        timestamp: Some(prost_types::Timestamp {
-            seconds: now.timestamp(),
-            nanos: i32::try_from(now.timestamp_subsec_nanos()).unwrap_or(0),
-        }),
+        timestamp: Some(timestamp_to_proto(now)),
         ..Default::default()
     };
     Ok(AbortAction {

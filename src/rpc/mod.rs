@@ -4,6 +4,7 @@
 pub mod actions;
 pub mod connect;
 pub mod convert;
+pub mod executor;
 pub mod status;
 
 pub use actions::ActionsApi;

@@ -1,0 +1,206 @@
+//! `actionsd.executor.v1.ExecutorService`: leasing for executors.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use prost::Message;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+use tracing::{field, info_span, Instrument, Span};
+
+use super::convert::{self, action_id_to_proto};
+use crate::domain::{ActionState, Command, Error, Lease, Phase};
+use crate::pipeline::{ExecutorRegistry, Waker};
+use crate::proto::actionsd::executor::v1::{
+    self as pb, executor_service_server::ExecutorService, lease_response,
+};
+use crate::proto::flyteidl2::core::ExecutionError;
+use crate::store::Store;
+
+/// How long a lease stream waits for a wake-up before it looks again. Work
+/// arrives through wake-ups from the event feed; this only covers an
+/// action left unclaimed by a claimer whose transaction failed.
+const SAFETY_RECHECK: Duration = Duration::from_secs(30);
+
+pub type LeaseStream = Pin<Box<dyn Stream<Item = Result<pb::LeaseResponse, Status>> + Send>>;
+
+#[derive(Clone)]
+pub struct ExecutorApi {
+    store: Arc<dyn Store>,
+    executors: Arc<ExecutorRegistry>,
+    waker: Waker,
+    writes: TaskTracker,
+    lease_ttl: Duration,
+}
+
+impl ExecutorApi {
+    pub fn new(
+        store: Arc<dyn Store>,
+        executors: Arc<ExecutorRegistry>,
+        waker: Waker,
+        writes: TaskTracker,
+        lease_ttl: Duration,
+    ) -> Self {
+        Self {
+            store,
+            executors,
+            waker,
+            writes,
+            lease_ttl,
+        }
+    }
+}
+
+fn leased(lease: Lease) -> pb::LeaseResponse {
+    pb::LeaseResponse {
+        event: Some(lease_response::Event::Leased(pb::LeasedAction {
+            action_id: Some(action_id_to_proto(&lease.id)),
+            action: lease.spec,
+            run_spec: lease.run_spec,
+            attempt: lease.attempt,
+            lease_deadline: Some(convert::timestamp_to_proto(lease.deadline)),
+            output_uri: lease.output_uri,
+        })),
+    }
+}
+
+fn cancellation(id: &crate::domain::ActionId, attempt: u32, reason: String) -> pb::Cancellation {
+    pb::Cancellation {
+        action_id: Some(action_id_to_proto(id)),
+        attempt,
+        reason,
+    }
+}
+
+/// The reason an aborted action carries in its event's error.
+fn abort_reason(event: &ActionState) -> String {
+    event
+        .error
+        .as_ref()
+        .and_then(|bytes| ExecutionError::decode(bytes.clone()).ok())
+        .map(|e| e.message)
+        .unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl ExecutorService for ExecutorApi {
+    type LeaseStream = LeaseStream;
+
+    async fn lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<Self::LeaseStream>, Status> {
+        let request = convert::lease_request(request.into_inner(), self.lease_ttl)?;
+        let span = info_span!(
+            "lease",
+            executor = %request.executor,
+            queue = %request.queue,
+            capacity = request.capacity
+        );
+        // Register before the first claim, so no wake-up is missed.
+        let waiter = self.executors.register(&request.queue, &request.executor);
+        let store = self.store.clone();
+        let waker = self.waker.clone();
+        let stream = async_stream::stream! {
+            // Leases this executor holds but may never have received (a
+            // stream that broke mid-send) come first; executors ignore an
+            // attempt they already run.
+            match store.leases_of(&request.executor).instrument(span.clone()).await {
+                Ok(held) => {
+                    for lease in held {
+                        yield Ok(leased(lease));
+                    }
+                }
+                Err(err) => {
+                    yield Err(Status::from(err));
+                    return;
+                }
+            }
+            loop {
+                match store.claim(&request).instrument(span.clone()).await {
+                    Ok(leases) => {
+                        if !leases.is_empty() {
+                            waker.wake();
+                        }
+                        for lease in leases {
+                            span.in_scope(|| {
+                                tracing::debug!(action = %lease.id, attempt = lease.attempt, "leased");
+                            });
+                            yield Ok(leased(lease));
+                        }
+                    }
+                    Err(err) => {
+                        yield Err(Status::from(err));
+                        break;
+                    }
+                }
+                for event in waiter.take_cancelled() {
+                    yield Ok(pb::LeaseResponse {
+                        event: Some(lease_response::Event::Cancelled(cancellation(
+                            &event.id,
+                            event.attempt,
+                            abort_reason(&event),
+                        ))),
+                    });
+                }
+                tokio::select! {
+                    () = waiter.woken() => {}
+                    () = tokio::time::sleep(SAFETY_RECHECK) => {}
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let request = request.into_inner();
+        if request.executor_id.is_empty() {
+            return Err(Error::invalid("executor_id", "must not be empty").into());
+        }
+        let outcome = self
+            .store
+            .heartbeat(&request.executor_id, self.lease_ttl)
+            .instrument(info_span!("heartbeat", executor = %request.executor_id))
+            .await?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            lease_deadline: Some(convert::timestamp_to_proto(outcome.deadline)),
+            cancelled: outcome
+                .cancelled
+                .into_iter()
+                .map(|c| cancellation(&c.id, c.attempt, c.reason))
+                .collect(),
+        }))
+    }
+
+    async fn finish(
+        &self,
+        request: Request<pb::FinishRequest>,
+    ) -> Result<Response<pb::FinishResponse>, Status> {
+        let span = info_span!("rpc", method = "Finish", action = field::Empty);
+        async {
+            let _in_flight = self.writes.token();
+            let finish = convert::finish(request.into_inner())?;
+            Span::current().record("action", field::display(&finish.id));
+            let events = self.store.execute(Command::Finish(finish)).await?;
+            if events > 0 {
+                self.waker.wake();
+            }
+            Ok(Response::new(pb::FinishResponse {}))
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// The terminal phases an executor may finish with.
+pub fn finishable(phase: Phase) -> bool {
+    matches!(
+        phase,
+        Phase::Succeeded | Phase::Failed | Phase::TimedOut | Phase::Aborted
+    )
+}
