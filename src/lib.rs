@@ -3,6 +3,7 @@
 pub mod app;
 pub mod config;
 pub mod domain;
+pub mod executor;
 pub mod pipeline;
 pub mod proto;
 pub mod rpc;

@@ -3,12 +3,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use actionsd::app::{self, Application};
 use actionsd::config::{Config, LogFormat, Overrides};
+use actionsd::executor::{self, ExecutorSettings};
 use actionsd::telemetry;
 use clap::{Args, Parser, Subcommand};
+use humantime_serde::re::humantime;
 use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +31,8 @@ enum Command {
     Serve(ServeArgs),
     /// Create the database if needed and apply pending migrations.
     Migrate(CommonArgs),
+    /// Lease task actions from a daemon and run a shell command for each.
+    Executor(ExecutorArgs),
 }
 
 #[derive(Args)]
@@ -52,6 +58,51 @@ struct ServeArgs {
     /// Event pipeline workers [default: 16].
     #[arg(long, env = "ACTIONSD_WORKERS")]
     workers: Option<usize>,
+}
+
+#[derive(Args)]
+struct ExecutorArgs {
+    /// The daemon to lease from.
+    #[arg(long, env = "ACTIONSD_SERVER", default_value = "http://127.0.0.1:8091")]
+    server: String,
+    /// The queue to lease task actions from.
+    #[arg(long, default_value = "default")]
+    queue: String,
+    /// How many actions run at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    capacity: u32,
+    /// The shell command run for each action (with `sh -c`); it finds the
+    /// action in ACTIONSD_* environment variables.
+    #[arg(long = "exec", value_name = "COMMAND")]
+    command: String,
+    /// Unique per running executor [default: <hostname>-<pid>].
+    #[arg(long)]
+    executor_id: Option<String>,
+    /// How often leases are extended while actions run.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// How long a cancelled command has between SIGTERM and SIGKILL.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    kill_grace: Duration,
+    /// Log format.
+    #[arg(long, env = "ACTIONSD_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: LogFormat,
+}
+
+impl ExecutorArgs {
+    fn into_settings(self) -> ExecutorSettings {
+        ExecutorSettings {
+            server: self.server,
+            executor_id: self
+                .executor_id
+                .unwrap_or_else(executor::default_executor_id),
+            queue: self.queue,
+            capacity: self.capacity,
+            command: self.command,
+            heartbeat_interval: self.heartbeat_interval,
+            kill_grace: self.kill_grace,
+        }
+    }
 }
 
 fn load(
@@ -89,6 +140,16 @@ async fn main() -> anyhow::Result<()> {
             app::migrate(&config).await?;
             tracing::info!("migrations applied");
             Ok(())
+        }
+        Command::Executor(args) => {
+            telemetry::init(args.log_format);
+            let shutdown = CancellationToken::new();
+            let trigger = shutdown.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                trigger.cancel();
+            });
+            executor::run(args.into_settings(), shutdown).await
         }
     }
 }
