@@ -262,6 +262,13 @@ async fn migrations_apply_to_an_empty_database_once(pool: PgPool) {
         tables,
         vec!["_sqlx_migrations", "actions", "events", "runs"]
     );
-    assert_eq!(MIGRATOR.iter().count(), 1);
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let embedded: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    assert_eq!(applied, embedded);
+    assert_eq!(embedded.len(), 2);
     store.close().await;
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use actionsd::app::Application;
 use actionsd::config::{Config, Overrides};
+use actionsd::proto::actionsd::executor::v1::executor_service_client::ExecutorServiceClient;
 use actionsd::proto::flyteidl2::actions::actions_service_client::ActionsServiceClient;
 use actionsd::proto::flyteidl2::actions::{
     action, watch_for_updates_request, watch_for_updates_response, AbortRequest, Action,
@@ -43,6 +44,7 @@ pub const ABORTED: i32 = 7;
 pub const PAUSED: i32 = 9;
 
 pub type Client = ActionsServiceClient<Channel>;
+pub type ExecutorClient = ExecutorServiceClient<Channel>;
 
 /// Logs go to the test output only when TEST_LOG is set.
 pub fn init_logging() {
@@ -171,7 +173,16 @@ impl Daemon {
         Self::start_url(&db.url()).await
     }
 
+    /// A daemon whose configuration `configure` adjusts first.
+    pub async fn start_with(db: &TestDb, configure: impl FnOnce(&mut Config)) -> Self {
+        Self::start_configured(&db.url(), configure).await
+    }
+
     pub async fn start_url(url: &str) -> Self {
+        Self::start_configured(url, |_| {}).await
+    }
+
+    async fn start_configured(url: &str, configure: impl FnOnce(&mut Config)) -> Self {
         init_logging();
         let mut config = Config::with_overrides(Overrides {
             listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -183,6 +194,7 @@ impl Daemon {
         config.database.max_connections = 8;
         config.database.acquire_timeout = Duration::from_secs(2);
         config.server.shutdown_timeout = Duration::from_secs(5);
+        configure(&mut config);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -211,6 +223,12 @@ impl Daemon {
             .await
             .expect("connects");
         ActionsServiceClient::new(channel)
+    }
+
+    pub async fn executor_client(&self) -> ExecutorClient {
+        ExecutorServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connects")
     }
 
     /// A client whose HTTP/2 receive windows are `bytes` large.
