@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
-use super::{ActionId, Error, Phase};
+use super::{ActionId, ActionKind, Current, Error, Phase};
 
 /// An executor asking for work.
 #[derive(Debug, Clone)]
@@ -84,25 +84,16 @@ pub struct ReapOutcome {
     pub timed_out: usize,
 }
 
-/// What Finish needs to know about the action's row.
-#[derive(Debug, Clone)]
-pub struct Leased {
-    pub is_task: bool,
-    pub phase: Phase,
-    pub attempt: u32,
-    pub holder: Option<String>,
-}
-
 /// Decides a Finish. `Ok(false)`: the attempt already ended the same way
 /// (a repeated Finish), nothing changes. The executor must hold the lease
 /// of the current attempt; a terminal action (aborted meanwhile, say)
 /// cannot end differently.
 pub fn decide_finish(
     id: &ActionId,
-    current: &Leased,
+    current: &Current,
     finish: &FinishAction,
 ) -> Result<bool, Error> {
-    if !current.is_task {
+    if current.kind != ActionKind::Task {
         return Err(Error::FailedPrecondition(format!(
             "action {id} is not a task action"
         )));
@@ -113,7 +104,7 @@ pub fn decide_finish(
             finish.attempt, current.attempt
         )));
     }
-    if current.holder.as_deref() != Some(finish.executor.as_str()) {
+    if current.lease_holder.as_deref() != Some(finish.executor.as_str()) {
         return Err(Error::FailedPrecondition(format!(
             "action {id} is not leased by executor '{}'",
             finish.executor
@@ -169,11 +160,15 @@ mod tests {
 
     #[test]
     fn finish_needs_the_current_attempt_of_the_holder() {
-        let leased = |phase| Leased {
-            is_task: true,
+        let leased = |phase| Current {
+            kind: ActionKind::Task,
             phase,
             attempt: 2,
-            holder: Some("e1".into()),
+            parent: Some("a0".into()),
+            condition_type: None,
+            value: None,
+            lease_holder: Some("e1".into()),
+            run_output_base: "s3://b/r".into(),
         };
         let running = leased(Phase::Running);
         assert!(decide_finish(&id(), &running, &finish("e1", 2, Phase::Succeeded)).unwrap());

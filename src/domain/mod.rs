@@ -16,7 +16,7 @@ pub use action::{
 pub use error::Error;
 pub use executor::{
     decide_finish, default_output_uri, Cancellation, ClaimRequest, FinishAction, HeartbeatOutcome,
-    Lease, Leased, ReapOutcome, ReapSettings,
+    Lease, ReapOutcome, ReapSettings,
 };
 pub use ids::{ActionId, RunId, WatchKey};
 pub use phase::Phase;

@@ -13,6 +13,10 @@ pub struct Current {
     pub parent: Option<String>,
     pub condition_type: Option<i32>,
     pub value: Option<Bytes>,
+    /// The executor holding (or that last held) a lease.
+    pub lease_holder: Option<String>,
+    /// Action.run_output_base, for default output locations.
+    pub run_output_base: String,
 }
 
 /// An accepted status change.
@@ -180,6 +184,8 @@ mod tests {
             parent: Some("a0".into()),
             condition_type: None,
             value: None,
+            lease_holder: None,
+            run_output_base: String::new(),
         }
     }
 
@@ -238,6 +244,8 @@ mod tests {
             parent: Some("a0".into()),
             condition_type: Some(SimpleKind::Boolean as i32),
             value: value.map(Bytes::from_static),
+            lease_holder: None,
+            run_output_base: String::new(),
         };
         let signal = |kind, literal: &'static [u8]| SignalAction {
             id: id(),

@@ -16,8 +16,8 @@ use super::{FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
 use crate::domain::{
     decide_enqueue_existing, decide_finish, decide_signal, decide_update, default_output_uri,
     AbortAction, ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current,
-    EnqueueAction, Error, FinishAction, HeartbeatOutcome, Lease, Leased, Phase, ReapOutcome,
-    ReapSettings, RunId, SignalAction, UpdateStatus,
+    EnqueueAction, Error, FinishAction, HeartbeatOutcome, Lease, Phase, ReapOutcome, ReapSettings,
+    RunId, SignalAction, UpdateStatus,
 };
 use crate::schema;
 
@@ -709,7 +709,8 @@ async fn compare_existing(
 /// Locks the action's row and reads what the rules need.
 async fn lock_current(conn: &mut PgConnection, id: &ActionId) -> Result<Current, Error> {
     let row = sqlx::query(
-        "SELECT kind, phase, attempt, parent_name, condition_type, value FROM actions \
+        "SELECT kind, phase, attempt, parent_name, condition_type, value, lease_holder, \
+                run_output_base FROM actions \
          WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5 FOR UPDATE",
     )
     .bind(&id.run.org)
@@ -734,6 +735,8 @@ async fn lock_current(conn: &mut PgConnection, id: &ActionId) -> Result<Current,
             .try_get::<Option<Vec<u8>>, _>("value")
             .map_err(db_error)?
             .map(Bytes::from),
+        lease_holder: row.try_get("lease_holder").map_err(db_error)?,
+        run_output_base: row.try_get("run_output_base").map_err(db_error)?,
     })
 }
 
@@ -885,34 +888,15 @@ async fn run_has_room(conn: &mut PgConnection, run: &RunId, limit: i32) -> Resul
 
 async fn finish(conn: &mut PgConnection, finish: &FinishAction) -> Result<usize, Error> {
     let id = &finish.id;
-    let row = sqlx::query(
-        "SELECT kind, phase, attempt, lease_holder, run_output_base FROM actions \
-         WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5 FOR UPDATE",
-    )
-    .bind(&id.run.org)
-    .bind(&id.run.project)
-    .bind(&id.run.domain)
-    .bind(&id.run.name)
-    .bind(&id.name)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db_error)?
-    .ok_or_else(|| Error::ActionNotFound(id.clone()))?;
-    let kind: i16 = row.try_get("kind").map_err(db_error)?;
-    let current = Leased {
-        is_task: kind == ActionKind::Task as i16,
-        phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
-        attempt: u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?).unwrap_or(0),
-        holder: row.try_get("lease_holder").map_err(db_error)?,
-    };
+    let current = lock_current(conn, id).await?;
     if !decide_finish(id, &current, finish)? {
         return Ok(0);
     }
-    let base: String = row.try_get("run_output_base").map_err(db_error)?;
+    let base = &current.run_output_base;
     let output_uri = finish
         .output_uri
         .clone()
-        .unwrap_or_else(|| default_output_uri(&base, &id.name, finish.attempt));
+        .unwrap_or_else(|| default_output_uri(base, &id.name, finish.attempt));
     sqlx::query(concat!(
         "WITH changed AS (",
         " UPDATE actions SET phase = $6, output_uri = $7, error = $8, lease_deadline = NULL,",

@@ -33,8 +33,8 @@ use super::{FeedBatch, FeedCursor, PeerListener, Store};
 use crate::domain::{
     decide_enqueue_existing, decide_finish, decide_signal, decide_update, default_output_uri,
     AbortAction, ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current,
-    EnqueueAction, Error, FinishAction, HeartbeatOutcome, Lease, Leased, Phase, ReapOutcome,
-    ReapSettings, RunId, SignalAction, UpdateStatus,
+    EnqueueAction, Error, FinishAction, HeartbeatOutcome, Lease, Phase, ReapOutcome, ReapSettings,
+    RunId, SignalAction, UpdateStatus,
 };
 use crate::schema;
 
@@ -827,7 +827,8 @@ async fn compare_existing(
 /// database's write lock, so the row cannot change until it commits.
 async fn read_current(conn: &mut SqliteConnection, id: &ActionId) -> Result<Current, Error> {
     let row = sqlx::query(
-        "SELECT kind, phase, attempt, parent_name, condition_type, value FROM actions \
+        "SELECT kind, phase, attempt, parent_name, condition_type, value, lease_holder, \
+                run_output_base FROM actions \
          WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
     )
     .bind(&id.run.org)
@@ -854,6 +855,8 @@ async fn read_current(conn: &mut SqliteConnection, id: &ActionId) -> Result<Curr
             .try_get::<Option<Vec<u8>>, _>("value")
             .map_err(db_error)?
             .map(Bytes::from),
+        lease_holder: row.try_get("lease_holder").map_err(db_error)?,
+        run_output_base: row.try_get("run_output_base").map_err(db_error)?,
     })
 }
 
@@ -1007,34 +1010,15 @@ async fn finish(
     now: i64,
 ) -> Result<usize, Error> {
     let id = &finish.id;
-    let row = sqlx::query(
-        "SELECT kind, phase, attempt, lease_holder, run_output_base FROM actions \
-         WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
-    )
-    .bind(&id.run.org)
-    .bind(&id.run.project)
-    .bind(&id.run.domain)
-    .bind(&id.run.name)
-    .bind(&id.name)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db_error)?
-    .ok_or_else(|| Error::ActionNotFound(id.clone()))?;
-    let kind: i64 = row.try_get("kind").map_err(db_error)?;
-    let current = Leased {
-        is_task: kind == ActionKind::Task as i64,
-        phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
-        attempt: u32::try_from(row.try_get::<i64, _>("attempt").map_err(db_error)?).unwrap_or(0),
-        holder: row.try_get("lease_holder").map_err(db_error)?,
-    };
+    let current = read_current(conn, id).await?;
     if !decide_finish(id, &current, finish)? {
         return Ok(0);
     }
-    let base: String = row.try_get("run_output_base").map_err(db_error)?;
+    let base = &current.run_output_base;
     let output_uri = finish
         .output_uri
         .clone()
-        .unwrap_or_else(|| default_output_uri(&base, &id.name, finish.attempt));
+        .unwrap_or_else(|| default_output_uri(base, &id.name, finish.attempt));
     let row = sqlx::query(concat!(
         "UPDATE actions SET phase = ?6, output_uri = ?7, error = ?8, lease_deadline = NULL,",
         "   end_time = ?9, version = version + 1, updated_at = ?9",
