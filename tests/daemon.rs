@@ -191,23 +191,7 @@ async fn database_outage_gives_unavailable_then_recovers(pool: PgPool) {
     let mut client = daemon.client().await;
     client.enqueue(task("r1", "a0", None)).await.unwrap();
 
-    let database = pool.connect_options().get_database().unwrap().to_owned();
-    let mut admin = admin(&pool).await;
-    let set_allowed = |allowed: bool| {
-        format!(
-            "ALTER DATABASE \"{database}\" WITH ALLOW_CONNECTIONS {}",
-            if allowed { "true" } else { "false" }
-        )
-    };
-    sqlx::query(&set_allowed(false))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&database)
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    set_database_reachable(&pool, false).await;
 
     let status = client
         .enqueue(task("r1", "a1", Some("a0")))
@@ -215,10 +199,7 @@ async fn database_outage_gives_unavailable_then_recovers(pool: PgPool) {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 
-    sqlx::query(&set_allowed(true))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    set_database_reachable(&pool, true).await;
     // The daemon recovers by itself.
     eventually("enqueue after the outage", || {
         let mut client = client.clone();

@@ -358,21 +358,9 @@ async fn health_follows_the_database(pool: PgPool) {
         ServingStatus::Serving
     );
 
-    let database = pool.connect_options().get_database().unwrap().to_owned();
-    let mut admin = admin(&pool).await;
-    let allow =
-        |allowed: bool| format!("ALTER DATABASE \"{database}\" WITH ALLOW_CONNECTIONS {allowed}");
-    sqlx::query(&allow(false))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&database)
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    set_database_reachable(&pool, false).await;
     wait_for_health(&daemon, ServingStatus::NotServing).await;
-    sqlx::query(&allow(true)).execute(&mut admin).await.unwrap();
+    set_database_reachable(&pool, true).await;
     wait_for_health(&daemon, ServingStatus::Serving).await;
     daemon.stop().await;
 }

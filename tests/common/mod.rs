@@ -73,6 +73,26 @@ pub async fn admin(pool: &PgPool) -> sqlx::PgConnection {
         .unwrap()
 }
 
+/// Takes the test's own Postgres database away from every client (new
+/// connections refused, open ones terminated), or gives it back.
+pub async fn set_database_reachable(pool: &PgPool, reachable: bool) {
+    let database = pool.connect_options().get_database().unwrap().to_owned();
+    let mut admin = admin(pool).await;
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{database}\" WITH ALLOW_CONNECTIONS {reachable}"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    if !reachable {
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+            .bind(&database)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+}
+
 /// The URL of the test's own database.
 pub fn database_url(pool: &PgPool) -> String {
     pool.connect_options().to_url_lossy().to_string()
