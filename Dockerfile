@@ -9,10 +9,16 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin actionsd
+    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin actionsd \
+    && mkdir -p /var/lib/actionsd \
+    && chown actionsd:actionsd /var/lib/actionsd
 COPY --from=build /src/target/release/actionsd /usr/local/bin/actionsd
 USER actionsd
-ENV ACTIONSD_LISTEN=0.0.0.0:8091
+# The default store (no ACTIONSD_DATABASE_URL) is an SQLite file under
+# $XDG_DATA_HOME: /var/lib/actionsd/actionsd/actionsd.db, on a volume.
+ENV ACTIONSD_LISTEN=0.0.0.0:8091 \
+    XDG_DATA_HOME=/var/lib/actionsd
+VOLUME /var/lib/actionsd
 EXPOSE 8091
 # Exec form, so SIGTERM reaches the daemon and starts a graceful shutdown.
 ENTRYPOINT ["/usr/local/bin/actionsd"]
