@@ -22,6 +22,7 @@ conformance!(
     max_action_concurrency_caps_leases_per_run,
     finish_reports_outputs_and_errors_to_watchers,
     a_new_lease_stream_resends_unfinished_leases,
+    a_run_at_its_limit_does_not_hide_other_work,
 );
 
 const DEFAULT_QUEUE: &str = "default";
@@ -346,20 +347,26 @@ async fn max_action_concurrency_caps_leases_per_run(db: TestDb) {
         executors.spawn(async move {
             let id = format!("e{e}");
             let mut stream = lease(&mut executor, &id, 10).await;
-            while done.load(std::sync::atomic::Ordering::SeqCst) < 21 {
+            // Each leased action runs on its own, as in a real executor.
+            let mut running_now = tokio::task::JoinSet::new();
+            loop {
                 let action = next_lease(&mut stream).await;
-                {
-                    let mut running = running.lock().unwrap();
-                    running.0 += 1;
-                    running.1 = running.1.max(running.0);
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                running.lock().unwrap().0 -= 1;
-                executor
-                    .finish(finish(&id, &action, SUCCEEDED))
-                    .await
-                    .unwrap();
-                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (running, done, mut executor, id) =
+                    (running.clone(), done.clone(), executor.clone(), id.clone());
+                running_now.spawn(async move {
+                    {
+                        let mut running = running.lock().unwrap();
+                        running.0 += 1;
+                        running.1 = running.1.max(running.0);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    running.lock().unwrap().0 -= 1;
+                    executor
+                        .finish(finish(&id, &action, SUCCEEDED))
+                        .await
+                        .unwrap();
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
             }
         });
     }
@@ -449,5 +456,35 @@ async fn a_new_lease_stream_resends_unfinished_leases(db: TestDb) {
         .await
         .unwrap();
     assert_eq!(phases(&mut client, "r1", "a0").await["a0"], SUCCEEDED);
+    daemon.stop().await;
+}
+
+async fn a_run_at_its_limit_does_not_hide_other_work(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
+    let mut client = daemon.client().await;
+    // r1 may run one action at a time and has a long backlog; r2's work is
+    // newer than all of it.
+    let mut busy = task("r1", "a0", None);
+    busy.run_spec = bytes::Bytes::from_static(b"\x68\x01");
+    client.enqueue(busy).await.unwrap();
+    for i in 0..60 {
+        client
+            .enqueue(task("r1", &format!("c{i}"), Some("a0")))
+            .await
+            .unwrap();
+    }
+    client.enqueue(task("r2", "a0", None)).await.unwrap();
+    client.enqueue(task("r2", "c0", Some("a0"))).await.unwrap();
+
+    let mut executor = daemon.executor_client().await;
+    let mut stream = lease(&mut executor, "e1", 5).await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let leased = next_lease(&mut stream).await;
+        let action = leased.action_id.unwrap();
+        got.push(format!("{}/{}", action.run.unwrap().name, action.name));
+    }
+    got.sort();
+    assert_eq!(got, vec!["r1/a0", "r2/a0", "r2/c0"]);
     daemon.stop().await;
 }

@@ -236,78 +236,114 @@ impl Store for PgStore {
             tx.commit().await.map_err(db_error)?;
             return Ok(Vec::new());
         }
-        // Oldest first; rows locked by another claimer are skipped, so
-        // claimers never wait for each other and never lease one attempt
-        // twice. A few extra candidates make up for runs at their limit.
-        let candidates = sqlx::query(
-            "SELECT a.org, a.project, a.domain, a.run_name, a.name, r.max_action_concurrency \
-             FROM actions a JOIN runs r \
-               ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
-             WHERE a.queue = $1 AND a.phase = 1 AND a.kind = 1 \
-             ORDER BY a.created_at, a.name LIMIT $2 FOR UPDATE OF a SKIP LOCKED",
-        )
-        .bind(&request.queue)
-        .bind(free * 2 + 16)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
-
+        // Oldest first, a page at a time; rows locked by another claimer
+        // are skipped, so claimers never wait for each other and never
+        // lease one attempt twice. Paging goes on past runs that are at
+        // their concurrency limit, which are remembered so that their
+        // backlog costs no further queries.
         let ttl = request.lease_ttl.as_secs_f64();
+        let page_size = free * 2 + 16;
         let mut leases = Vec::new();
-        for candidate in &candidates {
-            if i64::try_from(leases.len()).unwrap_or(i64::MAX) >= free {
-                break;
-            }
-            let id = ActionId::new(
-                RunId {
-                    org: candidate.try_get("org").map_err(db_error)?,
-                    project: candidate.try_get("project").map_err(db_error)?,
-                    domain: candidate.try_get("domain").map_err(db_error)?,
-                    name: candidate.try_get("run_name").map_err(db_error)?,
-                },
-                candidate.try_get::<String, _>("name").map_err(db_error)?,
-            );
-            let limit: i32 = candidate
-                .try_get("max_action_concurrency")
-                .map_err(db_error)?;
-            if limit > 0 && !run_has_room(&mut tx, &id.run, limit).await? {
-                continue;
-            }
-            let row = sqlx::query(concat!(
-                "WITH changed AS (",
-                " UPDATE actions SET phase = 3, lease_holder = $6,",
-                "   lease_deadline = now() + make_interval(secs => $7),",
-                "   version = version + 1, updated_at = now()",
-                " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5",
-                " RETURNING *",
-                "), logged AS (",
-                insert_events_from_changed!(),
-                ")",
-                " SELECT c.spec, c.attempt, c.lease_deadline, c.run_output_base, r.run_spec",
-                " FROM changed c JOIN runs r",
-                "   ON (r.org, r.project, r.domain, r.name) = (c.org, c.project, c.domain, c.run_name)"
-            ))
-            .bind(&id.run.org)
-            .bind(&id.run.project)
-            .bind(&id.run.domain)
-            .bind(&id.run.name)
-            .bind(&id.name)
-            .bind(&request.executor)
-            .bind(ttl)
-            .fetch_one(&mut *tx)
+        let mut full_runs: std::collections::HashSet<RunId> = std::collections::HashSet::new();
+        let mut after: Option<(chrono::DateTime<chrono::Utc>, ActionId)> = None;
+        'pages: loop {
+            let (after_time, after_id) = match &after {
+                Some((time, id)) => (Some(*time), Some(id.clone())),
+                None => (None, None),
+            };
+            let after_id = after_id.as_ref();
+            let page = sqlx::query(
+                "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.created_at, \
+                        r.max_action_concurrency \
+                 FROM actions a JOIN runs r \
+                   ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+                 WHERE a.queue = $1 AND a.phase = 1 AND a.kind = 1 \
+                   AND ($3::timestamptz IS NULL \
+                        OR (a.created_at, a.org, a.project, a.domain, a.run_name, a.name) \
+                           > ($3, $4, $5, $6, $7, $8)) \
+                 ORDER BY a.created_at, a.org, a.project, a.domain, a.run_name, a.name \
+                 LIMIT $2 FOR UPDATE OF a SKIP LOCKED",
+            )
+            .bind(&request.queue)
+            .bind(page_size)
+            .bind(after_time)
+            .bind(after_id.map(|id| id.run.org.as_str()))
+            .bind(after_id.map(|id| id.run.project.as_str()))
+            .bind(after_id.map(|id| id.run.domain.as_str()))
+            .bind(after_id.map(|id| id.run.name.as_str()))
+            .bind(after_id.map(|id| id.name.as_str()))
+            .fetch_all(&mut *tx)
             .await
             .map_err(db_error)?;
-            let attempt =
-                u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?).unwrap_or(0);
-            let base: String = row.try_get("run_output_base").map_err(db_error)?;
-            leases.push(Lease {
-                output_uri: default_output_uri(&base, &id.name, attempt),
-                id,
-                spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
-                run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
-                attempt,
-                deadline: row.try_get("lease_deadline").map_err(db_error)?,
-            });
+            let last_page = i64::try_from(page.len()).unwrap_or(i64::MAX) < page_size;
+            for candidate in &page {
+                if i64::try_from(leases.len()).unwrap_or(i64::MAX) >= free {
+                    break 'pages;
+                }
+                let id = ActionId::new(
+                    RunId {
+                        org: candidate.try_get("org").map_err(db_error)?,
+                        project: candidate.try_get("project").map_err(db_error)?,
+                        domain: candidate.try_get("domain").map_err(db_error)?,
+                        name: candidate.try_get("run_name").map_err(db_error)?,
+                    },
+                    candidate.try_get::<String, _>("name").map_err(db_error)?,
+                );
+                after = Some((
+                    candidate.try_get("created_at").map_err(db_error)?,
+                    id.clone(),
+                ));
+                let limit: i32 = candidate
+                    .try_get("max_action_concurrency")
+                    .map_err(db_error)?;
+                if limit > 0 {
+                    if full_runs.contains(&id.run) {
+                        continue;
+                    }
+                    if !run_has_room(&mut tx, &id.run, limit).await? {
+                        full_runs.insert(id.run.clone());
+                        continue;
+                    }
+                }
+                let row = sqlx::query(concat!(
+                    "WITH changed AS (",
+                    " UPDATE actions SET phase = 3, lease_holder = $6,",
+                    "   lease_deadline = now() + make_interval(secs => $7),",
+                    "   version = version + 1, updated_at = now()",
+                    " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5",
+                    " RETURNING *",
+                    "), logged AS (",
+                    insert_events_from_changed!(),
+                    ")",
+                    " SELECT c.spec, c.attempt, c.lease_deadline, c.run_output_base, r.run_spec",
+                    " FROM changed c JOIN runs r",
+                    "   ON (r.org, r.project, r.domain, r.name) = (c.org, c.project, c.domain, c.run_name)"
+                ))
+                .bind(&id.run.org)
+                .bind(&id.run.project)
+                .bind(&id.run.domain)
+                .bind(&id.run.name)
+                .bind(&id.name)
+                .bind(&request.executor)
+                .bind(ttl)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                let attempt =
+                    u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?).unwrap_or(0);
+                let base: String = row.try_get("run_output_base").map_err(db_error)?;
+                leases.push(Lease {
+                    output_uri: default_output_uri(&base, &id.name, attempt),
+                    id,
+                    spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
+                    run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
+                    attempt,
+                    deadline: row.try_get("lease_deadline").map_err(db_error)?,
+                });
+            }
+            if last_page || page.is_empty() {
+                break;
+            }
         }
         tx.commit().await.map_err(db_error)?;
         Ok(leases)
