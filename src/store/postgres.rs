@@ -125,11 +125,7 @@ impl Store for PgStore {
             " AND (name = $5 OR parent_name = $5)",
             " ORDER BY name = $5 DESC, created_at, name"
         ))
-        .bind(&parent.run.org)
-        .bind(&parent.run.project)
-        .bind(&parent.run.domain)
-        .bind(&parent.run.name)
-        .bind(&parent.name)
+        .bind_id(parent)
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
@@ -319,11 +315,7 @@ impl Store for PgStore {
                     " FROM changed c JOIN runs r",
                     "   ON (r.org, r.project, r.domain, r.name) = (c.org, c.project, c.domain, c.run_name)"
                 ))
-                .bind(&id.run.org)
-                .bind(&id.run.project)
-                .bind(&id.run.domain)
-                .bind(&id.run.name)
-                .bind(&id.name)
+                .bind_id(&id)
                 .bind(&request.executor)
                 .bind(ttl)
                 .fetch_one(&mut *tx)
@@ -567,6 +559,22 @@ impl PeerListener for PgPeerListener {
     }
 }
 
+/// Binds an action's key columns (org, project, domain, run name, name),
+/// in that order, to the next five parameters.
+trait BindId<'q> {
+    fn bind_id(self, id: &'q ActionId) -> Self;
+}
+
+impl<'q> BindId<'q> for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn bind_id(self, id: &'q ActionId) -> Self {
+        self.bind(&id.run.org)
+            .bind(&id.run.project)
+            .bind(&id.run.domain)
+            .bind(&id.run.name)
+            .bind(&id.name)
+    }
+}
+
 async fn apply(conn: &mut PgConnection, command: &Command) -> Result<usize, Error> {
     match command {
         Command::Enqueue(c) => enqueue(conn, c).await,
@@ -589,11 +597,7 @@ async fn enqueue(conn: &mut PgConnection, action: &EnqueueAction) -> Result<usiz
                 "INSERT INTO runs (org, project, domain, name, root_name, run_spec, queue, max_action_concurrency) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT ON CONSTRAINT runs_pkey DO NOTHING",
             )
-            .bind(&id.run.org)
-            .bind(&id.run.project)
-            .bind(&id.run.domain)
-            .bind(&id.run.name)
-            .bind(&id.name)
+            .bind_id(id)
             .bind(run.run_spec.as_ref())
             .bind(&run.queue)
             .bind(i32::try_from(run.max_action_concurrency).unwrap_or(i32::MAX))
@@ -672,11 +676,7 @@ async fn enqueue(conn: &mut PgConnection, action: &EnqueueAction) -> Result<usiz
         ")",
         insert_events_from_changed!()
     ))
-    .bind(&id.run.org)
-    .bind(&id.run.project)
-    .bind(&id.run.domain)
-    .bind(&id.run.name)
-    .bind(&id.name)
+    .bind_id(id)
     .bind(&action.parent)
     .bind(action.kind as i16)
     .bind(action.phase as i16)
@@ -714,11 +714,7 @@ async fn compare_existing(
            ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
          WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4 AND a.name = $5",
     )
-    .bind(&id.run.org)
-    .bind(&id.run.project)
-    .bind(&id.run.domain)
-    .bind(&id.run.name)
-    .bind(&id.name)
+    .bind_id(id)
     .fetch_optional(&mut *conn)
     .await
     .map_err(db_error)?;
@@ -749,11 +745,7 @@ async fn lock_current(conn: &mut PgConnection, id: &ActionId) -> Result<Current,
                 run_output_base FROM actions \
          WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5 FOR UPDATE",
     )
-    .bind(&id.run.org)
-    .bind(&id.run.project)
-    .bind(&id.run.domain)
-    .bind(&id.run.name)
-    .bind(&id.name)
+    .bind_id(id)
     .fetch_optional(&mut *conn)
     .await
     .map_err(db_error)?
@@ -793,11 +785,7 @@ async fn update(conn: &mut PgConnection, update: &UpdateStatus) -> Result<usize,
         ")",
         insert_events_from_changed!()
     ))
-    .bind(&id.run.org)
-    .bind(&id.run.project)
-    .bind(&id.run.domain)
-    .bind(&id.run.name)
-    .bind(&id.name)
+    .bind_id(id)
     .bind(next.phase as i16)
     .bind(i32::try_from(next.attempt).unwrap_or(i32::MAX))
     .bind(update.start_time)
@@ -844,11 +832,7 @@ async fn abort(conn: &mut PgConnection, abort: &AbortAction) -> Result<usize, Er
     let mut total = 0usize;
     loop {
         let changed = sqlx::query(&cascade)
-            .bind(&id.run.org)
-            .bind(&id.run.project)
-            .bind(&id.run.domain)
-            .bind(&id.run.name)
-            .bind(&id.name)
+            .bind_id(id)
             .bind(&abort.reason)
             .bind(abort.aborted_by.as_deref())
             .bind(abort.error.as_ref())
@@ -880,11 +864,7 @@ async fn signal(conn: &mut PgConnection, signal: &SignalAction) -> Result<usize,
         ")",
         insert_events_from_changed!()
     ))
-    .bind(&id.run.org)
-    .bind(&id.run.project)
-    .bind(&id.run.domain)
-    .bind(&id.run.name)
-    .bind(&id.name)
+    .bind_id(id)
     .bind(signal.value.literal.as_ref())
     .bind(signal.signalled_by.as_deref())
     .execute(&mut *conn)
@@ -943,11 +923,7 @@ async fn finish(conn: &mut PgConnection, finish: &FinishAction) -> Result<usize,
         ")",
         insert_events_from_changed!()
     ))
-    .bind(&id.run.org)
-    .bind(&id.run.project)
-    .bind(&id.run.domain)
-    .bind(&id.run.name)
-    .bind(&id.name)
+    .bind_id(id)
     .bind(finish.phase as i16)
     .bind(&output_uri)
     .bind(finish.error.as_deref())

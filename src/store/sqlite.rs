@@ -252,11 +252,7 @@ impl Store for SqliteStore {
             " AND (name = ?5 OR parent_name = ?5)",
             " ORDER BY name = ?5 DESC, created_at, name"
         ))
-        .bind(&parent.run.org)
-        .bind(&parent.run.project)
-        .bind(&parent.run.domain)
-        .bind(&parent.run.name)
-        .bind(&parent.name)
+        .bind_id(parent)
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
@@ -417,11 +413,7 @@ impl Store for SqliteStore {
                     state_columns!(),
                     ", spec, run_output_base"
                 ))
-                .bind(&id.run.org)
-                .bind(&id.run.project)
-                .bind(&id.run.domain)
-                .bind(&id.run.name)
-                .bind(&id.name)
+                .bind_id(&id)
                 .bind(&request.executor)
                 .bind(deadline)
                 .bind(now)
@@ -632,6 +624,22 @@ impl Store for SqliteStore {
     }
 }
 
+/// Binds an action's key columns (org, project, domain, run name, name),
+/// in that order, to the next five parameters.
+trait BindId<'q> {
+    fn bind_id(self, id: &'q ActionId) -> Self;
+}
+
+impl<'q> BindId<'q> for sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    fn bind_id(self, id: &'q ActionId) -> Self {
+        self.bind(&id.run.org)
+            .bind(&id.run.project)
+            .bind(&id.run.domain)
+            .bind(&id.run.name)
+            .bind(&id.name)
+    }
+}
+
 async fn apply(conn: &mut SqliteConnection, command: &Command, now: i64) -> Result<usize, Error> {
     match command {
         Command::Enqueue(c) => enqueue(conn, c, now).await,
@@ -660,11 +668,7 @@ async fn enqueue(
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
                  ON CONFLICT (org, project, domain, name) DO NOTHING",
             )
-            .bind(&id.run.org)
-            .bind(&id.run.project)
-            .bind(&id.run.domain)
-            .bind(&id.run.name)
-            .bind(&id.name)
+            .bind_id(id)
             .bind(run.run_spec.as_ref())
             .bind(&run.queue)
             .bind(i32::try_from(run.max_action_concurrency).unwrap_or(i32::MAX))
@@ -741,11 +745,7 @@ async fn enqueue(
         " RETURNING ",
         state_columns!()
     ))
-    .bind(&id.run.org)
-    .bind(&id.run.project)
-    .bind(&id.run.domain)
-    .bind(&id.run.name)
-    .bind(&id.name)
+    .bind_id(id)
     .bind(&action.parent)
     .bind(action.kind as i16)
     .bind(action.phase as i16)
@@ -795,11 +795,7 @@ async fn compare_existing(
            ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
          WHERE a.org = ?1 AND a.project = ?2 AND a.domain = ?3 AND a.run_name = ?4 AND a.name = ?5",
     )
-    .bind(&id.run.org)
-    .bind(&id.run.project)
-    .bind(&id.run.domain)
-    .bind(&id.run.name)
-    .bind(&id.name)
+    .bind_id(id)
     .fetch_optional(&mut *conn)
     .await
     .map_err(db_error)?;
@@ -831,11 +827,7 @@ async fn read_current(conn: &mut SqliteConnection, id: &ActionId) -> Result<Curr
                 run_output_base FROM actions \
          WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
     )
-    .bind(&id.run.org)
-    .bind(&id.run.project)
-    .bind(&id.run.domain)
-    .bind(&id.run.name)
-    .bind(&id.name)
+    .bind_id(id)
     .fetch_optional(&mut *conn)
     .await
     .map_err(db_error)?
@@ -878,11 +870,7 @@ async fn update(
         " RETURNING ",
         state_columns!()
     ))
-    .bind(&id.run.org)
-    .bind(&id.run.project)
-    .bind(&id.run.domain)
-    .bind(&id.run.name)
-    .bind(&id.name)
+    .bind_id(id)
     .bind(next.phase as i16)
     .bind(i32::try_from(next.attempt).unwrap_or(i32::MAX))
     .bind(update.start_time.as_ref().map(DateTime::timestamp_micros))
@@ -925,11 +913,7 @@ async fn abort(conn: &mut SqliteConnection, abort: &AbortAction, now: i64) -> Re
         terminal = TERMINAL_PHASES
     );
     let rows = sqlx::query(&cascade)
-        .bind(&id.run.org)
-        .bind(&id.run.project)
-        .bind(&id.run.domain)
-        .bind(&id.run.name)
-        .bind(&id.name)
+        .bind_id(id)
         .bind(&abort.reason)
         .bind(abort.aborted_by.as_deref())
         .bind(abort.error.as_ref())
@@ -960,11 +944,7 @@ async fn signal(
         " RETURNING ",
         state_columns!()
     ))
-    .bind(&id.run.org)
-    .bind(&id.run.project)
-    .bind(&id.run.domain)
-    .bind(&id.run.name)
-    .bind(&id.name)
+    .bind_id(id)
     .bind(signal.value.literal.as_ref())
     .bind(signal.signalled_by.as_deref())
     .bind(now)
@@ -1026,11 +1006,7 @@ async fn finish(
         " RETURNING ",
         state_columns!()
     ))
-    .bind(&id.run.org)
-    .bind(&id.run.project)
-    .bind(&id.run.domain)
-    .bind(&id.run.name)
-    .bind(&id.name)
+    .bind_id(id)
     .bind(finish.phase as i16)
     .bind(&output_uri)
     .bind(finish.error.as_deref())
