@@ -276,15 +276,7 @@ impl Store for PgStore {
                 if i64::try_from(leases.len()).unwrap_or(i64::MAX) >= free {
                     break 'pages;
                 }
-                let id = ActionId::new(
-                    RunId {
-                        org: candidate.try_get("org").map_err(db_error)?,
-                        project: candidate.try_get("project").map_err(db_error)?,
-                        domain: candidate.try_get("domain").map_err(db_error)?,
-                        name: candidate.try_get("run_name").map_err(db_error)?,
-                    },
-                    candidate.try_get::<String, _>("name").map_err(db_error)?,
-                );
+                let id = action_id_from_row(candidate)?;
                 after = Some((
                     candidate.try_get("created_at").map_err(db_error)?,
                     id.clone(),
@@ -311,7 +303,8 @@ impl Store for PgStore {
                     "), logged AS (",
                     insert_events_from_changed!(),
                     ")",
-                    " SELECT c.spec, c.attempt, c.lease_deadline, c.run_output_base, r.run_spec",
+                    " SELECT c.org, c.project, c.domain, c.run_name, c.name, c.spec, c.attempt,",
+                    "   c.lease_deadline, c.run_output_base, r.run_spec",
                     " FROM changed c JOIN runs r",
                     "   ON (r.org, r.project, r.domain, r.name) = (c.org, c.project, c.domain, c.run_name)"
                 ))
@@ -321,17 +314,7 @@ impl Store for PgStore {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(db_error)?;
-                let attempt =
-                    u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?).unwrap_or(0);
-                let base: String = row.try_get("run_output_base").map_err(db_error)?;
-                leases.push(Lease {
-                    output_uri: default_output_uri(&base, &id.name, attempt),
-                    id,
-                    spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
-                    run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
-                    attempt,
-                    deadline: row.try_get("lease_deadline").map_err(db_error)?,
-                });
+                leases.push(lease_from_row(&row)?);
             }
             if last_page || page.is_empty() {
                 break;
@@ -355,30 +338,7 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
-        rows.iter()
-            .map(|row| {
-                let id = ActionId::new(
-                    RunId {
-                        org: row.try_get("org").map_err(db_error)?,
-                        project: row.try_get("project").map_err(db_error)?,
-                        domain: row.try_get("domain").map_err(db_error)?,
-                        name: row.try_get("run_name").map_err(db_error)?,
-                    },
-                    row.try_get::<String, _>("name").map_err(db_error)?,
-                );
-                let attempt =
-                    u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?).unwrap_or(0);
-                let base: String = row.try_get("run_output_base").map_err(db_error)?;
-                Ok(Lease {
-                    output_uri: default_output_uri(&base, &id.name, attempt),
-                    id,
-                    spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
-                    run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
-                    attempt,
-                    deadline: row.try_get("lease_deadline").map_err(db_error)?,
-                })
-            })
-            .collect()
+        rows.iter().map(lease_from_row).collect()
     }
 
     #[instrument(skip_all, fields(executor = %executor))]
@@ -399,15 +359,7 @@ impl Store for PgStore {
                 continue;
             }
             cancelled.push(Cancellation {
-                id: ActionId::new(
-                    RunId {
-                        org: row.try_get("org").map_err(db_error)?,
-                        project: row.try_get("project").map_err(db_error)?,
-                        domain: row.try_get("domain").map_err(db_error)?,
-                        name: row.try_get("run_name").map_err(db_error)?,
-                    },
-                    row.try_get::<String, _>("name").map_err(db_error)?,
-                ),
+                id: action_id_from_row(row)?,
                 attempt: u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?)
                     .unwrap_or(0),
                 reason: row
@@ -933,18 +885,38 @@ async fn finish(conn: &mut PgConnection, finish: &FinishAction) -> Result<usize,
     Ok(1)
 }
 
+fn action_id_from_row(row: &PgRow) -> Result<ActionId, Error> {
+    Ok(ActionId::new(
+        RunId {
+            org: row.try_get("org").map_err(db_error)?,
+            project: row.try_get("project").map_err(db_error)?,
+            domain: row.try_get("domain").map_err(db_error)?,
+            name: row.try_get("run_name").map_err(db_error)?,
+        },
+        row.try_get::<String, _>("name").map_err(db_error)?,
+    ))
+}
+
+/// A lease from a row with the action's key columns, `spec`, `attempt`,
+/// `lease_deadline`, `run_output_base` and the run's `run_spec`.
+fn lease_from_row(row: &PgRow) -> Result<Lease, Error> {
+    let id = action_id_from_row(row)?;
+    let attempt = u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?).unwrap_or(0);
+    let base: String = row.try_get("run_output_base").map_err(db_error)?;
+    Ok(Lease {
+        output_uri: default_output_uri(&base, &id.name, attempt),
+        id,
+        spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
+        run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
+        attempt,
+        deadline: row.try_get("lease_deadline").map_err(db_error)?,
+    })
+}
+
 fn state_from_row(row: &PgRow) -> Result<ActionState, Error> {
     let attempt: i32 = row.try_get("attempt").map_err(db_error)?;
     Ok(ActionState {
-        id: ActionId::new(
-            RunId {
-                org: row.try_get("org").map_err(db_error)?,
-                project: row.try_get("project").map_err(db_error)?,
-                domain: row.try_get("domain").map_err(db_error)?,
-                name: row.try_get("run_name").map_err(db_error)?,
-            },
-            row.try_get::<String, _>("name").map_err(db_error)?,
-        ),
+        id: action_id_from_row(row)?,
         parent: row.try_get("parent_name").map_err(db_error)?,
         version: row.try_get("version").map_err(db_error)?,
         phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,

@@ -458,15 +458,7 @@ impl Store for SqliteStore {
         .map_err(db_error)?;
         rows.iter()
             .map(|row| {
-                let id = ActionId::new(
-                    RunId {
-                        org: row.try_get("org").map_err(db_error)?,
-                        project: row.try_get("project").map_err(db_error)?,
-                        domain: row.try_get("domain").map_err(db_error)?,
-                        name: row.try_get("run_name").map_err(db_error)?,
-                    },
-                    row.try_get::<String, _>("name").map_err(db_error)?,
-                );
+                let id = action_id_from_row(row)?;
                 let attempt =
                     u32::try_from(row.try_get::<i64, _>("attempt").map_err(db_error)?).unwrap_or(0);
                 let base: String = row.try_get("run_output_base").map_err(db_error)?;
