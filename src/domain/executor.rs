@@ -133,7 +133,6 @@ pub fn default_output_uri(run_output_base: &str, action: &str, attempt: u32) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::RunId;
 
     fn finish(executor: &str, attempt: u32, phase: Phase) -> FinishAction {
         FinishAction {
@@ -147,15 +146,7 @@ mod tests {
     }
 
     fn id() -> ActionId {
-        ActionId::new(
-            RunId {
-                org: String::new(),
-                project: "p".into(),
-                domain: "d".into(),
-                name: "r".into(),
-            },
-            "a1",
-        )
+        ActionId::in_test_run("a1")
     }
 
     #[test]

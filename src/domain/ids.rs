@@ -30,6 +30,22 @@ impl ActionId {
     }
 }
 
+#[cfg(test)]
+impl ActionId {
+    /// An action of the run `p/d/r`, for unit tests.
+    pub(crate) fn in_test_run(name: &str) -> Self {
+        Self::new(
+            RunId {
+                org: String::new(),
+                project: "p".into(),
+                domain: "d".into(),
+                name: "r".into(),
+            },
+            name,
+        )
+    }
+}
+
 impl fmt::Display for RunId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if !self.org.is_empty() {

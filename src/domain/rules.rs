@@ -162,18 +162,10 @@ fn simple_type_name(value: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{RunId, SignalValue, SimpleKind};
+    use crate::domain::{SignalValue, SimpleKind};
 
     fn id() -> ActionId {
-        ActionId::new(
-            RunId {
-                org: String::new(),
-                project: "p".into(),
-                domain: "d".into(),
-                name: "r".into(),
-            },
-            "a1",
-        )
+        ActionId::in_test_run("a1")
     }
 
     fn task(phase: Phase, attempt: u32) -> Current {

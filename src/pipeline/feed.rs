@@ -202,19 +202,10 @@ pub(super) async fn notify_peers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::RunId;
 
     #[test]
     fn shard_is_stable_and_in_range() {
-        let id = ActionId::new(
-            RunId {
-                org: String::new(),
-                project: "p".into(),
-                domain: "d".into(),
-                name: "r".into(),
-            },
-            "a1",
-        );
+        let id = ActionId::in_test_run("a1");
         let first = shard_of(&id, 16);
         assert!(first < 16);
         assert_eq!(first, shard_of(&id.clone(), 16));

@@ -209,19 +209,11 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{ActionId, ActionState, Phase, RunId};
+    use crate::domain::{ActionId, ActionState, Phase};
 
     fn event(name: &str, parent: Option<&str>, version: i64) -> Arc<Event> {
         Arc::new(ActionState {
-            id: ActionId::new(
-                RunId {
-                    org: String::new(),
-                    project: "p".into(),
-                    domain: "d".into(),
-                    name: "r".into(),
-                },
-                name,
-            ),
+            id: ActionId::in_test_run(name),
             parent: parent.map(str::to_owned),
             version,
             phase: Phase::Running,
