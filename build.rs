@@ -8,6 +8,7 @@ use std::{env, path::PathBuf};
 const PROTOS: &[&str] = &[
     "flyteidl2/actions/actions_service.proto",
     "actionsd/executor/v1/executor.proto",
+    "actionsd/read/v1/read.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -28,6 +28,11 @@ pub mod actionsd {
             tonic::include_proto!("actionsd.executor.v1");
         }
     }
+    pub mod read {
+        pub mod v1 {
+            tonic::include_proto!("actionsd.read.v1");
+        }
+    }
 }
 
 /// The encoded `FileDescriptorSet` of every proto actionsd serves.
