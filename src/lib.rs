@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod config;
+pub mod ctl;
 pub mod domain;
 pub mod executor;
 pub mod pipeline;
