@@ -25,12 +25,13 @@ use crate::config::{Config, StoreLocation};
 use crate::domain::ReapSettings;
 use crate::pipeline::Pipeline;
 use crate::proto::actionsd::executor::v1::executor_service_server::ExecutorServiceServer;
+use crate::proto::actionsd::read::v1::read_service_server::ReadServiceServer;
 use crate::proto::flyteidl2::actions::actions_service_server::ActionsServiceServer;
 use crate::proto::flyteidl2::core::{execution_error::ErrorKind, ExecutionError};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::rpc::connect::ConnectLayer;
 use crate::rpc::executor::ExecutorApi;
-use crate::rpc::ActionsApi;
+use crate::rpc::{ActionsApi, ReadApi};
 use crate::store::postgres::{PgStore, PoolSettings};
 use crate::store::sqlite::{SqliteSettings, SqliteStore};
 use crate::store::{Detached, Store};
@@ -181,11 +182,16 @@ impl Application {
             writes.clone(),
             config.executor.lease_ttl,
         );
+        let read_api = ReadApi::new(store.clone(), pipeline.registry());
         let connect = ConnectLayer::new(
             api.clone(),
             executor_api.clone(),
+            read_api.clone(),
             server_config.max_message_size,
         );
+        let reads = ReadServiceServer::new(read_api)
+            .max_decoding_message_size(server_config.max_message_size)
+            .max_encoding_message_size(server_config.max_message_size);
         let executors = ExecutorServiceServer::new(executor_api)
             .max_decoding_message_size(server_config.max_message_size)
             .max_encoding_message_size(server_config.max_message_size);
@@ -234,6 +240,7 @@ impl Application {
                 .layer(GrpcWebLayer::new())
                 .add_service(actions)
                 .add_service(executors)
+                .add_service(reads)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)

@@ -411,6 +411,8 @@ async fn reflection_lists_every_service(db: TestDb) {
     };
     for service in [
         "flyteidl2.actions.ActionsService",
+        "actionsd.executor.v1.ExecutorService",
+        "actionsd.read.v1.ReadService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
     ] {

@@ -13,6 +13,9 @@ pub enum Error {
     #[error("action {0} not found")]
     ActionNotFound(ActionId),
 
+    #[error("run {0} not found")]
+    RunNotFound(super::RunId),
+
     #[error("parent action {0} not found")]
     ParentNotFound(ActionId),
 

@@ -7,6 +7,7 @@ mod error;
 mod executor;
 mod ids;
 mod phase;
+mod read;
 mod rules;
 
 pub use action::{
@@ -20,4 +21,8 @@ pub use executor::{
 };
 pub use ids::{ActionId, RunId, WatchKey};
 pub use phase::Phase;
+pub use read::{
+    ActionFilter, ActionPosition, ActionRecord, HistoryEntry, Page, PageRequest, RunFilter,
+    RunPosition, RunRecord,
+};
 pub use rules::{decide_enqueue_existing, decide_signal, decide_update, Current, Transition};

@@ -6,34 +6,75 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::Notify;
 
-use crate::domain::{Event, WatchKey};
+use crate::domain::{Event, RunId, WatchKey};
 
-/// Subscribers keyed by the action they watch: (run, parent).
+/// What a subscription follows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// An action and its direct children (WatchForUpdates).
+    Action(WatchKey),
+    /// Every action of a run (the read API's WatchRun).
+    Run(RunId),
+}
+
+/// Subscribers by what they follow. Two maps, so publishing looks both up
+/// by borrowed keys without building a topic per event.
+#[derive(Default)]
+struct Subscribers {
+    actions: HashMap<WatchKey, Vec<Arc<Subscriber>>>,
+    runs: HashMap<RunId, Vec<Arc<Subscriber>>>,
+}
+
+impl Subscribers {
+    fn is_empty(&self) -> bool {
+        self.actions.is_empty() && self.runs.is_empty()
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Arc<Subscriber>> {
+        self.actions.values().chain(self.runs.values()).flatten()
+    }
+}
+
 #[derive(Default)]
 pub struct Registry {
-    subscribers: RwLock<HashMap<WatchKey, Vec<Arc<Subscriber>>>>,
+    subscribers: RwLock<Subscribers>,
 }
 
 impl Registry {
-    /// Registers a subscriber for `key`. Subscribe before reading the
-    /// snapshot, so no change committed after the snapshot is missed.
+    /// Registers a subscriber for `key`: the action and its children.
+    /// Subscribe before reading the snapshot, so no change committed after
+    /// the snapshot is missed.
     pub fn subscribe(self: &Arc<Self>, key: WatchKey) -> Subscription {
+        self.subscribe_to(Topic::Action(key))
+    }
+
+    /// Registers a subscriber for every action of `run`.
+    pub fn subscribe_run(self: &Arc<Self>, run: RunId) -> Subscription {
+        self.subscribe_to(Topic::Run(run))
+    }
+
+    fn subscribe_to(self: &Arc<Self>, topic: Topic) -> Subscription {
         let subscriber = Arc::new(Subscriber::default());
-        self.subscribers
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(key.clone())
-            .or_default()
-            .push(subscriber.clone());
+        {
+            let mut subscribers = self
+                .subscribers
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let list = match &topic {
+                Topic::Action(key) => subscribers.actions.entry(key.clone()).or_default(),
+                Topic::Run(run) => subscribers.runs.entry(run.clone()).or_default(),
+            };
+            list.push(subscriber.clone());
+        }
         Subscription {
-            key,
+            topic,
             subscriber,
             registry: self.clone(),
         }
     }
 
     /// Hands an event to everyone watching the action's parent (it is one
-    /// of their children) and everyone watching the action itself.
+    /// of their children), the action itself, or its run.
     pub fn publish(&self, event: &Arc<Event>) {
         let subscribers = self
             .subscribers
@@ -42,13 +83,18 @@ impl Registry {
         if subscribers.is_empty() {
             return;
         }
-        if let Some(watchers) = subscribers.get(&event.id) {
+        if let Some(watchers) = subscribers.actions.get(&event.id) {
+            for subscriber in watchers {
+                subscriber.offer(event);
+            }
+        }
+        if let Some(watchers) = subscribers.runs.get(&event.id.run) {
             for subscriber in watchers {
                 subscriber.offer(event);
             }
         }
         if let Some(parent) = &event.parent {
-            if let Some(watchers) = subscribers.get(&event.id.sibling(parent.clone())) {
+            if let Some(watchers) = subscribers.actions.get(&event.id.sibling(parent.clone())) {
                 for subscriber in watchers {
                     subscriber.offer(event);
                 }
@@ -62,7 +108,7 @@ impl Registry {
             .subscribers
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for subscriber in subscribers.values().flatten() {
+        for subscriber in subscribers.all() {
             subscriber.close(reason);
         }
     }
@@ -72,25 +118,34 @@ impl Registry {
         self.subscribers
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .map(Vec::len)
-            .sum()
+            .all()
+            .count()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn remove(&self, key: &WatchKey, subscriber: &Arc<Subscriber>) {
+    fn remove(&self, topic: &Topic, subscriber: &Arc<Subscriber>) {
+        fn retain<K: std::hash::Hash + Eq>(
+            map: &mut HashMap<K, Vec<Arc<Subscriber>>>,
+            key: &K,
+            subscriber: &Arc<Subscriber>,
+        ) {
+            if let Some(list) = map.get_mut(key) {
+                list.retain(|s| !Arc::ptr_eq(s, subscriber));
+                if list.is_empty() {
+                    map.remove(key);
+                }
+            }
+        }
         let mut subscribers = self
             .subscribers
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(list) = subscribers.get_mut(key) {
-            list.retain(|s| !Arc::ptr_eq(s, subscriber));
-            if list.is_empty() {
-                subscribers.remove(key);
-            }
+        match topic {
+            Topic::Action(key) => retain(&mut subscribers.actions, key, subscriber),
+            Topic::Run(run) => retain(&mut subscribers.runs, run, subscriber),
         }
     }
 }
@@ -184,14 +239,14 @@ impl Subscriber {
 /// A registered subscriber; unregisters itself when dropped (the stream
 /// ended or the client went away).
 pub struct Subscription {
-    key: WatchKey,
+    topic: Topic,
     subscriber: Arc<Subscriber>,
     registry: Arc<Registry>,
 }
 
 impl Subscription {
-    pub fn key(&self) -> &WatchKey {
-        &self.key
+    pub fn topic(&self) -> &Topic {
+        &self.topic
     }
 
     /// Waits for the next changes; see [`Subscriber::next_batch`].
@@ -202,7 +257,7 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.registry.remove(&self.key, &self.subscriber);
+        self.registry.remove(&self.topic, &self.subscriber);
     }
 }
 
@@ -246,6 +301,30 @@ mod tests {
             got,
             vec![("a1".into(), 100), ("a2".into(), 100), ("a0".into(), 7)]
         );
+    }
+
+    #[tokio::test]
+    async fn run_subscribers_see_every_action_of_their_run_only() {
+        let registry = Arc::new(Registry::default());
+        let run = event("a0", None, 1).id.run.clone();
+        let sub = registry.subscribe_run(run.clone());
+        registry.publish(&event("a0", None, 2));
+        registry.publish(&event("a1", Some("a0"), 1));
+        registry.publish(&event("a2", Some("a1"), 1));
+        let mut other = (*event("b0", None, 1)).clone();
+        other.id.run.name = "elsewhere".into();
+        registry.publish(&Arc::new(other));
+        let names: Vec<String> = sub
+            .next_batch()
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.id.name.clone())
+            .collect();
+        assert_eq!(names, ["a0", "a1", "a2"]);
+        assert_eq!(sub.topic(), &Topic::Run(run));
+        drop(sub);
+        assert!(registry.is_empty());
     }
 
     #[tokio::test]

@@ -1,16 +1,13 @@
 //! `flyteidl2.actions.ActionsService`.
 
-use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::Stream;
 use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::{field, info_span, Instrument, Span};
 
-use super::convert;
+use super::{convert, watch};
 use crate::domain::{ActionId, Command, Error};
 use crate::pipeline::{Registry, Waker};
 use crate::proto::flyteidl2::actions::{
@@ -23,8 +20,7 @@ use crate::store::Store;
 const REQUEST_ID: &str = "x-request-id";
 const SDK_RUN: &str = "x-actions-run";
 
-pub type WatchStream =
-    Pin<Box<dyn Stream<Item = Result<actions::WatchForUpdatesResponse, Status>> + Send>>;
+pub type WatchStream = watch::MessageStream<actions::WatchForUpdatesResponse>;
 
 /// The service's state: the store, the pipeline's registry and waker, and
 /// a tracker of in-flight writes that shutdown waits for.
@@ -69,42 +65,18 @@ impl ActionsApi {
         // the snapshot was read reaches the subscription.
         let subscription = self.registry.subscribe(parent.clone());
         let snapshot = self.store.watch_snapshot(&parent).await?;
-        let stream = async_stream::stream! {
-            // The last version sent per action: nothing older is sent after.
-            let mut sent: HashMap<String, i64> = HashMap::with_capacity(snapshot.len());
-            for state in snapshot {
-                sent.insert(state.id.name.clone(), state.version);
-                yield Ok(update_message(&state));
-            }
-            yield Ok(actions::WatchForUpdatesResponse {
+        Ok(watch::snapshot_then_live(
+            snapshot,
+            |state| state,
+            |state| update_message(&state),
+            actions::WatchForUpdatesResponse {
                 message: Some(watch_for_updates_response::Message::ControlMessage(
                     ControlMessage { sentinel: true },
                 )),
-            });
-            loop {
-                match subscription.next_batch().await {
-                    Ok(batch) => {
-                        for event in batch {
-                            match sent.get_mut(&event.id.name) {
-                                Some(last) if *last >= event.version => continue,
-                                Some(last) => *last = event.version,
-                                None => {
-                                    sent.insert(event.id.name.clone(), event.version);
-                                }
-                            }
-                            yield Ok(update_message(&event));
-                        }
-                    }
-                    Err(reason) => {
-                        // Never end with OK while running: clients reconnect
-                        // on UNAVAILABLE and get a fresh snapshot.
-                        yield Err(Status::unavailable(reason));
-                        break;
-                    }
-                }
-            }
-        };
-        Ok(Box::pin(stream))
+            },
+            subscription,
+            update_message,
+        ))
     }
 }
 

@@ -36,15 +36,17 @@ use tower::{Layer, Service};
 
 use super::executor::ExecutorApi;
 use super::status::connect_code;
-use super::ActionsApi;
+use super::{ActionsApi, ReadApi};
 use crate::proto::actionsd::executor::v1::executor_service_server::ExecutorService;
+use crate::proto::actionsd::read::v1::read_service_server::ReadService;
 use crate::proto::flyteidl2::actions::actions_service_server::ActionsService;
 use crate::schema;
 
 /// The services served over Connect.
-const SERVICES: [&str; 2] = [
+const SERVICES: [&str; 3] = [
     "/flyteidl2.actions.ActionsService/",
     "/actionsd.executor.v1.ExecutorService/",
+    "/actionsd.read.v1.ReadService/",
 ];
 const TIMEOUT_HEADER: &str = "connect-timeout-ms";
 const STREAM_ENCODING: &str = "connect-content-encoding";
@@ -142,11 +144,17 @@ pub struct ConnectLayer {
 }
 
 impl ConnectLayer {
-    pub fn new(actions: ActionsApi, executor: ExecutorApi, max_message_size: usize) -> Self {
+    pub fn new(
+        actions: ActionsApi,
+        executor: ExecutorApi,
+        read: ReadApi,
+        max_message_size: usize,
+    ) -> Self {
         Self {
             handler: Arc::new(Handler {
                 actions,
                 executor,
+                read,
                 max_message_size,
             }),
         }
@@ -214,6 +222,7 @@ where
 struct Handler {
     actions: ActionsApi,
     executor: ExecutorApi,
+    read: ReadApi,
     max_message_size: usize,
 }
 
@@ -226,7 +235,7 @@ impl Handler {
                 "unsupported content type",
             );
         };
-        let (actions, executor) = (&self.actions, &self.executor);
+        let (actions, executor, read) = (&self.actions, &self.executor, &self.read);
         let types = |request, response| Types { request, response };
         match (path.as_str(), kind) {
             ("/flyteidl2.actions.ActionsService/Enqueue", Kind::Unary(codec)) => {
@@ -287,6 +296,43 @@ impl Handler {
                     "actionsd.executor.v1.FinishResponse",
                 );
                 self.unary(request, codec, t, |r| executor.finish(r)).await
+            }
+            ("/actionsd.read.v1.ReadService/GetAction", Kind::Unary(codec)) => {
+                let t = types(
+                    "actionsd.read.v1.GetActionRequest",
+                    "actionsd.read.v1.GetActionResponse",
+                );
+                self.unary(request, codec, t, |r| read.get_action(r)).await
+            }
+            ("/actionsd.read.v1.ReadService/ListActions", Kind::Unary(codec)) => {
+                let t = types(
+                    "actionsd.read.v1.ListActionsRequest",
+                    "actionsd.read.v1.ListActionsResponse",
+                );
+                self.unary(request, codec, t, |r| read.list_actions(r))
+                    .await
+            }
+            ("/actionsd.read.v1.ReadService/ListRuns", Kind::Unary(codec)) => {
+                let t = types(
+                    "actionsd.read.v1.ListRunsRequest",
+                    "actionsd.read.v1.ListRunsResponse",
+                );
+                self.unary(request, codec, t, |r| read.list_runs(r)).await
+            }
+            ("/actionsd.read.v1.ReadService/GetHistory", Kind::Unary(codec)) => {
+                let t = types(
+                    "actionsd.read.v1.GetHistoryRequest",
+                    "actionsd.read.v1.GetHistoryResponse",
+                );
+                self.unary(request, codec, t, |r| read.get_history(r)).await
+            }
+            ("/actionsd.read.v1.ReadService/WatchRun", Kind::Stream(codec)) => {
+                let t = types(
+                    "actionsd.read.v1.WatchRunRequest",
+                    "actionsd.read.v1.WatchRunResponse",
+                );
+                self.server_stream(request, codec, t, |r| read.watch_run(r))
+                    .await
             }
             _ => unary_error(
                 &Status::unimplemented(format!(

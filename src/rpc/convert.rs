@@ -46,45 +46,38 @@ fn check_len(field: &str, value: &str, max: usize, required: bool) -> Result<(),
 /// Validates an action identifier; `field` is its path in the request.
 pub fn action_id(field: &str, id: Option<&common::ActionIdentifier>) -> Result<ActionId, Error> {
     let id = id.ok_or_else(|| Error::invalid(field, "is required"))?;
-    let run_field = format!("{field}.run");
-    let run = id
-        .run
-        .as_ref()
-        .ok_or_else(|| Error::invalid(&run_field, "is required"))?;
-    check_len(&format!("{run_field}.org"), &run.org, MAX_ORG, false)?;
-    check_len(
-        &format!("{run_field}.project"),
-        &run.project,
-        MAX_PROJECT,
-        true,
-    )?;
-    check_len(
-        &format!("{run_field}.domain"),
-        &run.domain,
-        MAX_DOMAIN,
-        true,
-    )?;
-    check_len(&format!("{run_field}.name"), &run.name, MAX_RUN_NAME, true)?;
+    let run = run_id(&format!("{field}.run"), id.run.as_ref())?;
     check_len(&format!("{field}.name"), &id.name, MAX_ACTION_NAME, true)?;
-    Ok(ActionId::new(
-        RunId {
-            org: run.org.clone(),
-            project: run.project.clone(),
-            domain: run.domain.clone(),
-            name: run.name.clone(),
-        },
-        id.name.clone(),
-    ))
+    Ok(ActionId::new(run, id.name.clone()))
+}
+
+/// Validates a run identifier; `field` is its path in the request.
+pub fn run_id(field: &str, run: Option<&common::RunIdentifier>) -> Result<RunId, Error> {
+    let run = run.ok_or_else(|| Error::invalid(field, "is required"))?;
+    check_len(&format!("{field}.org"), &run.org, MAX_ORG, false)?;
+    check_len(&format!("{field}.project"), &run.project, MAX_PROJECT, true)?;
+    check_len(&format!("{field}.domain"), &run.domain, MAX_DOMAIN, true)?;
+    check_len(&format!("{field}.name"), &run.name, MAX_RUN_NAME, true)?;
+    Ok(RunId {
+        org: run.org.clone(),
+        project: run.project.clone(),
+        domain: run.domain.clone(),
+        name: run.name.clone(),
+    })
+}
+
+pub fn run_id_to_proto(run: &RunId) -> common::RunIdentifier {
+    common::RunIdentifier {
+        org: run.org.clone(),
+        project: run.project.clone(),
+        domain: run.domain.clone(),
+        name: run.name.clone(),
+    }
 }
 
 pub fn action_id_to_proto(id: &ActionId) -> common::ActionIdentifier {
     common::ActionIdentifier {
-        run: Some(common::RunIdentifier {
-            org: id.run.org.clone(),
-            project: id.run.project.clone(),
-            domain: id.run.domain.clone(),
-            name: id.run.name.clone(),
-        }),
+        run: Some(run_id_to_proto(&id.run)),
         name: id.name.clone(),
     }
 }
@@ -387,7 +380,7 @@ pub fn action_update(state: &ActionState) -> workflow::ActionUpdate {
 
 /// Stored messages were encoded by actionsd itself; a failure here means a
 /// damaged row, which is logged and left out rather than failing the stream.
-fn decode_stored<M: Message + Default>(what: &str, id: &ActionId, bytes: &Bytes) -> Option<M> {
+pub fn decode_stored<M: Message + Default>(what: &str, id: &ActionId, bytes: &Bytes) -> Option<M> {
     match M::decode(bytes.clone()) {
         Ok(message) => Some(message),
         Err(err) => {

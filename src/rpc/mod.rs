@@ -5,6 +5,9 @@ pub mod actions;
 pub mod connect;
 pub mod convert;
 pub mod executor;
+pub mod read;
 pub mod status;
+pub mod watch;
 
 pub use actions::ActionsApi;
+pub use read::ReadApi;

@@ -10,7 +10,9 @@ use crate::domain::Error;
 pub fn code(err: &Error) -> Code {
     match err {
         Error::InvalidArgument { .. } => Code::InvalidArgument,
-        Error::ActionNotFound(_) | Error::ParentNotFound(_) => Code::NotFound,
+        Error::ActionNotFound(_) | Error::RunNotFound(_) | Error::ParentNotFound(_) => {
+            Code::NotFound
+        }
         Error::AlreadyExists(_) => Code::AlreadyExists,
         // The Flyte SDK reads ABORTED on Enqueue as "run was aborted".
         Error::ParentTerminal { .. } => Code::Aborted,

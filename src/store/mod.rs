@@ -10,8 +10,9 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::domain::{
-    ActionId, ActionState, ClaimRequest, Command, Error, Event, HeartbeatOutcome, Lease,
-    ReapOutcome, ReapSettings,
+    ActionFilter, ActionId, ActionPosition, ActionRecord, ActionState, ClaimRequest, Command,
+    Error, Event, HeartbeatOutcome, HistoryEntry, Lease, Page, PageRequest, ReapOutcome,
+    ReapSettings, RunFilter, RunId, RunPosition, RunRecord,
 };
 
 /// A position in the event log. Its meaning is the backend's: for
@@ -52,8 +53,37 @@ pub trait PeerListener: Send {
     async fn next(&mut self) -> Result<PeerSignal, Error>;
 }
 
+/// What the read API asks of a store. Reads only; each call sees one
+/// consistent snapshot of the store.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait ReadStore: Send + Sync + 'static {
+    /// One action, or `ActionNotFound`.
+    async fn get_action(&self, id: &ActionId) -> Result<ActionRecord, Error>;
+
+    /// Actions matching `filter`, in the order (created_at, org, project,
+    /// domain, run, name), from after `page.after`.
+    async fn list_actions(
+        &self,
+        filter: &ActionFilter,
+        page: &PageRequest<ActionPosition>,
+    ) -> Result<Page<ActionRecord, ActionPosition>, Error>;
+
+    /// Every action of a run in listing order, or `RunNotFound`.
+    async fn run_actions(&self, run: &RunId) -> Result<Vec<ActionRecord>, Error>;
+
+    /// Runs matching `filter`, newest first, with their phase counts.
+    async fn list_runs(
+        &self,
+        filter: &RunFilter,
+        page: &PageRequest<RunPosition>,
+    ) -> Result<Page<RunRecord, RunPosition>, Error>;
+
+    /// Every event of one action, oldest first, or `ActionNotFound`.
+    async fn history(&self, id: &ActionId) -> Result<Vec<HistoryEntry>, Error>;
+}
+
+#[async_trait]
+pub trait Store: ReadStore {
     /// Applies one command in one transaction. Returns how many events it
     /// appended: 0 means accepted with nothing to change.
     ///
@@ -137,6 +167,37 @@ impl Detached {
                 tracing::error!(error = %err, "store write task failed");
                 Error::Internal("store write failed".to_owned())
             })?
+    }
+}
+
+#[async_trait]
+impl ReadStore for Detached {
+    async fn get_action(&self, id: &ActionId) -> Result<ActionRecord, Error> {
+        self.inner.get_action(id).await
+    }
+
+    async fn list_actions(
+        &self,
+        filter: &ActionFilter,
+        page: &PageRequest<ActionPosition>,
+    ) -> Result<Page<ActionRecord, ActionPosition>, Error> {
+        self.inner.list_actions(filter, page).await
+    }
+
+    async fn run_actions(&self, run: &RunId) -> Result<Vec<ActionRecord>, Error> {
+        self.inner.run_actions(run).await
+    }
+
+    async fn list_runs(
+        &self,
+        filter: &RunFilter,
+        page: &PageRequest<RunPosition>,
+    ) -> Result<Page<RunRecord, RunPosition>, Error> {
+        self.inner.list_runs(filter, page).await
+    }
+
+    async fn history(&self, id: &ActionId) -> Result<Vec<HistoryEntry>, Error> {
+        self.inner.history(id).await
     }
 }
 

@@ -49,6 +49,8 @@ macro_rules! insert_events_from_changed {
 
 const TERMINAL_PHASES: &str = "(5, 6, 7, 8, 10)";
 
+mod read;
+
 pub struct PgStore {
     pool: PgPool,
     options: PgConnectOptions,

@@ -50,6 +50,8 @@ macro_rules! state_columns {
 
 const TERMINAL_PHASES: &str = "(5, 6, 7, 8, 10)";
 
+mod read;
+
 /// SQLite primary result codes (the low byte of an extended result code).
 mod code {
     pub const BUSY: i32 = 5;

@@ -3,7 +3,9 @@
 // gRPC-Web. Needs ACTIONSD_ADDR (host:port of a running actionsd).
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
+import { createClient } from "@connectrpc/connect";
 import { compressionGzip, createConnectTransport } from "@connectrpc/connect-node";
+import { ReadService } from "./gen/actionsd/read/v1/read_pb.js";
 import {
   ActionPhase,
   Code,
@@ -42,6 +44,32 @@ for (const [name, makeTransport] of Object.entries(transports)) {
 
     test("WatchForUpdates: root, child, one sentinel, then the live update", TEST, async () => {
       await watchScenario(client(makeTransport()));
+    });
+
+    test("ReadService: ListActions, GetHistory and WatchRun of a run", TEST, async () => {
+      const transport = makeTransport();
+      const run = await enqueueRootAndChild(client(transport));
+      const reads = createClient(ReadService, transport);
+      const listed = await reads.listActions({ run, limit: 1 }, { timeoutMs: UNARY_MS });
+      assert.deepEqual(listed.actions.map((a) => a.id.name), ["a0"]);
+      assert.notEqual(listed.nextPageToken, "");
+      const rest = await reads.listActions(
+        { run, limit: 10, pageToken: listed.nextPageToken },
+        { timeoutMs: UNARY_MS },
+      );
+      assert.deepEqual(rest.actions.map((a) => [a.id.name, a.parentName]), [["a1", "a0"]]);
+      assert.equal(rest.nextPageToken, "");
+      const history = await reads.getHistory({ id: actionId(run, "a1") }, { timeoutMs: UNARY_MS });
+      assert.deepEqual(history.events.map((e) => [e.version, e.phase]), [[1n, ActionPhase.QUEUED]]);
+      const seen = [];
+      for await (const msg of reads.watchRun({ run }, { signal: AbortSignal.timeout(STREAM_MS) })) {
+        if (msg.message.case === "sentinel") break;
+        seen.push(msg.message.value.id.name);
+      }
+      assert.deepEqual(seen, ["a0", "a1"]);
+      await expectCode(Code.NotFound, () =>
+        reads.getAction({ id: actionId(run, "zz") }, { timeoutMs: UNARY_MS }),
+      );
     });
 
     test("Update and WatchForUpdates of an unknown action fail with NotFound", TEST, async () => {
