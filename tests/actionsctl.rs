@@ -586,7 +586,7 @@ async fn errors_are_one_line_with_documented_exit_codes(db: TestDb) {
     assert_eq!(out.code, 2, "{out:?}");
     run_ctl("http://[::1", &["get", "r1", "a0"])
         .await
-        .fails(2, "--server \"http://[::1\" is not a valid URL");
+        .fails(2, "error: --server \"http://[::1\" is not a valid URL");
 
     // No daemon: UNAVAILABLE, exit code 6, and it says where it tried.
     let port = {
@@ -855,30 +855,23 @@ impl Terminal {
         }
     }
 
-    /// The screen's rows, trailing blanks trimmed, durations masked.
+    /// The screen's rows, trailing blanks trimmed, durations masked with
+    /// the layout kept: a duration and the blanks before it become `<t>`,
+    /// right-aligned in the same width.
     fn snapshot(&self) -> Vec<String> {
         let contents = self.parser.screen().contents();
-        let mut rows: Vec<String> = contents
-            .lines()
-            .map(|line| {
-                line.split(' ')
-                    .map(|token| if is_duration(token) { "<t>" } else { token })
-                    .collect::<Vec<_>>()
-                    .join(" ")
-                    .trim_end()
-                    .to_owned()
-            })
-            .collect();
+        let mut rows: Vec<String> = contents.lines().map(mask_durations).collect();
         while rows.last().is_some_and(String::is_empty) {
             rows.pop();
         }
         rows
     }
 
-    /// The colour of the first cell of `text` on the screen.
+    /// The colour of the first cell of `text` in the tree (below the
+    /// header row).
     fn color_of(&self, text: &str) -> vt100::Color {
         let screen = self.parser.screen();
-        for row in 0..ROWS {
+        for row in 1..ROWS {
             let line = screen.contents_between(row, 0, row, COLS);
             if let Some(col) = line.find(text) {
                 let col = line[..col].chars().count();
@@ -890,6 +883,27 @@ impl Terminal {
         }
         panic!("{text:?} not on screen:\n{}", screen.contents());
     }
+}
+
+fn mask_durations(line: &str) -> String {
+    let chars: Vec<char> = line.chars().collect();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let blanks = chars[i..].iter().take_while(|c| **c == ' ').count();
+        let token: String = chars[i + blanks..]
+            .iter()
+            .take_while(|c| **c != ' ')
+            .collect();
+        let width = blanks + token.chars().count();
+        if is_duration(&token) {
+            out.push_str(&format!("{:>width$}", "<t>"));
+        } else {
+            out.extend(&chars[i..i + width]);
+        }
+        i += width.max(1);
+    }
+    out.trim_end().to_owned()
 }
 
 /// `850ms`, `12.3s`, `4m05s`, `2h03m`.
@@ -964,11 +978,11 @@ async fn watch_draws_a_live_tree_on_a_terminal(db: TestDb) {
     assert_eq!(
         term.snapshot(),
         [
-            "run flytesnacks/development/r1 4 actions: 3 SUCCEEDED, 1 ABORTED",
-            "a0 SUCCEEDED #1 <t>",
-            "├─ fetch SUCCEEDED #1 <t>",
-            "└─ train SUCCEEDED #1 <t>",
-            "   └─ eval ABORTED #1 <t> Aborted: flaky (USER)",
+            "run flytesnacks/development/r1  4 actions: 3 SUCCEEDED, 1 ABORTED",
+            "a0          SUCCEEDED             #1       <t>",
+            "├─ fetch    SUCCEEDED             #1       <t>",
+            "└─ train    SUCCEEDED             #1       <t>",
+            "   └─ eval  ABORTED               #1       <t>  Aborted: flaky (USER)",
         ]
         .map(|row| row.to_owned())
         .to_vec(),
@@ -978,9 +992,10 @@ async fn watch_draws_a_live_tree_on_a_terminal(db: TestDb) {
     // Redrawn in place: the tree is drawn once, not once per change.
     let contents = term.parser.screen().contents();
     assert_eq!(contents.matches("run flytesnacks").count(), 1, "{contents}");
-    // Colours say how each action is doing.
-    assert_eq!(term.color_of("ABORTED #"), vt100::Color::Idx(11));
-    assert_eq!(term.color_of("SUCCEEDED #"), vt100::Color::Idx(10));
+    // Colours say how each action is doing; names stay uncoloured.
+    assert_eq!(term.color_of("├─ fetch"), vt100::Color::Default);
+    assert_eq!(term.color_of("ABORTED"), vt100::Color::Idx(11));
+    assert_eq!(term.color_of("SUCCEEDED"), vt100::Color::Idx(10));
     daemon.stop().await;
 }
 
@@ -1046,6 +1061,8 @@ async fn the_readme_walkthrough_runs_as_printed() {
         .env_remove("ACTIONSD_ORG")
         .env_remove("ACTIONSD_OUTPUT")
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0);
     let child = bash.spawn().unwrap();

@@ -453,6 +453,8 @@ pub async fn run(
     let mut tree = Tree::default();
     let mut live = false;
     let mut target: Option<String> = None;
+    // Output of the snapshot, held until the sentinel.
+    let mut pending = String::new();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let ctrl_c = tokio::signal::ctrl_c();
@@ -487,14 +489,14 @@ pub async fn run(
                         Format::Yaml => format!("---\n{}", output::render_document(format, &value)?),
                         _ => format!("{value}\n"),
                     };
-                    output::write_out(&text)?;
+                    pending.push_str(&text);
                 }
                 match message.message {
                     Some(watch_run_response::Message::Action(summary)) => {
                         let now = SystemTime::now();
                         let name = tree.apply(summary, now);
                         if let (Mode::Lines, Some(node)) = (&mode, tree.nodes.get(&name)) {
-                            output::write_out(&change_line(node, now))?;
+                            pending.push_str(&change_line(node, now));
                         }
                         if live {
                             draw(&mut mode, &tree, live)?;
@@ -519,6 +521,11 @@ pub async fn run(
                         draw(&mut mode, &tree, live)?;
                     }
                     None => {}
+                }
+                // The snapshot is printed once it is complete (and the
+                // watched action known to exist); live changes at once.
+                if live && !pending.is_empty() {
+                    output::write_out(&std::mem::take(&mut pending))?;
                 }
                 if let Some(node) = target.as_ref().and_then(|t| tree.nodes.get(t)) {
                     if output::is_terminal(node.summary.phase) {
