@@ -200,7 +200,7 @@ async fn enqueue_from_flags_and_files(db: TestDb) {
             "int",
             "--prompt",
             "How many?",
-            "--timeout",
+            "--condition-timeout",
             "1h",
         ],
     )
@@ -251,6 +251,8 @@ async fn enqueue_from_flags_and_files(db: TestDb) {
         .json();
     assert_eq!(gate["spec"]["condition"]["type"]["simple"], "INTEGER");
     assert_eq!(gate["spec"]["condition"]["prompt"], "How many?");
+    assert_eq!(gate["spec"]["condition"]["timeout"], "3600s");
+    assert!(gate["action"]["deadline"].is_string(), "{gate}");
     daemon.stop().await;
 }
 

@@ -335,7 +335,7 @@ pub struct EnqueueArgs {
     pub description: Option<String>,
     /// Condition: TIMED_OUT when not signalled within this time (e.g. 10m).
     #[arg(long, requires = "condition", value_parser = humantime::parse_duration)]
-    pub timeout: Option<Duration>,
+    pub condition_timeout: Option<Duration>,
     /// Print the request instead of sending it (as JSON or YAML with -o).
     #[arg(long)]
     pub dry_run: bool,

@@ -147,7 +147,7 @@ fn from_flags(global: &Global, args: &EnqueueArgs) -> Result<EnqueueRequest> {
             prompt: args.prompt.clone().unwrap_or_default(),
             description: args.description.clone().unwrap_or_default(),
             prompt_type: workflow::ConditionPromptType::Text as i32,
-            timeout: args.timeout.map(|t| prost_types::Duration {
+            timeout: args.condition_timeout.map(|t| prost_types::Duration {
                 seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
                 nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
             }),
