@@ -24,7 +24,7 @@ ACTIONSD_DOMAIN, ACTIONSD_ORG, which the reference executor sets for the
 commands it runs, so a task can enqueue children of itself without flags.
 
 Examples:
-  actionsctl health --wait 10s                   # is the daemon up?
+  actionsctl health --wait 10s                    # is the daemon up?
   actionsctl enqueue r1 main                      # a root task action
   actionsctl enqueue r1 fetch --parent main       # a child of it
   actionsctl enqueue -f request.yaml              # an EnqueueRequest in proto3 JSON/YAML
@@ -97,7 +97,13 @@ pub struct Global {
     pub output: Format,
     /// Bound on each call to the daemon (not on `watch`), including
     /// connecting.
-    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(
+        long,
+        global = true,
+        default_value = "10s",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
     pub timeout: Duration,
 }
 
@@ -334,7 +340,7 @@ pub struct EnqueueArgs {
     #[arg(long, requires = "condition")]
     pub description: Option<String>,
     /// Condition: TIMED_OUT when not signalled within this time (e.g. 10m).
-    #[arg(long, requires = "condition", value_parser = humantime::parse_duration)]
+    #[arg(long, requires = "condition", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub condition_timeout: Option<Duration>,
     /// Print the request instead of sending it (as JSON or YAML with -o).
     #[arg(long)]
@@ -436,7 +442,7 @@ pub struct UpdateArgs {
 #[derive(Args, Debug)]
 pub struct HealthArgs {
     /// Retry until the daemon serves, for at most this long (e.g. 10s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub wait: Option<Duration>,
 }
 

@@ -631,11 +631,15 @@ async fn health(global: &Global, wait: Option<Duration>) -> Result<u8> {
     let retry = Duration::from_millis(100);
     // Bounded by `--wait`: at most one try per 100 ms until the deadline.
     loop {
+        // Each try is bounded by --timeout and by what is left of --wait.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut attempt = global.clone();
+        attempt.timeout = global.timeout.min(left.max(retry));
         let outcome: Result<i32> = async {
-            let channel = connect(global).await?;
+            let channel = connect(&attempt).await?;
             let response = HealthClient::new(channel)
                 .check(request(
-                    global,
+                    &attempt,
                     HealthCheckRequest {
                         service: String::new(),
                     },
