@@ -4,7 +4,7 @@ WORKDIR /src
 COPY . .
 RUN cargo build --release --locked
 
-# Run: a slim image with the binary only, as a non-root user.
+# Run: a slim image with the binaries only, as a non-root user.
 FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
@@ -13,6 +13,7 @@ RUN apt-get update \
     && mkdir -p /var/lib/actionsd \
     && chown actionsd:actionsd /var/lib/actionsd
 COPY --from=build /src/target/release/actionsd /usr/local/bin/actionsd
+COPY --from=build /src/target/release/actionsctl /usr/local/bin/actionsctl
 USER actionsd
 # The default store (no ACTIONSD_DATABASE_URL) is an SQLite file under
 # $XDG_DATA_HOME: /var/lib/actionsd/actionsd/actionsd.db, on a volume.
