@@ -972,6 +972,13 @@ async fn watch_draws_a_live_tree_on_a_terminal(db: TestDb) {
         .update(status_update("r1", "train", 1, SUCCEEDED))
         .await
         .unwrap();
+    // Changes of different actions may arrive in any order: wait for these
+    // before the root ends the watch.
+    term.until("eval aborted, train succeeded", |s| {
+        let c = s.contents();
+        c.contains("Aborted: flaky") && !c.contains("RUNNING")
+    })
+    .await;
     client
         .update(status_update("r1", "a0", 1, SUCCEEDED))
         .await
@@ -981,10 +988,10 @@ async fn watch_draws_a_live_tree_on_a_terminal(db: TestDb) {
         term.snapshot(),
         [
             "run flytesnacks/development/r1  4 actions: 3 SUCCEEDED, 1 ABORTED",
-            "a0          SUCCEEDED             #1       <t>",
-            "├─ fetch    SUCCEEDED             #1       <t>",
-            "└─ train    SUCCEEDED             #1       <t>",
-            "   └─ eval  ABORTED               #1       <t>  Aborted: flaky (USER)",
+            "a0          SUCCEEDED  #1       <t>",
+            "├─ fetch    SUCCEEDED  #1       <t>",
+            "└─ train    SUCCEEDED  #1       <t>",
+            "   └─ eval  ABORTED    #1       <t>  Aborted: flaky (USER)",
         ]
         .map(|row| row.to_owned())
         .to_vec(),

@@ -102,7 +102,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 /// Key/value lines with the keys aligned.
 pub fn fields(pairs: &[(&str, String)]) -> String {
-    let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let width = pairs.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     let mut out = String::new();
     for (key, value) in pairs {
         out.push_str(&format!("{:width$}  {value}\n", format!("{key}:")));
@@ -231,6 +231,12 @@ mod tests {
             out,
             "RUN      PHASE      NOTE\nr1       SUCCEEDED\nrun-two  QUEUED     x\n"
         );
+    }
+
+    #[test]
+    fn fields_align_values_after_the_longest_key() {
+        let out = fields(&[("Phase", "QUEUED".into()), ("Output base", "s3://b".into())]);
+        assert_eq!(out, "Phase:        QUEUED\nOutput base:  s3://b\n");
     }
 
     #[test]

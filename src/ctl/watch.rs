@@ -282,16 +282,21 @@ fn render(tree: &Tree, run: &str, now: SystemTime, live: bool) -> Vec<Line> {
         .map(|(label, _)| label.chars().count())
         .max()
         .unwrap_or(0);
+    let phase_width = rows
+        .iter()
+        .map(|(_, node)| output::phase_name(node.summary.phase).len())
+        .max()
+        .unwrap_or(0);
     for (label, node) in rows {
         let s = &node.summary;
         let pad = width - label.chars().count();
         let mut line: Line = vec![
             (format!("{label}{}  ", " ".repeat(pad)), None),
             (
-                format!("{:<21}", output::phase_name(s.phase)),
+                format!("{:<phase_width$}", output::phase_name(s.phase)),
                 Some(phase_color(s.phase)),
             ),
-            (format!(" #{:<3}", s.attempt), None),
+            (format!("  #{:<3}", s.attempt), None),
             (format!("{:>8}", output::duration(node.duration(now))), None),
         ];
         let detail = detail(s);
