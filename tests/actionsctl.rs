@@ -23,6 +23,8 @@ conformance!(
     watch_prints_one_line_per_change_when_piped,
     watch_exit_codes_say_how_the_action_ended,
     watch_draws_a_live_tree_on_a_terminal,
+    watch_on_a_terminal_stops_on_ctrl_c_and_shows_the_cursor,
+    watch_ends_with_unavailable_when_the_daemon_stops,
 );
 
 const CTL: &str = env!("CARGO_BIN_EXE_actionsctl");
@@ -763,6 +765,8 @@ async fn watch_exit_codes_say_how_the_action_ended(db: TestDb) {
 struct Terminal {
     parser: vt100::Parser,
     output: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// Keys typed at the terminal.
+    input: Box<dyn std::io::Write + Send>,
     child: Box<dyn portable_pty::Child + Send + Sync>,
 }
 
@@ -796,6 +800,7 @@ impl Terminal {
         let child = pair.slave.spawn_command(command).unwrap();
         drop(pair.slave);
         let mut reader = pair.master.try_clone_reader().unwrap();
+        let input = pair.master.take_writer().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         // Ends when the child's side closes (EOF or EIO).
         std::thread::spawn(move || {
@@ -814,6 +819,7 @@ impl Terminal {
                 0,
             ),
             output: rx,
+            input,
             child,
         }
     }
@@ -1006,6 +1012,56 @@ async fn watch_draws_a_live_tree_on_a_terminal(db: TestDb) {
     assert_eq!(term.color_of("ABORTED"), vt100::Color::Idx(11));
     assert_eq!(term.color_of("SUCCEEDED"), vt100::Color::Idx(10));
     daemon.stop().await;
+}
+
+async fn watch_on_a_terminal_stops_on_ctrl_c_and_shows_the_cursor(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
+    let mut client = daemon.client().await;
+    client.enqueue(task("r1", "a0", None)).await.unwrap();
+    let mut term = Terminal::spawn(&format!("http://{}", daemon.addr), &["watch", "r1"]);
+    term.until("the tree", |s| s.contents().contains("a0  QUEUED"))
+        .await;
+    assert!(
+        term.parser.screen().hide_cursor(),
+        "the cursor is hidden while drawing"
+    );
+    // Ctrl-C: the terminal sends SIGINT to the watch.
+    use std::io::Write;
+    term.input.write_all(b"\x03").unwrap();
+    term.input.flush().unwrap();
+    assert_eq!(term.exit_code().await, 0);
+    assert!(
+        !term.parser.screen().hide_cursor(),
+        "the cursor is shown again"
+    );
+    assert!(term.parser.screen().contents().contains("a0  QUEUED"));
+    daemon.stop().await;
+}
+
+async fn watch_ends_with_unavailable_when_the_daemon_stops(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
+    let mut client = daemon.client().await;
+    client.enqueue(task("r1", "a0", None)).await.unwrap();
+    let mut watch = command(&format!("http://{}", daemon.addr))
+        .args(["watch", "r1", "--exit-on-terminal"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    read_until(&mut lines, &mut seen, "action=a0 parent=- phase=QUEUED").await;
+    // A daemon that shuts down ends streams with UNAVAILABLE: exit code 6,
+    // one line saying so.
+    daemon.stop().await;
+    let output = tokio::time::timeout(TIMEOUT, watch.wait_with_output())
+        .await
+        .expect("watch exits when the daemon stops")
+        .unwrap();
+    assert_eq!(output.status.code(), Some(6), "{output:?}");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: UNAVAILABLE: "), "{stderr}");
 }
 
 #[test]
