@@ -188,6 +188,19 @@ async fn enqueue_from_flags_and_files(db: TestDb) {
     assert!(output.status.success(), "{output:?}");
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "{}");
 
+    // A root from YAML, its RunSpec an object: its queue becomes the run's.
+    let root = dir.path().join("root.yml");
+    std::fs::write(
+        &root,
+        "action:\n  actionId: {run: {project: flytesnacks, domain: development, name: r2}, name: root}\n  \
+         inputUri: s3://b/i\n  runOutputBase: s3://b/o\n  task: {id: {name: t.root}}\n\
+         runSpec:\n  queue: gpu2\n",
+    )
+    .unwrap();
+    ctl(&daemon, &["enqueue", "-f", root.to_str().unwrap()])
+        .await
+        .ok();
+
     // A condition from flags.
     ctl(
         &daemon,
@@ -253,6 +266,11 @@ async fn enqueue_from_flags_and_files(db: TestDb) {
         .json();
     assert_eq!(gate["spec"]["condition"]["type"]["simple"], "INTEGER");
     assert_eq!(gate["spec"]["condition"]["prompt"], "How many?");
+    let r2 = ctl(&daemon, &["get", "r2", "root", "-o", "json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(r2["action"]["queue"], "gpu2", "{r2}");
     assert_eq!(gate["spec"]["condition"]["timeout"], "3600s");
     assert!(gate["action"]["deadline"].is_string(), "{gate}");
     daemon.stop().await;
@@ -431,6 +449,23 @@ async fn read_commands_show_actions_runs_and_history(db: TestDb) {
     .ok()
     .json();
     assert_eq!(queued["actions"].as_array().unwrap().len(), 3, "{queued}");
+    let by_queue = ctl(&daemon, &["ls", "--queue", "default", "-o", "json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(
+        by_queue["actions"].as_array().unwrap().len(),
+        5,
+        "{by_queue}"
+    );
+    let none = ctl(&daemon, &["ls", "--queue", "gpu", "-o", "json"])
+        .await
+        .ok()
+        .json();
+    assert!(
+        none["actions"].as_array().is_none_or(Vec::is_empty),
+        "{none}"
+    );
     let page = ctl(
         &daemon,
         &["ls", "--run", "r1", "--limit", "2", "-o", "json"],
