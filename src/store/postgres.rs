@@ -182,9 +182,17 @@ impl Store for PgStore {
     /// of rows below xmin is final: walking it in (xid, seq) order never
     /// skips a row. Rows above xmin are read once xmin passes them.
     async fn read_feed(&self, cursor: FeedCursor, limit: usize) -> Result<FeedBatch, Error> {
+        // The horizon is computed once (MATERIALIZED) and reaches the
+        // pending check as a parameter, and ORDER BY … LIMIT 1 makes that
+        // check one probe of events_feed_idx. Written as EXISTS over the
+        // inlined snapshot function it was a scan of the whole events
+        // table on every read.
         let row = sqlx::query(
-            "SELECT h.x::text AS horizon, EXISTS (SELECT 1 FROM events WHERE xid >= h.x) AS pending \
-             FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x) h",
+            "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x) \
+             SELECT h.x::text AS horizon, \
+               (SELECT xid FROM events WHERE xid >= (SELECT x FROM h) ORDER BY xid LIMIT 1) \
+                 IS NOT NULL AS pending \
+             FROM h",
         )
         .fetch_one(&self.pool)
         .await

@@ -178,16 +178,20 @@ impl Daemon {
                 (url, Some(dir))
             }
         };
-        let mut child = Command::new(&settings.actionsd)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--database-url",
-                &url,
-            ])
+        let mut command = Command::new(&settings.actionsd);
+        command.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--database-url",
+            &url,
+        ]);
+        if let Some(config) = &settings.daemon_config {
+            command.arg("--config").arg(config);
+        }
+        let mut child = command
             .env_remove("ACTIONSD_CONFIG")
             .env_remove("ACTIONSD_LISTEN")
             .env_remove("ACTIONSD_DATABASE_URL")

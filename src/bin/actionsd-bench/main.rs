@@ -55,6 +55,10 @@ struct Cli {
     /// The actionsd binary [default: `actionsd` next to this binary].
     #[arg(long)]
     actionsd: Option<PathBuf>,
+    /// A config file for the daemons the harness starts (their `--config`),
+    /// e.g. to try other `database.committers` or `database.max_batch`.
+    #[arg(long)]
+    daemon_config: Option<PathBuf>,
     /// The pgbench binary.
     #[arg(long, default_value = "pgbench")]
     pgbench: PathBuf,
@@ -83,6 +87,7 @@ pub struct Settings {
     pub server: Option<String>,
     pub actionsd: PathBuf,
     pub pgbench: PathBuf,
+    pub daemon_config: Option<PathBuf>,
 }
 
 impl Settings {
@@ -144,6 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         server: cli.server,
         actionsd,
         pgbench: cli.pgbench,
+        daemon_config: cli.daemon_config,
     };
     let scenarios = if cli.scenarios.is_empty() {
         Scenario::value_variants().to_vec()
