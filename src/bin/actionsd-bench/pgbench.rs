@@ -27,63 +27,91 @@ pub async fn setup(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refreshes the planner statistics of the daemon's tables.
+pub async fn analyze(settings: &Settings) -> anyhow::Result<()> {
+    let mut conn = PgConnection::connect(&settings.database_url)
+        .await
+        .context("cannot connect to the bench database")?;
+    sqlx::raw_sql("ANALYZE public.actions, public.runs, public.events")
+        .execute(&mut conn)
+        .await
+        .context("cannot analyze the daemon's tables")?;
+    conn.close().await.ok();
+    Ok(())
+}
+
 /// Transactions per second of the one-Enqueue script at `clients`.
 pub async fn enqueue_tps(settings: &Settings, clients: usize) -> anyhow::Result<f64> {
-    run(settings, "enqueue.sql", ENQUEUE, clients).await
+    run(settings, "enqueue.sql", ENQUEUE, clients, Limit::Time).await
 }
 
 /// Actions claimed per second by the SKIP LOCKED script (10 per claim) at
-/// `clients`, from a queue deep enough for the whole run; and whether the
-/// queue ran dry.
+/// `clients`, draining a queue of `depth` actions as the executors drain
+/// theirs: each client runs depth / 10 / clients claims (`-t`), and the
+/// rate is what was claimed over the wall time.
 pub async fn claimed_per_second(
     settings: &Settings,
     clients: usize,
-) -> anyhow::Result<(f64, bool)> {
-    let secs = settings.duration.as_secs().max(1);
-    // Deeper than ~20,000 claims/s can drain in the run.
-    let depth = i64::try_from(20_000 * secs).unwrap_or(i64::MAX);
+    depth: usize,
+) -> anyhow::Result<f64> {
     let mut conn = PgConnection::connect(&settings.database_url)
         .await
         .context("cannot connect to the bench database")?;
     sqlx::query(CLAIM_FILL)
-        .bind(depth)
+        .bind(i64::try_from(depth).unwrap_or(i64::MAX))
         .execute(&mut conn)
         .await
         .context("cannot fill the pgbench queue")?;
-    sqlx::raw_sql("VACUUM ANALYZE ceiling.actions")
+    sqlx::raw_sql("ANALYZE ceiling.actions")
         .execute(&mut conn)
         .await
-        .context("cannot vacuum the pgbench queue")?;
-    let before: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM ceiling.actions WHERE phase = 3 AND kind = 1")
-            .fetch_one(&mut conn)
-            .await?;
+        .context("cannot analyze the pgbench queue")?;
+    let count = "SELECT count(*) FROM ceiling.actions WHERE phase = 3 AND kind = 1";
+    let before: i64 = sqlx::query_scalar(count).fetch_one(&mut conn).await?;
     let started = std::time::Instant::now();
-    run(settings, "claim.sql", CLAIM, clients).await?;
-    let elapsed = started
-        .elapsed()
-        .min(settings.duration)
-        .max(Duration::from_millis(1));
-    let after: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM ceiling.actions WHERE phase = 3 AND kind = 1")
-            .fetch_one(&mut conn)
-            .await?;
+    run(
+        settings,
+        "claim.sql",
+        CLAIM,
+        clients,
+        Limit::Transactions(depth.div_ceil(10 * clients)),
+    )
+    .await?;
+    let elapsed = started.elapsed().max(Duration::from_millis(1));
+    let after: i64 = sqlx::query_scalar(count).fetch_one(&mut conn).await?;
     conn.close().await.ok();
-    let claimed = (after - before).max(0);
-    Ok((claimed as f64 / elapsed.as_secs_f64(), claimed >= depth))
+    Ok((after - before).max(0) as f64 / elapsed.as_secs_f64())
 }
 
-/// Runs one script with `pgbench -n -T <duration> -c N -j N` and returns
-/// its tps (without connection time).
-async fn run(settings: &Settings, name: &str, script: &str, clients: usize) -> anyhow::Result<f64> {
+/// How long pgbench runs.
+enum Limit {
+    /// `-T`: the measurement duration.
+    Time,
+    /// `-t`: this many transactions per client.
+    Transactions(usize),
+}
+
+/// Runs one script with `pgbench -n -T <duration> -c N -j N` (or `-t`)
+/// and returns its tps (without connection time).
+async fn run(
+    settings: &Settings,
+    name: &str,
+    script: &str,
+    clients: usize,
+    limit: Limit,
+) -> anyhow::Result<f64> {
     let dir = std::env::temp_dir().join(format!("actionsd-bench-{}-pgbench", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path: PathBuf = dir.join(name);
     std::fs::write(&path, script).with_context(|| format!("cannot write {}", path.display()))?;
     let clients = clients.to_string();
-    let secs = settings.duration.as_secs().max(1).to_string();
+    let (flag, value) = match limit {
+        Limit::Time => ("-T", settings.duration.as_secs().max(1)),
+        Limit::Transactions(n) => ("-t", n as u64),
+    };
+    let value = value.to_string();
     let output = tokio::process::Command::new(&settings.pgbench)
-        .args(["-n", "-T", &secs, "-c", &clients, "-j", &clients, "-f"])
+        .args(["-n", flag, &value, "-c", &clients, "-j", &clients, "-f"])
         .arg(&path)
         .arg(&settings.database_url)
         .kill_on_drop(true)
