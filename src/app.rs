@@ -34,7 +34,7 @@ use crate::rpc::executor::ExecutorApi;
 use crate::rpc::{ActionsApi, ReadApi};
 use crate::store::postgres::{PgStore, PoolSettings};
 use crate::store::sqlite::{SqliteSettings, SqliteStore};
-use crate::store::{Detached, Store};
+use crate::store::{Detached, GroupCommit, Store};
 
 /// tonic answers a request over the message size limit with OUT_OF_RANGE;
 /// gRPC specifies RESOURCE_EXHAUSTED. actionsd never answers OUT_OF_RANGE
@@ -80,7 +80,11 @@ async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dyn St
     match &config.store {
         StoreLocation::Postgres(url) => Ok(Arc::new(open_postgres(config, url, migrate).await?)),
         StoreLocation::Sqlite(path) => {
-            let store = SqliteStore::open(path, &SqliteSettings::default())
+            let settings = SqliteSettings {
+                max_batch: config.database.max_batch,
+                ..SqliteSettings::default()
+            };
+            let store = SqliteStore::open(path, &settings)
                 .await
                 .with_context(|| format!("cannot open the SQLite store {}", path.display()))?;
             info!(path = %path.display(), "store: SQLite");
@@ -102,7 +106,11 @@ async fn open_postgres(
             max_connections: config.database.max_connections,
             acquire_timeout: config.database.acquire_timeout,
         },
-    );
+    )
+    .with_group_commit(GroupCommit {
+        committers: config.database.committers,
+        max_batch: config.database.max_batch,
+    });
     if migrate {
         if !sqlx::Postgres::database_exists(url)
             .await

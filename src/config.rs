@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::pipeline::PipelineSettings;
+use crate::store::GroupCommit;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8091";
 
@@ -112,6 +113,10 @@ pub struct DatabaseConfig {
     /// Apply migrations (creating the database if needed) at start-up;
     /// when false, start-up only checks that they were applied.
     pub migrate_on_start: bool,
+    /// Concurrent write transactions of the Postgres store (group commit).
+    pub committers: usize,
+    /// Most writes committed together in one transaction.
+    pub max_batch: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -168,6 +173,8 @@ struct FileDatabase {
     #[serde(default, with = "humantime_serde")]
     acquire_timeout: Option<Duration>,
     migrate_on_start: Option<bool>,
+    committers: Option<usize>,
+    max_batch: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -245,6 +252,14 @@ impl Config {
                     .acquire_timeout
                     .unwrap_or(Duration::from_secs(5)),
                 migrate_on_start: file.database.migrate_on_start.unwrap_or(true),
+                committers: file
+                    .database
+                    .committers
+                    .unwrap_or(GroupCommit::default().committers),
+                max_batch: file
+                    .database
+                    .max_batch
+                    .unwrap_or(GroupCommit::default().max_batch),
             },
             pipeline: PipelineSettings {
                 workers: o.workers.or(file.pipeline.workers).unwrap_or(16),
@@ -318,6 +333,8 @@ impl Config {
             "database.acquire_timeout",
             !self.database.acquire_timeout.is_zero(),
         )?;
+        positive("database.committers", self.database.committers > 0)?;
+        positive("database.max_batch", self.database.max_batch > 0)?;
         positive("server.max_message_size", self.server.max_message_size > 0)?;
         positive("executor.lease_ttl", !self.executor.lease_ttl.is_zero())?;
         positive(

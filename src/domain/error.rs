@@ -4,7 +4,7 @@ use super::{ActionId, Phase};
 
 /// Every way a request can fail, in domain terms. The RPC edge maps each
 /// variant to exactly one status code (see `rpc::status`).
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum Error {
     /// The request is malformed; `field` names the offending field.
     #[error("{field}: {message}")]

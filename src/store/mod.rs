@@ -139,6 +139,9 @@ pub trait Store: ReadStore {
     async fn close(&self);
 }
 
+mod commit;
+pub use commit::GroupCommit;
+
 /// Runs every write of the store it wraps in a task of its own, so a write
 /// always reaches commit or rollback, even when the request that started it
 /// is cancelled — a client that disconnects mid-call, or a lease stream

@@ -4,6 +4,7 @@
 //! (version + 1) and appends an event row. The event feed reads the events
 //! table itself; see [`PgStore::read_feed`] for why it cannot skip a row.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,6 +13,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow}
 use sqlx::{PgConnection, Row};
 use tracing::{instrument, warn};
 
+use super::commit::{Committers, GroupCommit};
 use super::{FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
 use crate::domain::{
     decide_enqueue_existing, decide_finish, decide_signal, decide_update, default_output_uri,
@@ -54,6 +56,9 @@ mod read;
 pub struct PgStore {
     pool: PgPool,
     options: PgConnectOptions,
+    group: GroupCommit,
+    /// Started on the first write, on the runtime that makes it.
+    committers: OnceLock<Committers>,
 }
 
 /// Pool settings for [`PgStore::connect`].
@@ -73,7 +78,19 @@ impl PgStore {
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(options.clone());
-        Self { pool, options }
+        Self {
+            pool,
+            options,
+            group: GroupCommit::default(),
+            committers: OnceLock::new(),
+        }
+    }
+
+    /// Sets how writes are grouped into transactions (see
+    /// [`GroupCommit`]); the default is 4 committers of up to 64 commands.
+    pub fn with_group_commit(mut self, group: GroupCommit) -> Self {
+        self.group = group;
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -112,10 +129,14 @@ impl PgStore {
 impl Store for PgStore {
     #[instrument(skip_all, fields(action = %command.action_id()))]
     async fn execute(&self, command: Command) -> Result<usize, Error> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let events = apply(&mut tx, &command).await?;
-        tx.commit().await.map_err(db_error)?;
-        Ok(events)
+        let committers = self.committers.get_or_init(|| {
+            let pool = self.pool.clone();
+            Committers::spawn(
+                self.group,
+                Arc::new(move |commands| Box::pin(commit_batch(pool.clone(), commands))),
+            )
+        });
+        committers.execute(command).await
     }
 
     #[instrument(skip_all, fields(action = %parent))]
@@ -163,9 +184,17 @@ impl Store for PgStore {
     /// of rows below xmin is final: walking it in (xid, seq) order never
     /// skips a row. Rows above xmin are read once xmin passes them.
     async fn read_feed(&self, cursor: FeedCursor, limit: usize) -> Result<FeedBatch, Error> {
+        // The horizon is computed once (MATERIALIZED) and reaches the
+        // pending check as a parameter, and ORDER BY … LIMIT 1 makes that
+        // check one probe of events_feed_idx. Written as EXISTS over the
+        // inlined snapshot function it was a scan of the whole events
+        // table on every read.
         let row = sqlx::query(
-            "SELECT h.x::text AS horizon, EXISTS (SELECT 1 FROM events WHERE xid >= h.x) AS pending \
-             FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x) h",
+            "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x) \
+             SELECT h.x::text AS horizon, \
+               (SELECT xid FROM events WHERE xid >= (SELECT x FROM h) ORDER BY xid LIMIT 1) \
+                 IS NOT NULL AS pending \
+             FROM h",
         )
         .fetch_one(&self.pool)
         .await
@@ -527,6 +556,96 @@ impl<'q> BindId<'q> for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::P
             .bind(&id.run.name)
             .bind(&id.name)
     }
+}
+
+/// Applies `commands` in one transaction, each within a savepoint: a
+/// command that fails (a rule refuses it, or a statement fails) is rolled
+/// back to its savepoint and reports its error, and the others commit. A
+/// failed commit fails every command. When the batch meets a deadlock or a
+/// serialization failure (another daemon's transaction, a claim or a
+/// heartbeat locking the same rows in another order), it is rolled back —
+/// nothing of it was acknowledged — and each command is retried in a
+/// transaction of its own.
+///
+/// A batch holds at most `max_batch` subtransactions. Postgres keeps up to
+/// 64 of a transaction's subtransaction ids in shared memory; beyond that
+/// other sessions' snapshots must consult `pg_subtrans`, so the default
+/// batch size is 64.
+async fn commit_batch(pool: PgPool, commands: Vec<Command>) -> Vec<Result<usize, Error>> {
+    if commands.len() > 1 {
+        match apply_batch(&pool, &commands).await {
+            Ok(results) => return results,
+            Err(err) if is_conflict(&err) => {
+                warn!(
+                    commands = commands.len(),
+                    "batch met a concurrent change; applying its commands one by one"
+                );
+            }
+            Err(err) => return commands.iter().map(|_| Err(err.clone())).collect(),
+        }
+    }
+    let mut results = Vec::with_capacity(commands.len());
+    for command in &commands {
+        results.push(execute_one(&pool, command).await);
+    }
+    results
+}
+
+/// One command in a transaction of its own.
+#[instrument(skip_all, fields(action = %command.action_id()))]
+async fn execute_one(pool: &PgPool, command: &Command) -> Result<usize, Error> {
+    let mut tx = pool.begin().await.map_err(db_error)?;
+    let events = apply(&mut tx, command).await?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(events)
+}
+
+/// The batch in one transaction; `Err` when the transaction as a whole
+/// failed (nothing committed).
+#[instrument(skip_all, fields(commands = commands.len()))]
+async fn apply_batch(
+    pool: &PgPool,
+    commands: &[Command],
+) -> Result<Vec<Result<usize, Error>>, Error> {
+    let mut tx = pool.begin().await.map_err(db_error)?;
+    let mut results = Vec::with_capacity(commands.len());
+    for (index, command) in commands.iter().enumerate() {
+        // One round trip: release the previous command's savepoint (its
+        // changes stay in the transaction) and take this one's.
+        let savepoint = if index == 0 {
+            "SAVEPOINT command"
+        } else {
+            "RELEASE SAVEPOINT command; SAVEPOINT command"
+        };
+        sqlx::Executor::execute(&mut *tx, sqlx::raw_sql(savepoint))
+            .await
+            .map_err(db_error)?;
+        let result = apply(&mut tx, command).await;
+        if let Err(err) = &result {
+            if is_conflict(err) {
+                return Err(conflict());
+            }
+            sqlx::Executor::execute(&mut *tx, sqlx::raw_sql("ROLLBACK TO SAVEPOINT command"))
+                .await
+                .map_err(db_error)?;
+        }
+        results.push(result);
+    }
+    tx.commit().await.map_err(db_error)?;
+    Ok(results)
+}
+
+/// What a deadlock or serialization failure (SQLSTATE 40P01, 40001)
+/// becomes: UNAVAILABLE, safe to retry.
+const CONFLICT: &str = "conflicting concurrent change; retry";
+
+fn conflict() -> Error {
+    Error::Unavailable(CONFLICT.to_owned())
+}
+
+/// Whether `err` came from [`conflict`] (this module's own message).
+fn is_conflict(err: &Error) -> bool {
+    matches!(err, Error::Unavailable(message) if message == CONFLICT)
 }
 
 async fn apply(conn: &mut PgConnection, command: &Command) -> Result<usize, Error> {
@@ -978,7 +1097,7 @@ fn db_error(err: sqlx::Error) -> Error {
             // Serialization failure or deadlock: safe to retry.
             Some("40001" | "40P01") => {
                 warn!(error = %err, "transaction conflict");
-                Error::Unavailable("conflicting concurrent change; retry".to_owned())
+                conflict()
             }
             _ => internal(&err),
         },
@@ -989,4 +1108,42 @@ fn db_error(err: sqlx::Error) -> Error {
 fn internal(err: &sqlx::Error) -> Error {
     tracing::error!(error = %err, "store failure");
     Error::Internal("store failure".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::commit::checks;
+
+    fn store(pool: &PgPool) -> PgStore {
+        PgStore::connect(
+            pool.connect_options().as_ref().clone(),
+            &PoolSettings {
+                max_connections: 8,
+                acquire_timeout: Duration::from_secs(5),
+            },
+        )
+    }
+
+    #[sqlx::test(migrations = "./migrations/postgres")]
+    #[cfg_attr(
+        not(actionsd_postgres),
+        ignore = "the Postgres suite needs DATABASE_URL"
+    )]
+    async fn a_batch_commits_the_valid_commands_and_reports_the_rest(pool: PgPool) {
+        let store = store(&pool);
+        checks::a_batch_commits_the_valid_commands_and_reports_the_rest(&store, |commands| {
+            commit_batch(pool.clone(), commands)
+        })
+        .await;
+    }
+
+    #[sqlx::test(migrations = "./migrations/postgres")]
+    #[cfg_attr(
+        not(actionsd_postgres),
+        ignore = "the Postgres suite needs DATABASE_URL"
+    )]
+    async fn concurrent_enqueues_all_land(pool: PgPool) {
+        checks::concurrent_enqueues_all_land(Arc::new(store(&pool))).await;
+    }
 }

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,6 +29,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqliteConnection};
 use tracing::{instrument, warn};
 
+use super::commit::{Committers, GroupCommit};
 use super::{FeedBatch, FeedCursor, PeerListener, Store};
 use crate::domain::{
     decide_enqueue_existing, decide_finish, decide_signal, decide_update, default_output_uri,
@@ -73,6 +74,9 @@ pub struct SqliteSettings {
     /// How long a statement waits for a lock held by another connection
     /// before failing with UNAVAILABLE.
     pub busy_timeout: Duration,
+    /// Most commands committed together in one transaction (one sync of
+    /// the log); see [`GroupCommit`].
+    pub max_batch: usize,
 }
 
 impl Default for SqliteSettings {
@@ -81,6 +85,7 @@ impl Default for SqliteSettings {
             max_connections: 4,
             acquire_timeout: Duration::from_secs(5),
             busy_timeout: Duration::from_secs(5),
+            max_batch: GroupCommit::default().max_batch,
         }
     }
 }
@@ -117,7 +122,11 @@ pub struct SqliteStore {
     /// Queues this daemon's writers in order. SQLite would serialise them
     /// anyway (`BEGIN IMMEDIATE` waits in its busy handler, which polls);
     /// waiting here instead is fair and wakes the next writer at once.
-    writer: tokio::sync::Mutex<()>,
+    writer: Arc<tokio::sync::Mutex<()>>,
+    /// Commands wait here to share a transaction; started on the first
+    /// write, on the runtime that makes it.
+    committers: OnceLock<Committers>,
+    max_batch: usize,
     /// The open `<path>.lock`, locked exclusively while the store is open.
     /// The lock belongs to the open file: closing it releases the lock.
     lock: Mutex<Option<fd_lock::RwLock<File>>>,
@@ -164,7 +173,9 @@ impl SqliteStore {
         Ok(Self {
             pool,
             path: path.to_owned(),
-            writer: tokio::sync::Mutex::new(()),
+            writer: Arc::new(tokio::sync::Mutex::new(())),
+            committers: OnceLock::new(),
+            max_batch: settings.max_batch,
             lock: Mutex::new(Some(lock)),
         })
     }
@@ -227,22 +238,23 @@ fn lock_file(path: &Path) -> Result<fd_lock::RwLock<File>, OpenError> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    #[instrument(skip_all, fields(action = %command.action_id()))]
     async fn execute(&self, command: Command) -> Result<usize, Error> {
-        let _writer = self.writer.lock().await;
-        // IMMEDIATE takes the write lock now, not at the first write: a
-        // transaction that read first and then tried to write would fail
-        // (SQLITE_BUSY) instead of waiting if another writer got in between.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db_error)?;
-        // One time for the whole transaction, as Postgres's now().
-        let now = now_micros();
-        let events = apply(&mut tx, &command, now).await?;
-        tx.commit().await.map_err(db_error)?;
-        Ok(events)
+        let committers = self.committers.get_or_init(|| {
+            let pool = self.pool.clone();
+            let writer = self.writer.clone();
+            // SQLite has one writer: one committer, whose batches share a
+            // sync of the log.
+            Committers::spawn(
+                GroupCommit {
+                    committers: 1,
+                    max_batch: self.max_batch,
+                },
+                Arc::new(move |commands| {
+                    Box::pin(commit_batch(pool.clone(), writer.clone(), commands))
+                }),
+            )
+        });
+        committers.execute(command).await
     }
 
     #[instrument(skip_all, fields(action = %parent))]
@@ -632,6 +644,64 @@ impl<'q> BindId<'q> for sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::Sqlit
             .bind(&id.run.name)
             .bind(&id.name)
     }
+}
+
+/// Applies `commands` in one transaction, each within a savepoint: a
+/// command that fails is rolled back to its savepoint and reports its
+/// error, and the others commit. A failed commit (or a failure that ends
+/// the transaction, such as a full disk) fails every command.
+async fn commit_batch(
+    pool: SqlitePool,
+    writer: Arc<tokio::sync::Mutex<()>>,
+    commands: Vec<Command>,
+) -> Vec<Result<usize, Error>> {
+    let _writer = writer.lock().await;
+    match apply_batch(&pool, &commands).await {
+        Ok(results) => results,
+        Err(err) => commands.iter().map(|_| Err(err.clone())).collect(),
+    }
+}
+
+#[instrument(skip_all, fields(commands = commands.len()))]
+async fn apply_batch(
+    pool: &SqlitePool,
+    commands: &[Command],
+) -> Result<Vec<Result<usize, Error>>, Error> {
+    // IMMEDIATE takes the write lock now, not at the first write: a
+    // transaction that read first and then tried to write would fail
+    // (SQLITE_BUSY) instead of waiting if another writer got in between.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+    // One time for the whole transaction, as Postgres's now().
+    let now = now_micros();
+    let mut results = Vec::with_capacity(commands.len());
+    if let [command] = commands {
+        // Alone in its transaction: its failure rolls the transaction back.
+        results.push(apply(&mut tx, command, now).await);
+    } else {
+        for (index, command) in commands.iter().enumerate() {
+            let savepoint = if index == 0 {
+                "SAVEPOINT command"
+            } else {
+                "RELEASE SAVEPOINT command; SAVEPOINT command"
+            };
+            sqlx::Executor::execute(&mut *tx, sqlx::raw_sql(savepoint))
+                .await
+                .map_err(db_error)?;
+            let result = apply(&mut tx, command, now).await;
+            if result.is_err() {
+                sqlx::Executor::execute(&mut *tx, sqlx::raw_sql("ROLLBACK TO SAVEPOINT command"))
+                    .await
+                    .map_err(db_error)?;
+            }
+            results.push(result);
+        }
+    }
+    if results.iter().all(Result::is_err) {
+        tx.rollback().await.map_err(db_error)?;
+    } else {
+        tx.commit().await.map_err(db_error)?;
+    }
+    Ok(results)
 }
 
 async fn apply(conn: &mut SqliteConnection, command: &Command, now: i64) -> Result<usize, Error> {
@@ -1258,6 +1328,26 @@ mod tests {
         SqliteStore::open(&dir.path().join("db").join("actionsd.db"), &settings())
             .await
             .expect("open")
+    }
+
+    #[tokio::test]
+    async fn a_batch_commits_the_valid_commands_and_reports_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let pool = store.pool().clone();
+        let writer = store.writer.clone();
+        crate::store::commit::checks::a_batch_commits_the_valid_commands_and_reports_the_rest(
+            &store,
+            |commands| commit_batch(pool.clone(), writer.clone(), commands),
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_enqueues_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(open(&dir).await);
+        crate::store::commit::checks::concurrent_enqueues_all_land(store).await;
     }
 
     fn settings() -> SqliteSettings {
