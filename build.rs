@@ -13,6 +13,8 @@ const PROTOS: &[&str] = &[
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    // Migrations are embedded by sqlx::migrate!; a new file must rebuild.
+    println!("cargo:rerun-if-changed=migrations");
     // The Postgres variants of the test suite run when DATABASE_URL names a
     // server; without it they are reported as ignored, never as passed.
     println!("cargo:rustc-check-cfg=cfg(actionsd_postgres)");

@@ -250,6 +250,6 @@ async fn migrations_apply_to_an_empty_database_once(pool: PgPool) {
             .unwrap();
     let embedded: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
     assert_eq!(applied, embedded);
-    assert_eq!(embedded.len(), 3);
+    assert_eq!(embedded.len(), 4);
     store.close().await;
 }
