@@ -268,7 +268,6 @@ impl Store for PgStore {
         // lease one attempt twice. Paging goes on past runs that are at
         // their concurrency limit, which are remembered so that their
         // backlog costs no further queries.
-        let ttl = request.lease_ttl.as_secs_f64();
         let page_size = free * 2 + 16;
         let mut leases = Vec::new();
         let mut full_runs: std::collections::HashSet<RunId> = std::collections::HashSet::new();
@@ -303,9 +302,14 @@ impl Store for PgStore {
             .await
             .map_err(db_error)?;
             let last_page = i64::try_from(page.len()).unwrap_or(i64::MAX) < page_size;
+            // Candidates of unlimited runs are leased together, one
+            // statement per page. A run with a concurrency limit counts its
+            // live leases, so what is pending is leased before it counts.
+            let mut chosen: Vec<ActionId> = Vec::new();
             for candidate in &page {
-                if i64::try_from(leases.len()).unwrap_or(i64::MAX) >= free {
-                    break 'pages;
+                let taken = leases.len() + chosen.len();
+                if i64::try_from(taken).unwrap_or(i64::MAX) >= free {
+                    break;
                 }
                 let id = action_id_from_row(candidate)?;
                 after = Some((
@@ -319,33 +323,18 @@ impl Store for PgStore {
                     if full_runs.contains(&id.run) {
                         continue;
                     }
+                    leases.extend(lease_all(&mut tx, &chosen, request).await?);
+                    chosen.clear();
                     if !run_has_room(&mut tx, &id.run, limit).await? {
                         full_runs.insert(id.run.clone());
                         continue;
                     }
                 }
-                let row = sqlx::query(concat!(
-                    "WITH changed AS (",
-                    " UPDATE actions SET phase = 3, lease_holder = $6,",
-                    "   lease_deadline = now() + make_interval(secs => $7),",
-                    "   version = version + 1, updated_at = now()",
-                    " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5",
-                    " RETURNING *",
-                    "), logged AS (",
-                    insert_events_from_changed!(),
-                    ")",
-                    " SELECT c.org, c.project, c.domain, c.run_name, c.name, c.spec, c.attempt,",
-                    "   c.lease_deadline, c.run_output_base, r.run_spec",
-                    " FROM changed c JOIN runs r",
-                    "   ON (r.org, r.project, r.domain, r.name) = (c.org, c.project, c.domain, c.run_name)"
-                ))
-                .bind_id(&id)
-                .bind(&request.executor)
-                .bind(ttl)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db_error)?;
-                leases.push(lease_from_row(&row)?);
+                chosen.push(id);
+            }
+            leases.extend(lease_all(&mut tx, &chosen, request).await?);
+            if i64::try_from(leases.len()).unwrap_or(i64::MAX) >= free {
+                break 'pages;
             }
             if last_page || page.is_empty() {
                 break;
@@ -949,6 +938,65 @@ async fn signal(conn: &mut PgConnection, signal: &SignalAction) -> Result<usize,
 /// Whether a run with `max_action_concurrency = limit` may lease one more
 /// action. Locks the run row first, so that concurrent claimers of the same
 /// run count one after the other and the limit holds exactly.
+/// Leases `ids` (rows the transaction has locked) to the claiming executor
+/// in one statement: each moves to INITIALIZING under the lease, with an
+/// event. The leases come back in the order of `ids`.
+async fn lease_all(
+    conn: &mut PgConnection,
+    ids: &[ActionId],
+    request: &ClaimRequest,
+) -> Result<Vec<Lease>, Error> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let column = |get: fn(&ActionId) -> &str| ids.iter().map(get).collect::<Vec<&str>>();
+    let rows = sqlx::query(concat!(
+        "WITH chosen AS (",
+        " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])",
+        "   AS c(org, project, domain, run_name, name)",
+        "), changed AS (",
+        " UPDATE actions a SET phase = 3, lease_holder = $6,",
+        "   lease_deadline = now() + make_interval(secs => $7),",
+        "   version = a.version + 1, updated_at = now()",
+        " FROM chosen c",
+        " WHERE (a.org, a.project, a.domain, a.run_name, a.name)",
+        "   = (c.org, c.project, c.domain, c.run_name, c.name)",
+        " RETURNING a.*",
+        "), logged AS (",
+        insert_events_from_changed!(),
+        ")",
+        " SELECT c.org, c.project, c.domain, c.run_name, c.name, c.spec, c.attempt,",
+        "   c.lease_deadline, c.run_output_base, r.run_spec",
+        " FROM changed c JOIN runs r",
+        "   ON (r.org, r.project, r.domain, r.name) = (c.org, c.project, c.domain, c.run_name)"
+    ))
+    .bind(column(|id| &id.run.org))
+    .bind(column(|id| &id.run.project))
+    .bind(column(|id| &id.run.domain))
+    .bind(column(|id| &id.run.name))
+    .bind(column(|id| &id.name))
+    .bind(&request.executor)
+    .bind(request.lease_ttl.as_secs_f64())
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let mut leases = rows
+        .iter()
+        .map(lease_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    if leases.len() != ids.len() {
+        return Err(Error::Internal(format!(
+            "leased {} of {} locked actions",
+            leases.len(),
+            ids.len()
+        )));
+    }
+    let position: std::collections::HashMap<&ActionId, usize> =
+        ids.iter().enumerate().map(|(i, id)| (id, i)).collect();
+    leases.sort_by_key(|lease| position.get(&lease.id).copied().unwrap_or(usize::MAX));
+    Ok(leases)
+}
+
 async fn run_has_room(conn: &mut PgConnection, run: &RunId, limit: i32) -> Result<bool, Error> {
     sqlx::query(
         "SELECT 1 FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4 FOR UPDATE",
