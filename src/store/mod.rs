@@ -4,6 +4,7 @@
 //! (Postgres today, an embedded backend later) without touching the RPC
 //! layer or the pipeline.
 
+mod listing;
 pub mod postgres;
 pub mod sqlite;
 

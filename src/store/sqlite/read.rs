@@ -1,11 +1,10 @@
-//! The read API over SQLite: the queries of the Postgres store
-//! (`postgres/read.rs`) in SQLite's dialect, with times as stored
-//! microseconds.
+//! The read API over SQLite; the listing queries are shared with the
+//! Postgres store (`store::listing`). Times are stored microseconds.
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{QueryBuilder, Row};
 use tracing::instrument;
 
 use super::{db_error, phase_from_db, state_from_row, time_from_micros, SqliteStore};
@@ -13,6 +12,7 @@ use crate::domain::{
     ActionFilter, ActionId, ActionKind, ActionPosition, ActionRecord, Error, HistoryEntry, Page,
     PageRequest, RunFilter, RunId, RunPosition, RunRecord,
 };
+use crate::store::listing::{self, group_runs, RunPhaseRow};
 use crate::store::ReadStore;
 
 /// Everything an [`ActionRecord`] is read from.
@@ -54,13 +54,6 @@ fn record_from_row(row: &SqliteRow) -> Result<ActionRecord, Error> {
     })
 }
 
-fn push_run(query: &mut QueryBuilder<'_, Sqlite>, run: &RunId) {
-    query.push(" AND org = ").push_bind(run.org.clone());
-    query.push(" AND project = ").push_bind(run.project.clone());
-    query.push(" AND domain = ").push_bind(run.domain.clone());
-    query.push(" AND run_name = ").push_bind(run.name.clone());
-}
-
 #[async_trait]
 impl ReadStore for SqliteStore {
     #[instrument(skip_all, fields(action = %id))]
@@ -70,7 +63,7 @@ impl ReadStore for SqliteStore {
             record_columns!(),
             " FROM actions WHERE true"
         ));
-        push_run(&mut query, &id.run);
+        listing::push_run(&mut query, "", &id.run);
         query.push(" AND name = ").push_bind(id.name.clone());
         let row = query
             .build()
@@ -87,50 +80,8 @@ impl ReadStore for SqliteStore {
         filter: &ActionFilter,
         page: &PageRequest<ActionPosition>,
     ) -> Result<Page<ActionRecord, ActionPosition>, Error> {
-        let mut query = QueryBuilder::new(concat!(
-            "SELECT ",
-            record_columns!(),
-            " FROM actions WHERE true"
-        ));
-        if let Some(run) = &filter.run {
-            push_run(&mut query, run);
-        }
-        if let Some(parent) = &filter.parent {
-            query.push(" AND parent_name = ").push_bind(parent.clone());
-        }
-        if !filter.phases.is_empty() {
-            query.push(" AND phase IN (");
-            let mut list = query.separated(", ");
-            for phase in &filter.phases {
-                list.push_bind(*phase as i16);
-            }
-            query.push(")");
-        }
-        if let Some(queue) = &filter.queue {
-            query
-                .push(" AND kind = 1 AND queue = ")
-                .push_bind(queue.clone());
-        }
-        if let Some(after) = &page.after {
-            let run = &after.id.run;
-            query
-                .push(" AND (created_at, org, project, domain, run_name, name) > (")
-                .push_bind(after.created_at.timestamp_micros())
-                .push(", ")
-                .push_bind(run.org.clone())
-                .push(", ")
-                .push_bind(run.project.clone())
-                .push(", ")
-                .push_bind(run.domain.clone())
-                .push(", ")
-                .push_bind(run.name.clone())
-                .push(", ")
-                .push_bind(after.id.name.clone())
-                .push(")");
-        }
-        query
-            .push(" ORDER BY created_at, org, project, domain, run_name, name LIMIT ")
-            .push_bind(i64::try_from(page.limit).unwrap_or(i64::MAX - 1) + 1);
+        let mut query =
+            listing::actions_page(record_columns!(), filter, page, |t| t.timestamp_micros());
         let rows = query
             .build()
             .fetch_all(&self.pool)
@@ -154,7 +105,7 @@ impl ReadStore for SqliteStore {
             record_columns!(),
             " FROM actions WHERE true"
         ));
-        push_run(&mut query, run);
+        listing::push_run(&mut query, "", run);
         query.push(" ORDER BY created_at, name");
         let rows = query
             .build()
@@ -173,84 +124,32 @@ impl ReadStore for SqliteStore {
         filter: &RunFilter,
         page: &PageRequest<RunPosition>,
     ) -> Result<Page<RunRecord, RunPosition>, Error> {
-        // The page of runs first, then one row per (run, phase) of its
-        // actions: one statement, so counts and runs agree.
-        let mut query = QueryBuilder::new(
-            "WITH page AS (SELECT r.org, r.project, r.domain, r.name, r.root_name, r.queue, \
-             r.created_at, root.phase AS root_phase FROM runs r \
-             JOIN actions root ON root.org = r.org AND root.project = r.project \
-             AND root.domain = r.domain AND root.run_name = r.name AND root.name = r.root_name \
-             WHERE true",
-        );
-        for (column, value) in [
-            ("org", &filter.org),
-            ("project", &filter.project),
-            ("domain", &filter.domain),
-        ] {
-            if let Some(value) = value {
-                query
-                    .push(format_args!(" AND r.{column} = "))
-                    .push_bind(value.clone());
-            }
-        }
-        if let Some(after) = &page.after {
-            query
-                .push(" AND (r.created_at, r.org, r.project, r.domain, r.name) < (")
-                .push_bind(after.created_at.timestamp_micros())
-                .push(", ")
-                .push_bind(after.id.org.clone())
-                .push(", ")
-                .push_bind(after.id.project.clone())
-                .push(", ")
-                .push_bind(after.id.domain.clone())
-                .push(", ")
-                .push_bind(after.id.name.clone())
-                .push(")");
-        }
-        query
-            .push(
-                " ORDER BY r.created_at DESC, r.org DESC, r.project DESC, r.domain DESC, \
-                 r.name DESC LIMIT ",
-            )
-            .push_bind(i64::try_from(page.limit).unwrap_or(i64::MAX - 1) + 1)
-            .push(
-                ") SELECT p.org, p.project, p.domain, p.name AS run_name, p.root_name, p.queue, \
-                 p.created_at, p.root_phase, a.phase, count(*) AS actions FROM page p \
-                 JOIN actions a ON a.org = p.org AND a.project = p.project \
-                 AND a.domain = p.domain AND a.run_name = p.name \
-                 GROUP BY p.org, p.project, p.domain, p.name, p.root_name, p.queue, \
-                 p.created_at, p.root_phase, a.phase \
-                 ORDER BY p.created_at DESC, p.org DESC, p.project DESC, p.domain DESC, \
-                 p.name DESC, a.phase",
-            );
+        let mut query = listing::runs_page(filter, page, |t| t.timestamp_micros());
         let rows = query
             .build()
             .fetch_all(&self.pool)
             .await
             .map_err(db_error)?;
-        let mut runs: Vec<RunRecord> = Vec::new();
-        for row in &rows {
-            let id = RunId {
-                org: row.try_get("org").map_err(db_error)?,
-                project: row.try_get("project").map_err(db_error)?,
-                domain: row.try_get("domain").map_err(db_error)?,
-                name: row.try_get("run_name").map_err(db_error)?,
-            };
-            let phase = phase_from_db(row.try_get("phase").map_err(db_error)?)?;
-            let count = u32::try_from(row.try_get::<i64, _>("actions").map_err(db_error)?)
-                .unwrap_or(u32::MAX);
-            match runs.last_mut() {
-                Some(run) if run.id == id => run.counts.push((phase, count)),
-                _ => runs.push(RunRecord {
-                    id,
+        let rows = rows
+            .iter()
+            .map(|row| {
+                Ok(RunPhaseRow {
+                    id: RunId {
+                        org: row.try_get("org").map_err(db_error)?,
+                        project: row.try_get("project").map_err(db_error)?,
+                        domain: row.try_get("domain").map_err(db_error)?,
+                        name: row.try_get("run_name").map_err(db_error)?,
+                    },
                     root_name: row.try_get("root_name").map_err(db_error)?,
-                    phase: phase_from_db(row.try_get("root_phase").map_err(db_error)?)?,
-                    counts: vec![(phase, count)],
+                    root_phase: phase_from_db(row.try_get("root_phase").map_err(db_error)?)?,
                     queue: row.try_get("queue").map_err(db_error)?,
                     created_at: time_from_micros(row.try_get("created_at").map_err(db_error)?)?,
-                }),
-            }
-        }
+                    phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
+                    actions: row.try_get("actions").map_err(db_error)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let runs = group_runs(rows);
         Ok(Page::from_overfetch(runs, page.limit, RunRecord::position))
     }
 
@@ -261,7 +160,7 @@ impl ReadStore for SqliteStore {
             state_columns!(),
             ", created_at FROM events WHERE true"
         ));
-        push_run(&mut query, &id.run);
+        listing::push_run(&mut query, "", &id.run);
         query
             .push(" AND name = ")
             .push_bind(id.name.clone())
