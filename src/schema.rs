@@ -58,6 +58,20 @@ pub fn json_to_binary(full_name: &str, json: &[u8]) -> Result<Vec<u8>, String> {
     Ok(message.encode_to_vec())
 }
 
+/// The full names of the request and response messages of the method at
+/// `path` (`/package.Service/Method`), for any service actionsd serves.
+pub fn method_messages(path: &str) -> Option<(String, String)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    let method = POOL
+        .get_service_by_name(service)?
+        .methods()
+        .find(|m| m.name() == method)?;
+    Some((
+        method.input().full_name().to_owned(),
+        method.output().full_name().to_owned(),
+    ))
+}
+
 /// Decodes a binary `full_name` and writes its proto3 JSON form.
 pub fn binary_to_json(full_name: &str, bytes: &[u8]) -> Result<Vec<u8>, String> {
     let message =
@@ -108,6 +122,36 @@ mod tests {
         );
         assert_eq!(back["runSpec"]["queue"], "gpu");
         assert!(json_to_binary("flyteidl2.actions.EnqueueRequest", b"{\"action\": 3}").is_err());
+    }
+
+    #[test]
+    fn method_paths_name_their_messages() {
+        assert_eq!(
+            method_messages("/flyteidl2.actions.ActionsService/Enqueue"),
+            Some((
+                "flyteidl2.actions.EnqueueRequest".to_owned(),
+                "flyteidl2.actions.EnqueueResponse".to_owned()
+            ))
+        );
+        assert_eq!(
+            method_messages("/actionsd.read.v1.ReadService/WatchRun"),
+            Some((
+                "actionsd.read.v1.WatchRunRequest".to_owned(),
+                "actionsd.read.v1.WatchRunResponse".to_owned()
+            ))
+        );
+        assert_eq!(
+            method_messages("/actionsd.executor.v1.ExecutorService/Lease").map(|t| t.0),
+            Some("actionsd.executor.v1.LeaseRequest".to_owned())
+        );
+        for unknown in [
+            "/flyteidl2.actions.ActionsService/Nope",
+            "/no.Such/Enqueue",
+            "flyteidl2.actions.ActionsService/Enqueue",
+            "/",
+        ] {
+            assert_eq!(method_messages(unknown), None, "{unknown}");
+        }
     }
 
     #[test]

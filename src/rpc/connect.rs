@@ -83,11 +83,11 @@ fn kind(headers: &HeaderMap) -> Option<Kind> {
     })
 }
 
-/// The full protobuf names of a method's request and response.
-#[derive(Clone, Copy)]
+/// The full protobuf names of a method's request and response, read from
+/// the schema by the method's path.
 struct Types {
-    request: &'static str,
-    response: &'static str,
+    request: String,
+    response: String,
 }
 
 impl Codec {
@@ -235,106 +235,8 @@ impl Handler {
                 "unsupported content type",
             );
         };
-        let (actions, executor, read) = (&self.actions, &self.executor, &self.read);
-        let types = |request, response| Types { request, response };
-        match (path.as_str(), kind) {
-            ("/flyteidl2.actions.ActionsService/Enqueue", Kind::Unary(codec)) => {
-                let t = types(
-                    "flyteidl2.actions.EnqueueRequest",
-                    "flyteidl2.actions.EnqueueResponse",
-                );
-                self.unary(request, codec, t, |r| actions.enqueue(r)).await
-            }
-            ("/flyteidl2.actions.ActionsService/Update", Kind::Unary(codec)) => {
-                let t = types(
-                    "flyteidl2.actions.UpdateRequest",
-                    "flyteidl2.actions.UpdateResponse",
-                );
-                self.unary(request, codec, t, |r| actions.update(r)).await
-            }
-            ("/flyteidl2.actions.ActionsService/Abort", Kind::Unary(codec)) => {
-                let t = types(
-                    "flyteidl2.actions.AbortRequest",
-                    "flyteidl2.actions.AbortResponse",
-                );
-                self.unary(request, codec, t, |r| actions.abort(r)).await
-            }
-            ("/flyteidl2.actions.ActionsService/Signal", Kind::Unary(codec)) => {
-                let t = types(
-                    "flyteidl2.actions.SignalRequest",
-                    "flyteidl2.actions.SignalResponse",
-                );
-                self.unary(request, codec, t, |r| actions.signal(r)).await
-            }
-            ("/flyteidl2.actions.ActionsService/WatchForUpdates", Kind::Stream(codec)) => {
-                let t = types(
-                    "flyteidl2.actions.WatchForUpdatesRequest",
-                    "flyteidl2.actions.WatchForUpdatesResponse",
-                );
-                self.server_stream(request, codec, t, |r| actions.watch_for_updates(r))
-                    .await
-            }
-            ("/actionsd.executor.v1.ExecutorService/Lease", Kind::Stream(codec)) => {
-                let t = types(
-                    "actionsd.executor.v1.LeaseRequest",
-                    "actionsd.executor.v1.LeaseResponse",
-                );
-                self.server_stream(request, codec, t, |r| executor.lease(r))
-                    .await
-            }
-            ("/actionsd.executor.v1.ExecutorService/Heartbeat", Kind::Unary(codec)) => {
-                let t = types(
-                    "actionsd.executor.v1.HeartbeatRequest",
-                    "actionsd.executor.v1.HeartbeatResponse",
-                );
-                self.unary(request, codec, t, |r| executor.heartbeat(r))
-                    .await
-            }
-            ("/actionsd.executor.v1.ExecutorService/Finish", Kind::Unary(codec)) => {
-                let t = types(
-                    "actionsd.executor.v1.FinishRequest",
-                    "actionsd.executor.v1.FinishResponse",
-                );
-                self.unary(request, codec, t, |r| executor.finish(r)).await
-            }
-            ("/actionsd.read.v1.ReadService/GetAction", Kind::Unary(codec)) => {
-                let t = types(
-                    "actionsd.read.v1.GetActionRequest",
-                    "actionsd.read.v1.GetActionResponse",
-                );
-                self.unary(request, codec, t, |r| read.get_action(r)).await
-            }
-            ("/actionsd.read.v1.ReadService/ListActions", Kind::Unary(codec)) => {
-                let t = types(
-                    "actionsd.read.v1.ListActionsRequest",
-                    "actionsd.read.v1.ListActionsResponse",
-                );
-                self.unary(request, codec, t, |r| read.list_actions(r))
-                    .await
-            }
-            ("/actionsd.read.v1.ReadService/ListRuns", Kind::Unary(codec)) => {
-                let t = types(
-                    "actionsd.read.v1.ListRunsRequest",
-                    "actionsd.read.v1.ListRunsResponse",
-                );
-                self.unary(request, codec, t, |r| read.list_runs(r)).await
-            }
-            ("/actionsd.read.v1.ReadService/GetHistory", Kind::Unary(codec)) => {
-                let t = types(
-                    "actionsd.read.v1.GetHistoryRequest",
-                    "actionsd.read.v1.GetHistoryResponse",
-                );
-                self.unary(request, codec, t, |r| read.get_history(r)).await
-            }
-            ("/actionsd.read.v1.ReadService/WatchRun", Kind::Stream(codec)) => {
-                let t = types(
-                    "actionsd.read.v1.WatchRunRequest",
-                    "actionsd.read.v1.WatchRunResponse",
-                );
-                self.server_stream(request, codec, t, |r| read.watch_run(r))
-                    .await
-            }
-            _ => unary_error(
+        let unknown = || {
+            unary_error(
                 &Status::unimplemented(format!(
                     "no {} method {path}",
                     match kind {
@@ -343,7 +245,70 @@ impl Handler {
                     }
                 )),
                 StatusCode::NOT_FOUND,
-            ),
+            )
+        };
+        let Some((request_type, response_type)) = schema::method_messages(&path) else {
+            return unknown();
+        };
+        let types = Types {
+            request: request_type,
+            response: response_type,
+        };
+        let (actions, executor, read) = (&self.actions, &self.executor, &self.read);
+        match (path.as_str(), kind) {
+            ("/flyteidl2.actions.ActionsService/Enqueue", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| actions.enqueue(r))
+                    .await
+            }
+            ("/flyteidl2.actions.ActionsService/Update", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| actions.update(r))
+                    .await
+            }
+            ("/flyteidl2.actions.ActionsService/Abort", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| actions.abort(r))
+                    .await
+            }
+            ("/flyteidl2.actions.ActionsService/Signal", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| actions.signal(r))
+                    .await
+            }
+            ("/flyteidl2.actions.ActionsService/WatchForUpdates", Kind::Stream(codec)) => {
+                self.server_stream(request, codec, types, |r| actions.watch_for_updates(r))
+                    .await
+            }
+            ("/actionsd.executor.v1.ExecutorService/Lease", Kind::Stream(codec)) => {
+                self.server_stream(request, codec, types, |r| executor.lease(r))
+                    .await
+            }
+            ("/actionsd.executor.v1.ExecutorService/Heartbeat", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| executor.heartbeat(r))
+                    .await
+            }
+            ("/actionsd.executor.v1.ExecutorService/Finish", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| executor.finish(r))
+                    .await
+            }
+            ("/actionsd.read.v1.ReadService/GetAction", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| read.get_action(r))
+                    .await
+            }
+            ("/actionsd.read.v1.ReadService/ListActions", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| read.list_actions(r))
+                    .await
+            }
+            ("/actionsd.read.v1.ReadService/ListRuns", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| read.list_runs(r))
+                    .await
+            }
+            ("/actionsd.read.v1.ReadService/GetHistory", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| read.get_history(r))
+                    .await
+            }
+            ("/actionsd.read.v1.ReadService/WatchRun", Kind::Stream(codec)) => {
+                self.server_stream(request, codec, types, |r| read.watch_run(r))
+                    .await
+            }
+            _ => unknown(),
         }
     }
 
@@ -366,14 +331,14 @@ impl Handler {
             let timeout = timeout(&parts.headers)?;
             let bytes = self.read_body(body).await?;
             let bytes = self.decompress(encoding(&parts.headers, CONTENT_ENCODING)?, bytes)?;
-            let message: Req = codec.decode(types.request, &bytes)?;
+            let message: Req = codec.decode(&types.request, &bytes)?;
             let request = tonic::Request::from_parts(
                 MetadataMap::from_headers(parts.headers.clone()),
                 parts.extensions,
                 message,
             );
             let response = with_timeout(timeout, call(request)).await?;
-            codec.encode(types.response, response.get_ref())
+            codec.encode(&types.response, response.get_ref())
         }
         .await;
         match result {
@@ -423,7 +388,7 @@ impl Handler {
             } else {
                 payload
             };
-            let message: Req = codec.decode(types.request, &payload)?;
+            let message: Req = codec.decode(&types.request, &payload)?;
             let request = tonic::Request::from_parts(
                 MetadataMap::from_headers(parts.headers.clone()),
                 parts.extensions,
@@ -454,7 +419,7 @@ impl Handler {
                             None => stream.next().await,
                         };
                         match next {
-                            Some(Ok(message)) => match codec.encode(types.response, &message) {
+                            Some(Ok(message)) => match codec.encode(&types.response, &message) {
                                 Ok(bytes) => yield message_frame(bytes, compress),
                                 Err(status) => {
                                     yield end_stream(Some(&status));
