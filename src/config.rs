@@ -128,6 +128,20 @@ pub struct ServerConfig {
     pub http2_keepalive_interval: Duration,
     pub http2_keepalive_timeout: Duration,
     pub tcp_keepalive: Duration,
+    /// Open connections at most; more are answered RESOURCE_EXHAUSTED.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams (calls) per connection.
+    pub max_concurrent_streams: u32,
+    /// How long an HTTP/1.1 request's headers may take to arrive.
+    pub header_read_timeout: Duration,
+    /// How long a request body may take to arrive.
+    pub body_read_timeout: Duration,
+    /// A connection with no call in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long a unary call (or the opening of a stream) may take.
+    pub request_timeout: Duration,
+    /// Request body bytes held in memory at once, over all requests.
+    pub max_buffered_request_bytes: usize,
 }
 
 /// Settings given on the command line or in the environment.
@@ -203,6 +217,17 @@ struct FileServer {
     http2_keepalive_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     tcp_keepalive: Option<Duration>,
+    max_connections: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    header_read_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    body_read_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    request_timeout: Option<Duration>,
+    max_buffered_request_bytes: Option<usize>,
 }
 
 impl Config {
@@ -293,6 +318,28 @@ impl Config {
                     .http2_keepalive_timeout
                     .unwrap_or(Duration::from_secs(20)),
                 tcp_keepalive: file.server.tcp_keepalive.unwrap_or(Duration::from_secs(60)),
+                max_connections: file.server.max_connections.unwrap_or(16_384),
+                max_concurrent_streams: file.server.max_concurrent_streams.unwrap_or(16_384),
+                header_read_timeout: file
+                    .server
+                    .header_read_timeout
+                    .unwrap_or(Duration::from_secs(10)),
+                body_read_timeout: file
+                    .server
+                    .body_read_timeout
+                    .unwrap_or(Duration::from_secs(30)),
+                idle_timeout: file
+                    .server
+                    .idle_timeout
+                    .unwrap_or(Duration::from_secs(120)),
+                request_timeout: file
+                    .server
+                    .request_timeout
+                    .unwrap_or(Duration::from_secs(30)),
+                max_buffered_request_bytes: file
+                    .server
+                    .max_buffered_request_bytes
+                    .unwrap_or(64 * 1024 * 1024),
             },
             executor: ExecutorConfig {
                 lease_ttl: file.executor.lease_ttl.unwrap_or(Duration::from_secs(30)),
@@ -336,6 +383,26 @@ impl Config {
         positive("database.committers", self.database.committers > 0)?;
         positive("database.max_batch", self.database.max_batch > 0)?;
         positive("server.max_message_size", self.server.max_message_size > 0)?;
+        positive("server.max_connections", self.server.max_connections > 0)?;
+        positive(
+            "server.max_concurrent_streams",
+            self.server.max_concurrent_streams > 0,
+        )?;
+        for (setting, value) in [
+            ("server.header_read_timeout", self.server.header_read_timeout),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+            ("server.idle_timeout", self.server.idle_timeout),
+            ("server.request_timeout", self.server.request_timeout),
+            ("server.shutdown_timeout", self.server.shutdown_timeout),
+        ] {
+            positive(setting, !value.is_zero())?;
+        }
+        if self.server.max_buffered_request_bytes < self.server.max_message_size + 5 {
+            return Err(ConfigError::Invalid {
+                setting: "server.max_buffered_request_bytes",
+                message: "must leave room for one message of server.max_message_size".to_owned(),
+            });
+        }
         positive("executor.lease_ttl", !self.executor.lease_ttl.is_zero())?;
         positive(
             "executor.reaper_interval",
