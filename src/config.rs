@@ -59,11 +59,10 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    /// The parser's message and position only: toml's own rendering
+    /// quotes the offending line, which may hold the database password.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
     #[error("invalid setting {setting}: {message}")]
     Invalid {
         setting: &'static str,
@@ -230,6 +229,39 @@ struct FileServer {
     max_buffered_request_bytes: Option<usize>,
 }
 
+/// Describes a config file parse error without echoing the file: its line
+/// and column and the parser's message, except that an error on a line
+/// that mentions `database_url` (or in a message quoting a URL) says only
+/// that the value is invalid, so a password in it is never printed.
+fn parse_error(text: &str, err: &toml::de::Error) -> String {
+    let (line_number, column, line) = match err.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let before = &text[..start];
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+            (
+                before.matches('\n').count() + 1,
+                before[line_start..].chars().count() + 1,
+                &text[line_start..line_end],
+            )
+        }
+        None => (0, 0, ""),
+    };
+    let message = err.message().trim();
+    let secret = line.contains("database_url") || message.contains("://");
+    let message = if secret {
+        "invalid value (not shown: it may hold the database password)"
+    } else {
+        message
+    };
+    if line_number == 0 {
+        message.to_owned()
+    } else {
+        format!("line {line_number}, column {column}: {message}")
+    }
+}
+
 impl Config {
     /// Merges `overrides` over the file at `path` (if any) over defaults.
     pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
@@ -239,9 +271,9 @@ impl Config {
                     path: path.to_owned(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                toml::from_str(&text).map_err(|err| ConfigError::Parse {
                     path: path.to_owned(),
-                    source,
+                    message: parse_error(&text, &err),
                 })?
             }
             None => FileConfig::default(),
@@ -488,6 +520,33 @@ mod tests {
         assert!(
             matches!(config.store, StoreLocation::Sqlite(p) if p.ends_with("actionsd/actionsd.db"))
         );
+    }
+
+    /// A database_url line that does not parse is reported by position,
+    /// never echoed: the password in it stays out of the error.
+    #[test]
+    fn a_config_file_that_fails_to_parse_never_echoes_the_database_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("actionsd.toml");
+        for text in [
+            // An unterminated string.
+            "listen = \"127.0.0.1:8091\"\ndatabase_url = \"postgres://u:hunter2@db/actionsd\n",
+            // An unquoted URL.
+            "database_url = postgres://u:hunter2@db/actionsd\n",
+            // A URL where a number belongs.
+            "[database]\nmax_connections = \"postgres://u:hunter2@db/actionsd\"\n",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load(Some(&path), Overrides::default()).unwrap_err();
+            let shown = format!("{err} {err:?} {err:#}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("line "), "{shown}");
+        }
+        // Other errors keep the parser's message.
+        std::fs::write(&path, "[server]\nmax_message_size = \"big\"\n").unwrap();
+        let err = Config::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+        assert!(err.to_string().contains("invalid type"), "{err}");
     }
 
     #[test]
