@@ -29,11 +29,11 @@ use crate::proto::actionsd::read::v1::read_service_server::ReadServiceServer;
 use crate::proto::flyteidl2::actions::actions_service_server::ActionsServiceServer;
 use crate::proto::flyteidl2::core::{execution_error::ErrorKind, ExecutionError};
 use crate::proto::FILE_DESCRIPTOR_SET;
-use crate::server::ListenerSettings;
 use crate::rpc::connect::ConnectLayer;
 use crate::rpc::edge::{EdgeLayer, EdgeSettings, SizeStatusLayer};
 use crate::rpc::executor::ExecutorApi;
 use crate::rpc::{ActionsApi, ReadApi};
+use crate::server::ListenerSettings;
 use crate::store::postgres::{PgStore, PoolSettings};
 use crate::store::sqlite::{SqliteSettings, SqliteStore};
 use crate::store::{Detached, GroupCommit, Store};
@@ -293,7 +293,10 @@ impl Application {
             }
         }
         writes.close();
-        if tokio::time::timeout_at(deadline, writes.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, writes.wait())
+            .await
+            .is_err()
+        {
             warn!("in-flight writes did not finish before the shutdown deadline");
         }
         pipeline.shutdown(left()).await;
@@ -305,7 +308,10 @@ impl Application {
                 server.abort();
             }
         }
-        if tokio::time::timeout_at(deadline, store.close()).await.is_err() {
+        if tokio::time::timeout_at(deadline, store.close())
+            .await
+            .is_err()
+        {
             warn!("database connections did not close before the shutdown deadline");
         }
         info!("shut down");

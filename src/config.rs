@@ -360,10 +360,7 @@ impl Config {
                     .server
                     .body_read_timeout
                     .unwrap_or(Duration::from_secs(30)),
-                idle_timeout: file
-                    .server
-                    .idle_timeout
-                    .unwrap_or(Duration::from_secs(120)),
+                idle_timeout: file.server.idle_timeout.unwrap_or(Duration::from_secs(120)),
                 request_timeout: file
                     .server
                     .request_timeout
@@ -421,7 +418,10 @@ impl Config {
             self.server.max_concurrent_streams > 0,
         )?;
         for (setting, value) in [
-            ("server.header_read_timeout", self.server.header_read_timeout),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
             ("server.body_read_timeout", self.server.body_read_timeout),
             ("server.idle_timeout", self.server.idle_timeout),
             ("server.request_timeout", self.server.request_timeout),

@@ -196,9 +196,7 @@ where
             inner: self.service,
             activity: activity.clone(),
         });
-        let connection = self
-            .builder
-            .serve_connection(TokioIo::new(stream), service);
+        let connection = self.builder.serve_connection(TokioIo::new(stream), service);
         tokio::pin!(connection);
         let mut closing = false;
         // Once an idle connection was asked to close, it gets one more idle

@@ -35,7 +35,11 @@ pub fn init(format: LogFormat) {
 pub struct EscapedFields;
 
 impl<'writer> FormatFields<'writer> for EscapedFields {
-    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'writer>, fields: R) -> fmt::Result {
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> fmt::Result {
         let mut visitor = EscapingVisitor {
             writer: &mut writer,
             first: true,
@@ -62,7 +66,12 @@ impl EscapingVisitor<'_, '_> {
         self.result = if field.name() == "message" {
             write!(self.writer, "{separator}{}", Escaped(value))
         } else {
-            write!(self.writer, "{separator}{}={}", field.name(), Escaped(value))
+            write!(
+                self.writer,
+                "{separator}{}={}",
+                field.name(),
+                Escaped(value)
+            )
         };
     }
 }

@@ -50,8 +50,9 @@ impl<U: Message + Default> tonic::codec::Decoder for Decoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        tonic::codec::Decoder::decode(&mut self.0, buf)
-            .map_err(|status| Status::invalid_argument(format!("invalid message: {}", status.message())))
+        tonic::codec::Decoder::decode(&mut self.0, buf).map_err(|status| {
+            Status::invalid_argument(format!("invalid message: {}", status.message()))
+        })
     }
 
     fn buffer_settings(&self) -> BufferSettings {

@@ -549,7 +549,9 @@ pub(crate) fn error_response(headers: &HeaderMap, status: &Status) -> Response<B
         Some(Kind::Stream(codec)) => Response::builder()
             .status(StatusCode::OK)
             .header(CONTENT_TYPE, codec.stream_content_type())
-            .body(Body::new(http_body_util::Full::new(end_stream(Some(status)))))
+            .body(Body::new(http_body_util::Full::new(end_stream(Some(
+                status,
+            )))))
             .expect("valid response"),
     }
 }

@@ -136,8 +136,8 @@ where
         }
         // Every method of actionsd's own services takes exactly one request
         // message; reflection streams several, and is left alone.
-        let one_message = grpc == Grpc::Framed
-            && SERVICES.iter().any(|s| request.uri().path().starts_with(s));
+        let one_message =
+            grpc == Grpc::Framed && SERVICES.iter().any(|s| request.uri().path().starts_with(s));
         let framing = one_message.then(|| OneMessage::new(request.headers()));
         let headers = request.headers().clone();
         let request = request.map(|body| {
@@ -458,9 +458,21 @@ mod tests {
     #[test]
     fn grpc_timeouts_follow_the_spec() {
         assert_eq!(parse_grpc_timeout(b"10S"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_grpc_timeout(b"250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            parse_grpc_timeout(b"250m"),
+            Some(Duration::from_millis(250))
+        );
         assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
-        for bad in [&b""[..], b"S", b"10", b"10s", b"-1S", b"123456789S", b"1.5S", b"10 S"] {
+        for bad in [
+            &b""[..],
+            b"S",
+            b"10",
+            b"10s",
+            b"-1S",
+            b"123456789S",
+            b"1.5S",
+            b"10 S",
+        ] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
     }

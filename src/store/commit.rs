@@ -75,7 +75,11 @@ impl Committers {
         Self::spawn_with_wait(settings, batch, QUEUE_WAIT)
     }
 
-    pub(crate) fn spawn_with_wait(settings: GroupCommit, batch: Batch, queue_wait: Duration) -> Self {
+    pub(crate) fn spawn_with_wait(
+        settings: GroupCommit,
+        batch: Batch,
+        queue_wait: Duration,
+    ) -> Self {
         let max_batch = settings.max_batch.max(1);
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();

@@ -1211,7 +1211,9 @@ mod tests {
             }
         });
         let options: sqlx::postgres::PgConnectOptions =
-            format!("postgres://actionsd@{addr}/actionsd").parse().unwrap();
+            format!("postgres://actionsd@{addr}/actionsd")
+                .parse()
+                .unwrap();
         let store = PgStore::connect(
             options,
             &PoolSettings {
