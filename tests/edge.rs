@@ -615,7 +615,7 @@ async fn stopping_with_open_lease_and_watch_streams_is_prompt(db: TestDb) {
     stopping.await.unwrap();
     let elapsed = started.elapsed();
     assert!(
-        elapsed < shutdown_timeout / 3,
+        elapsed < shutdown_timeout / 2,
         "stopping took {elapsed:?} (shutdown_timeout {shutdown_timeout:?})"
     );
 }
@@ -635,7 +635,7 @@ async fn stopping_while_writes_hang_takes_at_most_shutdown_timeout(db: TestDb) {
     let elapsed = started.elapsed();
     lock.release().await;
     assert!(
-        elapsed < shutdown_timeout + Duration::from_millis(700),
+        elapsed < shutdown_timeout + Duration::from_secs(1),
         "stopping took {elapsed:?} with shutdown_timeout {shutdown_timeout:?}"
     );
     // The caller of the hung write hears of it (it may or may not have
