@@ -25,6 +25,9 @@ use tower::{Layer, Service};
 
 use super::connect::{error_response, SERVICES};
 
+/// The path prefix of gRPC server reflection (v1 and v1alpha).
+const REFLECTION: &str = "/grpc.reflection.";
+
 /// The limits applied to every request.
 #[derive(Debug, Clone)]
 pub struct EdgeSettings {
@@ -140,6 +143,13 @@ where
             grpc == Grpc::Framed && SERVICES.iter().any(|s| request.uri().path().starts_with(s));
         let framing = one_message.then(|| OneMessage::new(request.headers()));
         let headers = request.headers().clone();
+        // Server reflection is the one client-streaming service: its body
+        // stays open for a whole session of queries, each bounded in size
+        // by tonic, so neither the body timer nor the byte budget (held
+        // until a body is dropped) applies to it.
+        if request.uri().path().starts_with(REFLECTION) {
+            return Box::pin(self.inner.call(request));
+        }
         let request = request.map(|body| {
             Body::new(EdgeBody {
                 inner: body,
