@@ -646,3 +646,36 @@ async fn stopping_while_writes_hang_takes_at_most_shutdown_timeout(db: TestDb) {
         .unwrap()
         .is_err());
 }
+
+/// The real binary, given a config file whose database_url line does not
+/// parse, says where the error is and never prints the password.
+#[tokio::test]
+async fn a_config_file_that_fails_to_parse_never_prints_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("actionsd.toml");
+    std::fs::write(
+        &path,
+        "listen = \"127.0.0.1:0\"\ndatabase_url = \"postgres://actionsd:hunter2@db/actionsd\n",
+    )
+    .unwrap();
+    let output = tokio::time::timeout(
+        TIMEOUT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_actionsd"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .env_remove("ACTIONSD_DATABASE_URL")
+            .output(),
+    )
+    .await
+    .expect("actionsd exits")
+    .unwrap();
+    assert!(!output.status.success());
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!printed.contains("hunter2"), "{printed}");
+    assert!(printed.contains("line 2"), "{printed}");
+}
