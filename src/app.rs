@@ -23,6 +23,7 @@ use tracing::{info, warn};
 use crate::config::ExecutorConfig;
 use crate::config::{Config, StoreLocation};
 use crate::domain::ReapSettings;
+use crate::metrics::RpcMetricsLayer;
 use crate::pipeline::Pipeline;
 use crate::proto::actionsd::executor::v1::executor_service_server::ExecutorServiceServer;
 use crate::proto::actionsd::read::v1::read_service_server::ReadServiceServer;
@@ -42,6 +43,8 @@ pub struct Application {
     config: Arc<Config>,
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// The admin listener for `/metrics`, when configured.
+    admin: Option<TcpListener>,
     store: Arc<dyn Store>,
     pipeline: Pipeline,
     shutdown: CancellationToken,
@@ -52,6 +55,30 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let store = open_store(config, true).await?;
     store.close().await;
     Ok(())
+}
+
+/// Checks, without changing anything, that the configured database has
+/// every migration applied and none unknown.
+pub async fn check_migrations(config: &Config) -> anyhow::Result<()> {
+    match &config.store {
+        StoreLocation::Postgres(url) => {
+            let options =
+                PgConnectOptions::from_str(url.expose_secret()).context("invalid database URL")?;
+            let store = PgStore::connect(
+                options,
+                &PoolSettings {
+                    max_connections: 1,
+                    acquire_timeout: config.database.acquire_timeout,
+                },
+            );
+            let result = store.check_migrations().await;
+            store.close().await;
+            result.map_err(anyhow::Error::msg)
+        }
+        StoreLocation::Sqlite(path) => SqliteStore::check_migrations(path)
+            .await
+            .map_err(anyhow::Error::msg),
+    }
 }
 
 /// Opens the configured store. Postgres is migrated (or checked) as
@@ -124,10 +151,19 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listener.local_addr()?;
+        let admin = match config.metrics.listen.filter(|_| config.metrics.enabled) {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot listen on {address} (metrics.listen)"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             config: Arc::new(config),
             listener,
             local_addr,
+            admin,
             store,
             pipeline,
             shutdown: CancellationToken::new(),
@@ -137,6 +173,11 @@ impl Application {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's bound address, when `metrics.listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Cancel it to shut the daemon down gracefully.
@@ -152,6 +193,7 @@ impl Application {
             config,
             listener,
             local_addr,
+            admin,
             store,
             pipeline,
             shutdown,
@@ -238,7 +280,9 @@ impl Application {
             .prepare();
         // HTTP/1.1 and HTTP/2 (h2c) on one listener: Connect and gRPC-Web
         // clients may use either.
+        let metrics_here = (config.metrics.enabled && admin.is_none()).then(|| store.clone());
         let service = ServiceBuilder::new()
+            .layer(RpcMetricsLayer::new(metrics_here))
             .layer(EdgeLayer::new(EdgeSettings {
                 request_timeout: server_config.request_timeout,
                 body_read_timeout: server_config.body_read_timeout,
@@ -257,6 +301,29 @@ impl Application {
             http2_keepalive_timeout: server_config.http2_keepalive_timeout,
             tcp_keepalive: server_config.tcp_keepalive,
         };
+        let admin_server = admin.map(|admin| {
+            let service = crate::metrics::AdminService {
+                store: store.clone(),
+            };
+            tokio::spawn(crate::server::serve(
+                admin,
+                service,
+                listener_settings.clone(),
+                shutdown.clone(),
+            ))
+        });
+        let retention = tokio::spawn({
+            let (store, settings, shutdown) = (
+                store.clone(),
+                config.retention.clone(),
+                shutdown.clone(),
+            );
+            async move {
+                if settings.enabled {
+                    crate::retention::run(store, settings, shutdown).await;
+                }
+            }
+        });
         let mut server = tokio::spawn(crate::server::serve(
             listener,
             service,
@@ -286,7 +353,14 @@ impl Application {
         info!("shutting down: no new requests; finishing in-flight writes");
         let deadline = tokio::time::Instant::now() + server_config.shutdown_timeout;
         let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
-        for (name, mut task) in [("health monitor", monitor), ("reaper", reaper)] {
+        for (name, mut task) in [
+            ("health monitor", monitor),
+            ("reaper", reaper),
+            ("retention", retention),
+        ]
+        .into_iter()
+        .chain(admin_server.map(|task| ("metrics listener", task)))
+        {
             if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
                 warn!(task = name, "did not stop before the shutdown deadline");
                 task.abort();
@@ -335,7 +409,9 @@ async fn monitor_health(
 ) {
     let mut last = ServingStatus::Serving;
     loop {
-        let status = if store.ping().await.is_ok() {
+        let up = store.ping().await.is_ok();
+        ::metrics::gauge!(crate::metrics::names::STORE_UP).set(if up { 1.0 } else { 0.0 });
+        let status = if up {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
@@ -392,7 +468,9 @@ async fn reap(
         ),
     };
     loop {
-        match store.reap(&settings).await {
+        let result = store.reap(&settings).await;
+        record_reap(&result);
+        match result {
             Ok(outcome) if outcome != crate::domain::ReapOutcome::default() => {
                 info!(
                     requeued = outcome.requeued,
@@ -409,5 +487,20 @@ async fn reap(
             () = tokio::time::sleep(config.reaper_interval) => {}
             () = shutdown.cancelled() => return,
         }
+    }
+}
+
+fn record_reap(result: &Result<crate::domain::ReapOutcome, crate::domain::Error>) {
+    use crate::metrics::names;
+    ::metrics::counter!(names::REAPER_RUNS).increment(1);
+    match result {
+        Ok(outcome) => {
+            let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+            ::metrics::counter!(names::LEASES_EXPIRED)
+                .increment(count(outcome.requeued + outcome.failed));
+            ::metrics::counter!(names::LEASES_REQUEUED).increment(count(outcome.requeued));
+            ::metrics::counter!(names::CONDITIONS_TIMED_OUT).increment(count(outcome.timed_out));
+        }
+        Err(_) => ::metrics::counter!(names::REAPER_FAILURES).increment(1),
     }
 }

@@ -91,6 +91,32 @@ pub struct Config {
     pub pipeline: PipelineSettings,
     pub server: ServerConfig,
     pub executor: ExecutorConfig,
+    pub metrics: MetricsConfig,
+    pub retention: RetentionConfig,
+}
+
+/// Where `GET /metrics` is served.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` at all.
+    pub enabled: bool,
+    /// An admin listener for `/metrics` alone; when unset, `/metrics` is
+    /// served on the API port.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Deleting finished runs.
+#[derive(Debug, Clone)]
+pub struct RetentionConfig {
+    pub enabled: bool,
+    /// A run whose root finished longer ago than this is deleted.
+    pub period: Duration,
+    /// How often a retention pass starts.
+    pub interval: Duration,
+    /// Runs deleted per transaction.
+    pub batch_size: usize,
+    /// Pause between two batches of a pass.
+    pub batch_pause: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -167,6 +193,30 @@ struct FileConfig {
     server: FileServer,
     #[serde(default)]
     executor: FileExecutor,
+    #[serde(default)]
+    metrics: FileMetrics,
+    #[serde(default)]
+    retention: FileRetention,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    enabled: Option<bool>,
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRetention {
+    enabled: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    period: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    interval: Option<Duration>,
+    batch_size: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    batch_pause: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -378,6 +428,26 @@ impl Config {
                     .unwrap_or(Duration::from_secs(1)),
                 max_system_retries: file.executor.max_system_retries.unwrap_or(3),
             },
+            metrics: MetricsConfig {
+                enabled: file.metrics.enabled.unwrap_or(true),
+                listen: file.metrics.listen,
+            },
+            retention: RetentionConfig {
+                enabled: file.retention.enabled.unwrap_or(true),
+                period: file
+                    .retention
+                    .period
+                    .unwrap_or(Duration::from_secs(30 * 24 * 3600)),
+                interval: file
+                    .retention
+                    .interval
+                    .unwrap_or(Duration::from_secs(600)),
+                batch_size: file.retention.batch_size.unwrap_or(100),
+                batch_pause: file
+                    .retention
+                    .batch_pause
+                    .unwrap_or(Duration::from_millis(10)),
+            },
         };
         config.validate()?;
         Ok(config)
@@ -436,6 +506,9 @@ impl Config {
             });
         }
         positive("executor.lease_ttl", !self.executor.lease_ttl.is_zero())?;
+        positive("retention.period", !self.retention.period.is_zero())?;
+        positive("retention.interval", !self.retention.interval.is_zero())?;
+        positive("retention.batch_size", self.retention.batch_size > 0)?;
         positive(
             "executor.reaper_interval",
             !self.executor.reaper_interval.is_zero(),

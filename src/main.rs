@@ -30,7 +30,7 @@ enum Command {
     /// Run the daemon.
     Serve(ServeArgs),
     /// Create the database if needed and apply pending migrations.
-    Migrate(CommonArgs),
+    Migrate(MigrateArgs),
     /// Lease task actions from a daemon and run a shell command for each.
     Executor(ExecutorArgs),
 }
@@ -46,6 +46,16 @@ struct CommonArgs {
     /// Log format.
     #[arg(long, env = "ACTIONSD_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Change nothing: exit 1 if any migration is pending or unknown (for
+    /// deploy pipelines).
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Args)]
@@ -134,11 +144,16 @@ async fn main() -> anyhow::Result<()> {
             });
             app.run().await
         }
-        Command::Migrate(common) => {
-            let config = load(common, None, None)?;
+        Command::Migrate(args) => {
+            let config = load(args.common, None, None)?;
             telemetry::init(config.log_format);
-            app::migrate(&config).await?;
-            tracing::info!("migrations applied");
+            if args.check {
+                app::check_migrations(&config).await?;
+                tracing::info!("every migration is applied");
+            } else {
+                app::migrate(&config).await?;
+                tracing::info!("migrations applied");
+            }
             Ok(())
         }
         Command::Executor(args) => {

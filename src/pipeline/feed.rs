@@ -70,6 +70,8 @@ pub(super) async fn run(
                 }
                 error_retry = ERROR_RETRY;
                 cursor = batch.cursor;
+                ::metrics::counter!(crate::metrics::names::FEED_EVENTS)
+                    .increment(batch.events.len() as u64);
                 for event in batch.events {
                     let shard = shard_of(&event.id, workers);
                     // A worker only ends when its sender is dropped.
@@ -93,6 +95,7 @@ pub(super) async fn run(
             Err(err) => {
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 warn!(error = %err, "event feed read failed");
+                ::metrics::counter!(crate::metrics::names::FEED_FAILURES).increment(1);
                 if since.elapsed() >= settings.unavailable_after {
                     registry.close_all("event feed unavailable; reconnect to resynchronise");
                 }

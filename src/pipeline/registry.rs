@@ -182,6 +182,7 @@ impl Subscriber {
                     if event.version <= pending.get().version {
                         return;
                     }
+                    ::metrics::counter!(crate::metrics::names::UPDATES_COALESCED).increment(1);
                     pending.insert(event.clone());
                 }
                 Entry::Vacant(slot) => {

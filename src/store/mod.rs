@@ -136,12 +136,113 @@ pub trait Store: ReadStore {
     /// Checks that the store can be reached (for health checks).
     async fn ping(&self) -> Result<(), Error>;
 
+    /// One retention batch: deletes up to `limit` runs whose root action
+    /// ended before `finished_before` and whose every action is terminal,
+    /// with their actions and events, in one short transaction. Runs locked
+    /// by a writer are skipped (left for the next pass).
+    async fn delete_finished_runs(
+        &self,
+        finished_before: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<Deleted, Error>;
+
+    /// Deletes one run with its actions and events: `RunNotFound`, or
+    /// `FailedPrecondition` while any action of it is not terminal.
+    async fn delete_run(&self, run: &RunId) -> Result<Deleted, Error>;
+
+    /// The connection pool's occupancy, for metrics.
+    fn pool_stats(&self) -> PoolStats;
+
+    /// Queued task actions of the `limit` fullest queues, and live leases,
+    /// for metrics.
+    async fn queue_stats(&self, limit: usize) -> Result<QueueStats, Error>;
+
     /// Closes the store's connections, waiting for those in use.
     async fn close(&self);
 }
 
 mod commit;
 pub use commit::GroupCommit;
+
+/// Compares the migrations a database has applied with those built in:
+/// fails naming the pending ones (not applied yet) and the unknown ones
+/// (applied by a newer actionsd).
+pub fn check_applied(
+    applied: &[i64],
+    migrator: &sqlx::migrate::Migrator,
+) -> Result<(), String> {
+    let known: Vec<i64> = migrator.iter().map(|m| m.version).collect();
+    let pending: Vec<i64> = known
+        .iter()
+        .copied()
+        .filter(|v| !applied.contains(v))
+        .collect();
+    let unknown: Vec<i64> = applied
+        .iter()
+        .copied()
+        .filter(|v| !known.contains(v))
+        .collect();
+    let mut problems = Vec::new();
+    if !pending.is_empty() {
+        problems.push(format!(
+            "pending migrations {pending:?} (run `actionsd migrate`)"
+        ));
+    }
+    if !unknown.is_empty() {
+        problems.push(format!(
+            "unknown migrations {unknown:?} (applied by a newer actionsd)"
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("the database has {}", problems.join(" and ")))
+    }
+}
+
+/// What a deletion removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deleted {
+    pub runs: u64,
+    pub actions: u64,
+    pub events: u64,
+}
+
+impl std::ops::AddAssign for Deleted {
+    fn add_assign(&mut self, other: Self) {
+        self.runs += other.runs;
+        self.actions += other.actions;
+        self.events += other.events;
+    }
+}
+
+/// Queued task actions of one queue.
+#[derive(Debug, Clone)]
+pub struct QueueDepth {
+    pub queue: String,
+    pub queued: i64,
+    /// When the oldest queued action was created.
+    pub oldest: chrono::DateTime<chrono::Utc>,
+}
+
+/// What waits for executors, and what they hold.
+#[derive(Debug, Clone, Default)]
+pub struct QueueStats {
+    pub queues: Vec<QueueDepth>,
+    /// Live leases (held by an executor, not yet released).
+    pub leases_held: i64,
+}
+
+/// Connections of a store's pool.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolStats {
+    /// Open connections (idle or in use).
+    pub open: u32,
+    /// Idle connections.
+    pub idle: u32,
+    /// The pool's limit.
+    pub max: u32,
+}
 
 /// Runs every write of the store it wraps in a task of its own, so a write
 /// always reaches commit or rollback, even when the request that started it
@@ -260,6 +361,29 @@ impl Store for Detached {
 
     async fn ping(&self) -> Result<(), Error> {
         self.inner.ping().await
+    }
+
+    async fn delete_finished_runs(
+        &self,
+        finished_before: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<Deleted, Error> {
+        self.spawn(|store| async move { store.delete_finished_runs(finished_before, limit).await })
+            .await
+    }
+
+    async fn delete_run(&self, run: &RunId) -> Result<Deleted, Error> {
+        let run = run.clone();
+        self.spawn(|store| async move { store.delete_run(&run).await })
+            .await
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        self.inner.pool_stats()
+    }
+
+    async fn queue_stats(&self, limit: usize) -> Result<QueueStats, Error> {
+        self.inner.queue_stats(limit).await
     }
 
     async fn close(&self) {

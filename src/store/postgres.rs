@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 use tracing::{instrument, warn};
 
@@ -52,6 +53,7 @@ macro_rules! insert_events_from_changed {
 const TERMINAL_PHASES: &str = "(5, 6, 7, 8, 10)";
 
 mod read;
+mod retention;
 
 pub struct PgStore {
     pool: PgPool,
@@ -110,18 +112,7 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| format!("cannot read applied migrations: {e}"))?;
-        let missing: Vec<i64> = MIGRATOR
-            .iter()
-            .map(|m| m.version)
-            .filter(|v| !applied.contains(v))
-            .collect();
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(format!(
-                "the database lacks migrations {missing:?}; run `actionsd migrate`"
-            ))
-        }
+        super::check_applied(&applied, &MIGRATOR)
     }
 }
 
@@ -477,6 +468,56 @@ impl Store for PgStore {
             failed: phases.iter().filter(|p| **p == 6).count(),
             timed_out: usize::try_from(timed_out).unwrap_or(usize::MAX),
         })
+    }
+
+    async fn delete_finished_runs(
+        &self,
+        finished_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<super::Deleted, Error> {
+        retention::delete_finished_runs(self, finished_before, limit).await
+    }
+
+    async fn delete_run(&self, run: &RunId) -> Result<super::Deleted, Error> {
+        retention::delete_run(self, run).await
+    }
+
+    async fn queue_stats(&self, limit: usize) -> Result<super::QueueStats, Error> {
+        let rows = sqlx::query(
+            "SELECT COALESCE(queue, ''), count(*), min(created_at) FROM actions \
+             WHERE phase = 1 AND kind = 1 GROUP BY queue ORDER BY count(*) DESC LIMIT $1",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let mut queues = Vec::with_capacity(rows.len());
+        for row in &rows {
+            queues.push(super::QueueDepth {
+                queue: row.get(0),
+                queued: row.get(1),
+                oldest: row.get::<DateTime<Utc>, _>(2),
+            });
+        }
+        let leases_held: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM actions \
+             WHERE lease_deadline IS NOT NULL AND phase NOT IN {TERMINAL_PHASES}"
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(super::QueueStats {
+            queues,
+            leases_held,
+        })
+    }
+
+    fn pool_stats(&self) -> super::PoolStats {
+        super::PoolStats {
+            open: self.pool.size(),
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+            max: self.pool.options().get_max_connections(),
+        }
     }
 
     async fn ping(&self) -> Result<(), Error> {

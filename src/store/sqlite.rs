@@ -52,6 +52,7 @@ macro_rules! state_columns {
 const TERMINAL_PHASES: &str = "(5, 6, 7, 8, 10)";
 
 mod read;
+mod retention;
 
 /// SQLite primary result codes (the low byte of an extended result code).
 mod code {
@@ -184,6 +185,31 @@ impl SqliteStore {
     /// `<per-user data directory>/actionsd/actionsd.db`.
     pub fn default_path() -> Option<PathBuf> {
         dirs::data_local_dir().map(|dir| dir.join("actionsd").join("actionsd.db"))
+    }
+
+    /// Checks, without changing it, that the database at `path` has every
+    /// built-in migration applied and no unknown one.
+    pub async fn check_migrations(path: &Path) -> Result<(), String> {
+        if !path.exists() {
+            return Err(format!(
+                "{} does not exist: every migration is pending (run `actionsd migrate`)",
+                path.display()
+            ));
+        }
+        let options = SqliteConnectOptions::new().filename(path).read_only(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let applied: Result<Vec<i64>, _> = sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&pool)
+        .await;
+        pool.close().await;
+        let applied = applied.unwrap_or_default();
+        super::check_applied(&applied, &MIGRATOR)
     }
 
     pub fn path(&self) -> &Path {
@@ -609,6 +635,56 @@ impl Store for SqliteStore {
         outcome.timed_out = due.len();
         tx.commit().await.map_err(db_error)?;
         Ok(outcome)
+    }
+
+    async fn delete_finished_runs(
+        &self,
+        finished_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<super::Deleted, Error> {
+        retention::delete_finished_runs(self, finished_before, limit).await
+    }
+
+    async fn delete_run(&self, run: &RunId) -> Result<super::Deleted, Error> {
+        retention::delete_run(self, run).await
+    }
+
+    async fn queue_stats(&self, limit: usize) -> Result<super::QueueStats, Error> {
+        let rows = sqlx::query(
+            "SELECT COALESCE(queue, ''), count(*), min(created_at) FROM actions \
+             WHERE phase = 1 AND kind = 1 GROUP BY queue ORDER BY count(*) DESC LIMIT ?1",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let mut queues = Vec::with_capacity(rows.len());
+        for row in &rows {
+            queues.push(super::QueueDepth {
+                queue: row.get(0),
+                queued: row.get(1),
+                oldest: time_from_micros(row.get::<i64, _>(2))?,
+            });
+        }
+        let leases_held: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM actions \
+             WHERE lease_deadline IS NOT NULL AND phase NOT IN {TERMINAL_PHASES}"
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(super::QueueStats {
+            queues,
+            leases_held,
+        })
+    }
+
+    fn pool_stats(&self) -> super::PoolStats {
+        super::PoolStats {
+            open: self.pool.size(),
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+            max: self.pool.options().get_max_connections(),
+        }
     }
 
     async fn ping(&self) -> Result<(), Error> {

@@ -183,6 +183,8 @@ macro_rules! conformance {
 /// the way a crash would.
 pub struct Daemon {
     pub addr: SocketAddr,
+    /// The `/metrics` admin listener, when configured.
+    pub admin_addr: Option<SocketAddr>,
     token: CancellationToken,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -226,10 +228,12 @@ impl Daemon {
             .unwrap()
             .expect("daemon builds");
         let addr = app.local_addr();
+        let admin_addr = app.admin_addr();
         let token = app.shutdown_token();
         let handle = runtime.spawn(app.run());
         Self {
             addr,
+            admin_addr,
             token,
             handle: Some(handle),
             runtime: Some(runtime),

@@ -12,6 +12,7 @@ mod enqueue;
 mod load;
 mod pgbench;
 mod report;
+mod retention;
 mod watch;
 
 use std::path::PathBuf;
@@ -76,6 +77,9 @@ enum Scenario {
     Drain,
     /// Enqueue → lease latency with an idle executor, 200 enqueues/s.
     Dispatch,
+    /// Enqueue latency during a retention pass over 100,000 finished
+    /// actions, beside the same load without it.
+    Retention,
 }
 
 /// What every scenario gets.
@@ -176,6 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Scenario::Fanout => watch::fanout(&settings, &mut report).await,
             Scenario::Drain => drain::drain(&settings, &mut report).await,
             Scenario::Dispatch => drain::dispatch(&settings, &mut report).await,
+            Scenario::Retention => retention::retention(&settings, &mut report).await,
         };
         if let Err(err) = result {
             report.fail(format!("{scenario:?}: {err:#}"));

@@ -1,0 +1,130 @@
+//! Deleting finished runs (retention and `actionsctl delete-run`).
+//!
+//! A batch locks the runs it deletes with `FOR UPDATE SKIP LOCKED`: a run a
+//! writer holds is skipped rather than waited for, and writers wait at
+//! most one small batch for a run being deleted (whose writes would be
+//! refused anyway: every action of it is terminal).
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Row};
+
+use super::{db_error, PgStore, TERMINAL_PHASES};
+use crate::domain::{Error, RunId};
+use crate::store::Deleted;
+
+pub(super) async fn delete_finished_runs(
+    store: &PgStore,
+    finished_before: DateTime<Utc>,
+    limit: usize,
+) -> Result<Deleted, Error> {
+    let mut tx = store.pool.begin().await.map_err(db_error)?;
+    let rows = sqlx::query(&format!(
+        "SELECT r.org, r.project, r.domain, r.name FROM actions a \
+         JOIN runs r ON r.org = a.org AND r.project = a.project AND r.domain = a.domain \
+             AND r.name = a.run_name AND r.root_name = a.name \
+         WHERE a.parent_name IS NULL AND a.end_time < $1 AND a.phase IN {TERMINAL_PHASES} \
+           AND NOT EXISTS (SELECT 1 FROM actions c \
+               WHERE c.org = a.org AND c.project = a.project AND c.domain = a.domain \
+                 AND c.run_name = a.run_name AND c.phase NOT IN {TERMINAL_PHASES}) \
+         ORDER BY a.end_time \
+         LIMIT $2 \
+         FOR UPDATE OF r SKIP LOCKED"
+    ))
+    .bind(finished_before)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    let runs: Vec<RunId> = rows
+        .iter()
+        .map(|row| RunId {
+            org: row.get(0),
+            project: row.get(1),
+            domain: row.get(2),
+            name: row.get(3),
+        })
+        .collect();
+    if runs.is_empty() {
+        return Ok(Deleted::default());
+    }
+    let deleted = delete_runs(&mut tx, &runs).await?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(deleted)
+}
+
+pub(super) async fn delete_run(store: &PgStore, run: &RunId) -> Result<Deleted, Error> {
+    let mut tx = store.pool.begin().await.map_err(db_error)?;
+    let found = sqlx::query(
+        "SELECT 1 FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4 \
+         FOR UPDATE",
+    )
+    .bind(&run.org)
+    .bind(&run.project)
+    .bind(&run.domain)
+    .bind(&run.name)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    if found.is_none() {
+        return Err(Error::RunNotFound(run.clone()));
+    }
+    let going: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM actions \
+         WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 \
+           AND phase NOT IN {TERMINAL_PHASES}"
+    ))
+    .bind(&run.org)
+    .bind(&run.project)
+    .bind(&run.domain)
+    .bind(&run.name)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    if going > 0 {
+        return Err(Error::FailedPrecondition(format!(
+            "run {run} is still going: {going} of its actions have not finished; abort it first"
+        )));
+    }
+    let deleted = delete_runs(&mut tx, std::slice::from_ref(run)).await?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(deleted)
+}
+
+/// Deletes the runs' events, actions and rows (all of a run's actions in
+/// one statement, so the parent references are checked once, at its end).
+async fn delete_runs(conn: &mut PgConnection, runs: &[RunId]) -> Result<Deleted, Error> {
+    let column = |get: fn(&RunId) -> &String| runs.iter().map(get).cloned().collect::<Vec<_>>();
+    let (orgs, projects, domains, names) = (
+        column(|r| &r.org),
+        column(|r| &r.project),
+        column(|r| &r.domain),
+        column(|r| &r.name),
+    );
+    let mut deleted = Deleted::default();
+    for (table, run_column) in [
+        ("events", "run_name"),
+        ("actions", "run_name"),
+        ("runs", "name"),
+    ] {
+        let result = sqlx::query(&format!(
+            "DELETE FROM {table} t \
+             USING UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS v(org, project, domain, name) \
+             WHERE t.org = v.org AND t.project = v.project AND t.domain = v.domain \
+               AND t.{run_column} = v.name"
+        ))
+        .bind(&orgs)
+        .bind(&projects)
+        .bind(&domains)
+        .bind(&names)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
+        let count = result.rows_affected();
+        match table {
+            "events" => deleted.events = count,
+            "actions" => deleted.actions = count,
+            _ => deleted.runs = count,
+        }
+    }
+    Ok(deleted)
+}

@@ -1,0 +1,428 @@
+//! Operations: `/metrics` scraped and parsed with a Prometheus text parser
+//! after calls on each protocol, retention on both stores, and
+//! `actionsd migrate --check`.
+
+mod common;
+
+conformance!(
+    metrics_count_calls_on_every_protocol,
+    metrics_on_an_admin_listener,
+    retention_deletes_finished_runs_and_nothing_still_going,
+    migrate_check_reports_pending_and_unknown_migrations,
+);
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use actionsd::proto::actionsd::read::v1::{
+    read_service_client::ReadServiceClient, GetActionRequest, ListRunsRequest,
+};
+use common::*;
+use prost::Message;
+use tonic::Code;
+
+/// Scrapes `/metrics` and parses it with `prometheus-parse`.
+async fn scrape(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
+    let http = reqwest::Client::builder().timeout(TIMEOUT).build().unwrap();
+    let response = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("scrapes /metrics");
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("parses")
+}
+
+/// The value of the sample named `name` whose labels include `labels`
+/// (0 when there is none).
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+fn rpc(service: &str, method: &str, protocol: &str, code: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("service", service.to_owned()),
+        ("method", method.to_owned()),
+        ("protocol", protocol.to_owned()),
+        ("code", code.to_owned()),
+    ]
+}
+
+fn requests(scrape: &prometheus_parse::Scrape, labels: &[(&'static str, String)]) -> f64 {
+    let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    value(scrape, "actionsd_rpc_requests_total", &labels)
+}
+
+/// Known calls on gRPC, gRPC-Web and Connect move the request counters by
+/// service, method, protocol and code; the latency histogram, pool and
+/// process metrics are there; no label carries an id.
+async fn metrics_count_calls_on_every_protocol(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
+    let before = scrape(daemon.addr).await;
+    let mut client = daemon.client().await;
+    let mut reader = ReadServiceClient::connect(format!("http://{}", daemon.addr))
+        .await
+        .unwrap();
+    let actions = "flyteidl2.actions.ActionsService";
+    let read = "actionsd.read.v1.ReadService";
+
+    // gRPC: two enqueues, one lookup that fails NOT_FOUND.
+    client.enqueue(task("m1", "a0", None)).await.unwrap();
+    client.enqueue(task("m1", "a1", Some("a0"))).await.unwrap();
+    let missing = reader
+        .get_action(GetActionRequest {
+            id: Some(aid("m1", "nope")),
+        })
+        .await;
+    assert_eq!(missing.unwrap_err().code(), Code::NotFound);
+
+    // Connect (JSON): one ListRuns, one GetAction that is not found.
+    let http = reqwest::Client::builder().timeout(TIMEOUT).build().unwrap();
+    let connect = |method: &str, body: &'static str| {
+        http.post(format!("http://{}/{read}/{method}", daemon.addr))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    assert_eq!(connect("ListRuns", "{}").await.unwrap().status(), 200);
+    let not_found = connect(
+        "GetAction",
+        r#"{"id":{"run":{"project":"p","domain":"d","name":"none"},"name":"x"}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(not_found.status(), 404);
+    let _ = not_found.bytes().await;
+
+    // gRPC-Web: one ListRuns, its status in the trailer frame.
+    let message = ListRunsRequest::default().encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&message);
+    let web = http
+        .post(format!("http://{}/{read}/ListRuns", daemon.addr))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(frame)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(web.status(), 200);
+    let body = web.bytes().await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&body).contains("grpc-status:0"),
+        "{body:?}"
+    );
+
+    // A watch stream counts as open while it is.
+    let watcher = Watcher::open(&mut client, "m1", "a0").await;
+    let during = scrape(daemon.addr).await;
+    assert!(
+        value(
+            &during,
+            "actionsd_open_streams",
+            &[("method", "WatchForUpdates")]
+        ) >= 1.0
+    );
+    drop(watcher);
+
+    // Counters are recorded when a response ends; scrape until they are.
+    let expected = [
+        (rpc(actions, "Enqueue", "grpc", "ok"), 2.0),
+        (rpc(read, "GetAction", "grpc", "not_found"), 1.0),
+        (rpc(read, "ListRuns", "connect", "ok"), 1.0),
+        (rpc(read, "GetAction", "connect", "not_found"), 1.0),
+        (rpc(read, "ListRuns", "grpc_web", "ok"), 1.0),
+    ];
+    let deadline = Instant::now() + TIMEOUT;
+    let after = loop {
+        let after = scrape(daemon.addr).await;
+        let moved = expected
+            .iter()
+            .all(|(labels, n)| requests(&after, labels) - requests(&before, labels) >= *n);
+        if moved {
+            break after;
+        }
+        assert!(Instant::now() < deadline, "counters did not move");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let seconds = |scrape: &prometheus_parse::Scrape| {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| {
+                s.metric == "actionsd_rpc_duration_seconds_count"
+                    && s.labels.get("method") == Some("Enqueue")
+                    && s.labels.get("protocol") == Some("grpc")
+            })
+            .map(|s| match s.value {
+                prometheus_parse::Value::Untyped(v) | prometheus_parse::Value::Counter(v) => v,
+                _ => 0.0,
+            })
+            .sum::<f64>()
+    };
+    assert!(seconds(&after) - seconds(&before) >= 2.0);
+    assert!(after
+        .samples
+        .iter()
+        .any(|s| s.metric == "actionsd_rpc_duration_seconds"
+            && matches!(s.value, prometheus_parse::Value::Histogram(_))));
+    assert!(value(&after, "actionsd_store_pool_max_connections", &[]) >= 1.0);
+    assert!(value(&after, "process_resident_memory_bytes", &[]) > 0.0);
+    assert!(value(&after, "actionsd_store_up", &[]) == 1.0);
+    // Bounded labels: no run or action name appears anywhere.
+    for sample in &after.samples {
+        for (_, label) in sample.labels.iter() {
+            assert!(!label.contains("m1") && !label.contains("nope"), "{label}");
+        }
+    }
+    daemon.stop().await;
+}
+
+/// With `metrics.listen` set, `/metrics` moves to the admin listener and
+/// the API port no longer answers it.
+async fn metrics_on_an_admin_listener(db: TestDb) {
+    let daemon = Daemon::start_with(&db, |config| {
+        config.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let admin = daemon.admin_addr.expect("an admin listener");
+    let scraped = scrape(admin).await;
+    assert!(scraped
+        .docs
+        .contains_key("actionsd_store_pool_max_connections"));
+    let http = reqwest::Client::builder().timeout(TIMEOUT).build().unwrap();
+    let api = http
+        .get(format!("http://{}/metrics", daemon.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(api.status(), 200);
+    daemon.stop().await;
+}
+
+/// Counts of (run, rows) in one table.
+async fn per_run(db: &TestDb, table: &str) -> HashMap<String, i64> {
+    let column = if table == "runs" { "name" } else { "run_name" };
+    rows!(
+        db,
+        (String, i64),
+        &format!("SELECT {column}, count(*) FROM {table} GROUP BY {column}")
+    )
+    .into_iter()
+    .collect()
+}
+
+/// Finished runs go, with every action and event, once their root ended
+/// `period` ago; a run still going stays whole, however old; a run that
+/// finishes while passes keep running stays until its own period is over.
+async fn retention_deletes_finished_runs_and_nothing_still_going(db: TestDb) {
+    let period = Duration::from_secs(2);
+    let daemon = Daemon::start_with(&db, |config| {
+        config.retention.period = period;
+        config.retention.interval = Duration::from_millis(100);
+        config.retention.batch_size = 2;
+        config.retention.batch_pause = Duration::from_millis(1);
+    })
+    .await;
+    let mut client = daemon.client().await;
+    // Five finished runs (more than two batches), each with a child.
+    for n in 0..5 {
+        let run = format!("done{n}");
+        client.enqueue(task(&run, "a0", None)).await.unwrap();
+        client.enqueue(task(&run, "a1", Some("a0"))).await.unwrap();
+        client
+            .update(status_update(&run, "a1", 1, SUCCEEDED))
+            .await
+            .unwrap();
+        client
+            .update(status_update(&run, "a0", 1, SUCCEEDED))
+            .await
+            .unwrap();
+    }
+    // A run still going: its root runs.
+    client.enqueue(task("going", "a0", None)).await.unwrap();
+    client
+        .update(status_update("going", "a0", 1, RUNNING))
+        .await
+        .unwrap();
+    // A run whose root finished while a child still runs.
+    client.enqueue(task("child", "a0", None)).await.unwrap();
+    client
+        .enqueue(task("child", "a1", Some("a0")))
+        .await
+        .unwrap();
+    client
+        .update(status_update("child", "a1", 1, RUNNING))
+        .await
+        .unwrap();
+    let root_finished = client
+        .update(status_update("child", "a0", 1, SUCCEEDED))
+        .await
+        .is_ok();
+    // A run that finishes later, while passes run every 100 ms.
+    client.enqueue(task("late", "a0", None)).await.unwrap();
+
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let runs = per_run(&db, "runs").await;
+        if (0..5).all(|n| !runs.contains_key(&format!("done{n}"))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "finished runs were not deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client
+        .update(status_update("late", "a0", 1, SUCCEEDED))
+        .await
+        .unwrap();
+    let finished_late = Instant::now();
+    // Several passes after it finished, within its period: still whole.
+    tokio::time::sleep(period / 2).await;
+    let (runs, actions, events) = (
+        per_run(&db, "runs").await,
+        per_run(&db, "actions").await,
+        per_run(&db, "events").await,
+    );
+    assert!(finished_late.elapsed() < period, "the machine is too slow");
+    for n in 0..5 {
+        let run = format!("done{n}");
+        assert!(!actions.contains_key(&run) && !events.contains_key(&run));
+    }
+    assert_eq!(runs.get("late"), Some(&1));
+    assert_eq!(events.get("late"), Some(&2), "{events:?}");
+    // Long after: the late run is gone, those still going are whole.
+    let deadline = Instant::now() + TIMEOUT;
+    while per_run(&db, "runs").await.contains_key("late") {
+        assert!(Instant::now() < deadline, "the late run was not deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(period).await;
+    let (runs, actions, events) = (
+        per_run(&db, "runs").await,
+        per_run(&db, "actions").await,
+        per_run(&db, "events").await,
+    );
+    assert_eq!(actions.get("going"), Some(&1));
+    assert_eq!(events.get("going"), Some(&2));
+    if root_finished {
+        assert_eq!(runs.get("child"), Some(&1));
+        assert_eq!(actions.get("child"), Some(&2));
+    }
+    let scraped = scrape(daemon.addr).await;
+    assert!(
+        value(
+            &scraped,
+            "actionsd_retention_deleted_total",
+            &[("kind", "runs")]
+        ) >= 6.0
+    );
+    daemon.stop().await;
+}
+
+/// `actionsd migrate --check` exits 0 on an up-to-date database and
+/// non-zero, naming the problem, when a migration is pending or unknown.
+async fn migrate_check_reports_pending_and_unknown_migrations(db: TestDb) {
+    let check = |url: String| async move {
+        tokio::time::timeout(
+            TIMEOUT,
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_actionsd"))
+                .args(["migrate", "--check", "--database-url", &url])
+                .env_remove("ACTIONSD_CONFIG")
+                .output(),
+        )
+        .await
+        .expect("in time")
+        .expect("runs")
+    };
+    if !db.is_postgres() {
+        // A missing file: everything is pending.
+        let output = check(db.url()).await;
+        assert!(!output.status.success());
+        assert!(String::from_utf8_lossy(&output.stderr).contains("pending"));
+        // Brought up to date by a daemon.
+        Daemon::start(&db).await.stop().await;
+    }
+    let output = check(db.url()).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let unknown = "INSERT INTO _sqlx_migrations \
+        (version, description, success, checksum, execution_time) \
+        VALUES (29991231000000, 'from the future', true, x'00', 0)";
+    let forget = "DELETE FROM _sqlx_migrations WHERE version = 20261201040000";
+    for statement in [unknown, forget] {
+        match &db {
+            TestDb::Postgres(pool) => {
+                let statement = statement.replace("x'00'", "'\\x00'::bytea");
+                sqlx::query(&statement).execute(pool).await.unwrap();
+            }
+            TestDb::Sqlite { pool, .. } => {
+                sqlx::query(statement).execute(pool).await.unwrap();
+            }
+        }
+    }
+    let output = check(db.url()).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unknown migrations [29991231000000]"), "{stderr}");
+    assert!(stderr.contains("pending migrations [20261201040000]"), "{stderr}");
+}
+
+/// The dashboard and the alert rules parse, and every actionsd metric they
+/// query is one the daemon records.
+#[test]
+fn dashboard_and_alerts_use_only_recorded_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ops");
+    let dashboard = std::fs::read_to_string(root.join("grafana-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard JSON");
+    let mut queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().expect("expr").to_owned())
+        .collect();
+    let alerts = std::fs::read_to_string(root.join("prometheus-alerts.yml")).unwrap();
+    let alerts: serde_yaml_ng::Value = serde_yaml_ng::from_str(&alerts).expect("alerts YAML");
+    let rules = alerts["groups"][0]["rules"].as_sequence().expect("rules");
+    assert!(rules.len() >= 4);
+    queries.extend(
+        rules
+            .iter()
+            .map(|r| r["expr"].as_str().expect("expr").to_owned()),
+    );
+    let mut seen = 0;
+    for query in &queries {
+        for (start, _) in query.match_indices("actionsd_") {
+            let name: String = query[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(&name);
+            assert!(
+                actionsd::metrics::names::ALL.contains(&base),
+                "{name} in {query}"
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 15, "{seen}");
+}
