@@ -9,6 +9,7 @@ conformance!(
     metrics_on_an_admin_listener,
     retention_deletes_finished_runs_and_nothing_still_going,
     migrate_check_reports_pending_and_unknown_migrations,
+    actionsctl_deletes_a_finished_run_and_refuses_one_still_going,
 );
 
 use std::collections::HashMap;
@@ -425,4 +426,62 @@ fn dashboard_and_alerts_use_only_recorded_metrics() {
         }
     }
     assert!(seen >= 15, "{seen}");
+}
+
+/// `actionsctl delete-run`: a finished run goes with its actions and
+/// events; a run still going is refused (exit 5, FAILED_PRECONDITION) and
+/// kept whole; an unknown run is NOT_FOUND.
+async fn actionsctl_deletes_a_finished_run_and_refuses_one_still_going(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
+    let mut client = daemon.client().await;
+    client.enqueue(task("fin", "a0", None)).await.unwrap();
+    client.enqueue(task("fin", "a1", Some("a0"))).await.unwrap();
+    client
+        .update(status_update("fin", "a1", 1, SUCCEEDED))
+        .await
+        .unwrap();
+    client
+        .update(status_update("fin", "a0", 1, FAILED))
+        .await
+        .unwrap();
+    client.enqueue(task("live", "a0", None)).await.unwrap();
+    let ctl = |args: Vec<&'static str>| {
+        let server = format!("http://{}", daemon.addr);
+        async move {
+            let output = tokio::time::timeout(
+                TIMEOUT,
+                tokio::process::Command::new(env!("CARGO_BIN_EXE_actionsctl"))
+                    .env("ACTIONSD_SERVER", server)
+                    .env_remove("ACTIONSD_ORG")
+                    .env_remove("ACTIONSD_PROJECT")
+                    .env_remove("ACTIONSD_DOMAIN")
+                    .env_remove("ACTIONSD_OUTPUT")
+                    .args(["--project", "flytesnacks", "--domain", "development"])
+                    .args(args)
+                    .output(),
+            )
+            .await
+            .expect("in time")
+            .expect("runs");
+            (
+                output.status.code().expect("exited"),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        }
+    };
+    let (code, stdout, stderr) = ctl(vec!["delete-run", "fin"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("2 actions, 4 events"), "{stdout}");
+    let (code, _, stderr) = ctl(vec!["delete-run", "live"]).await;
+    assert_eq!(code, 5, "{stderr}");
+    assert!(stderr.contains("still going"), "{stderr}");
+    let (code, _, stderr) = ctl(vec!["delete-run", "fin"]).await;
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains("not found"), "{stderr}");
+    let runs = per_run(&db, "runs").await;
+    assert!(!runs.contains_key("fin") && runs.contains_key("live"));
+    assert!(!per_run(&db, "events").await.contains_key("fin"));
+    assert_eq!(per_run(&db, "actions").await.get("live"), Some(&1));
+    daemon.stop().await;
 }

@@ -107,6 +107,13 @@ pub struct Global {
     pub timeout: Duration,
 }
 
+/// A run, by name.
+#[derive(Args, Debug, Clone)]
+pub struct RunRef {
+    /// The run's name.
+    pub run: String,
+}
+
 /// An action, by run and name.
 #[derive(Args, Debug, Clone)]
 pub struct ActionRef {
@@ -164,6 +171,16 @@ Example:
   actionsctl history r1 fetch"
     )]
     History(ActionRef),
+    /// Delete a finished run with its actions and history.
+    #[command(
+        long_about = "Delete a finished run (every action terminal) with its actions and
+history, as retention does once retention.period has passed. A run still
+going gets FAILED_PRECONDITION (exit code 5): abort it first.
+
+Example:
+  actionsctl delete-run r1"
+    )]
+    DeleteRun(RunRef),
     /// Watch a run live: a tree of its actions with phase, attempt and
     /// duration.
     #[command(long_about = WATCH_ABOUT)]

@@ -59,6 +59,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Ls(args) => ls(&global, args).await,
         Command::Runs(args) => runs(&global, args).await,
         Command::History(target) => history(&global, &target).await,
+        Command::DeleteRun(target) => delete_run(&global, &target.run).await,
         Command::Watch(args) => {
             let channel = connect(&global).await?;
             let tty = global.output == Format::Table && std::io::stdout().is_terminal();
@@ -401,6 +402,32 @@ async fn runs(global: &Global, args: RunsArgs) -> Result<u8> {
     ))?;
     if !all.next_page_token.is_empty() {
         eprintln!("more: add --page-token {} (or --all)", all.next_page_token);
+    }
+    Ok(exit::OK)
+}
+
+async fn delete_run(global: &Global, run: &str) -> Result<u8> {
+    let mut client = ReadServiceClient::new(connect(global).await?);
+    let response = client
+        .delete_run(request(
+            global,
+            read::DeleteRunRequest {
+                run_id: Some(run_id(global, run)),
+            },
+        ))
+        .await?
+        .into_inner();
+    if global.output != Format::Table {
+        output::print_message(
+            global.output,
+            "actionsd.read.v1.DeleteRunResponse",
+            &response,
+        )?;
+    } else {
+        println!(
+            "deleted run {run}: {} actions, {} events",
+            response.actions, response.events
+        );
     }
     Ok(exit::OK)
 }

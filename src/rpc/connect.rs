@@ -307,6 +307,10 @@ impl Handler {
                 self.unary(request, codec, types, |r| read.get_history(r))
                     .await
             }
+            ("/actionsd.read.v1.ReadService/DeleteRun", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| read.delete_run(r))
+                    .await
+            }
             ("/actionsd.read.v1.ReadService/WatchRun", Kind::Stream(codec)) => {
                 self.server_stream(request, codec, types, |r| read.watch_run(r))
                     .await

@@ -242,6 +242,24 @@ impl ReadService for ReadApi {
         .await
     }
 
+    async fn delete_run(
+        &self,
+        request: Request<read::DeleteRunRequest>,
+    ) -> Result<Response<read::DeleteRunResponse>, Status> {
+        async {
+            let run = convert::run_id("run_id", request.get_ref().run_id.as_ref())?;
+            let deleted = self.store.delete_run(&run).await?;
+            crate::retention::record(deleted);
+            tracing::info!(run = %run, actions = deleted.actions, "run deleted by request");
+            Ok(Response::new(read::DeleteRunResponse {
+                actions: deleted.actions,
+                events: deleted.events,
+            }))
+        }
+        .instrument(span("DeleteRun"))
+        .await
+    }
+
     async fn get_history(
         &self,
         request: Request<read::GetHistoryRequest>,
