@@ -281,7 +281,13 @@ impl Application {
         // HTTP/1.1 and HTTP/2 (h2c) on one listener: Connect and gRPC-Web
         // clients may use either.
         let metrics_here = (config.metrics.enabled && admin.is_none()).then(|| store.clone());
+        let trace_context = config
+            .tracing
+            .otlp_endpoint
+            .is_some()
+            .then_some(crate::telemetry::TraceContextLayer);
         let service = ServiceBuilder::new()
+            .option_layer(trace_context)
             .layer(RpcMetricsLayer::new(metrics_here))
             .layer(EdgeLayer::new(EdgeSettings {
                 request_timeout: server_config.request_timeout,

@@ -93,6 +93,20 @@ pub struct Config {
     pub executor: ExecutorConfig,
     pub metrics: MetricsConfig,
     pub retention: RetentionConfig,
+    pub tracing: TracingConfig,
+}
+
+/// OpenTelemetry trace export.
+#[derive(Debug, Clone)]
+pub struct TracingConfig {
+    /// The OTLP/gRPC collector (`http://host:4317`); none: traces are off.
+    pub otlp_endpoint: Option<String>,
+    pub service_name: String,
+    /// Share of new traces sampled (0.0–1.0); a `traceparent` that says
+    /// sampled is always followed.
+    pub sample_ratio: f64,
+    /// Bound on one export call.
+    pub export_timeout: Duration,
 }
 
 /// Where `GET /metrics` is served.
@@ -197,6 +211,18 @@ struct FileConfig {
     metrics: FileMetrics,
     #[serde(default)]
     retention: FileRetention,
+    #[serde(default)]
+    tracing: FileTracing,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTracing {
+    otlp_endpoint: Option<String>,
+    service_name: Option<String>,
+    sample_ratio: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    export_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -432,6 +458,18 @@ impl Config {
                 enabled: file.metrics.enabled.unwrap_or(true),
                 listen: file.metrics.listen,
             },
+            tracing: TracingConfig {
+                otlp_endpoint: file.tracing.otlp_endpoint.filter(|e| !e.is_empty()),
+                service_name: file
+                    .tracing
+                    .service_name
+                    .unwrap_or_else(|| "actionsd".to_owned()),
+                sample_ratio: file.tracing.sample_ratio.unwrap_or(1.0),
+                export_timeout: file
+                    .tracing
+                    .export_timeout
+                    .unwrap_or(Duration::from_secs(10)),
+            },
             retention: RetentionConfig {
                 enabled: file.retention.enabled.unwrap_or(true),
                 period: file
@@ -509,6 +547,20 @@ impl Config {
         positive("retention.period", !self.retention.period.is_zero())?;
         positive("retention.interval", !self.retention.interval.is_zero())?;
         positive("retention.batch_size", self.retention.batch_size > 0)?;
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            return Err(ConfigError::Invalid {
+                setting: "tracing.sample_ratio",
+                message: "must be between 0.0 and 1.0".to_owned(),
+            });
+        }
+        if let Some(endpoint) = &self.tracing.otlp_endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(ConfigError::Invalid {
+                    setting: "tracing.otlp_endpoint",
+                    message: "expected http://host:port or https://host:port".to_owned(),
+                });
+            }
+        }
         positive(
             "executor.reaper_interval",
             !self.executor.reaper_interval.is_zero(),

@@ -135,14 +135,16 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = load(args.common, args.listen, args.workers)?;
-            telemetry::init(config.log_format);
+            let traces = telemetry::init_with(config.log_format, Some(&config.tracing));
             let app = Application::build(config).await?;
             let shutdown = app.shutdown_token();
             tokio::spawn(async move {
                 wait_for_signal().await;
                 shutdown.cancel();
             });
-            app.run().await
+            let result = app.run().await;
+            tokio::task::spawn_blocking(move || traces.shutdown()).await?;
+            result
         }
         Command::Migrate(args) => {
             let config = load(args.common, None, None)?;

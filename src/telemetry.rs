@@ -1,4 +1,7 @@
-//! Logging: tracing-subscriber, human or JSON, filtered by `RUST_LOG`.
+//! Logging: tracing-subscriber, human or JSON, filtered by `RUST_LOG`;
+//! and, when `tracing.otlp_endpoint` is set, OpenTelemetry traces exported
+//! over OTLP/gRPC. With no endpoint no OpenTelemetry layer is installed at
+//! all, so spans cost what they cost without it.
 
 use std::fmt::{self, Write as _};
 
@@ -8,22 +11,158 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::FormatFields;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::{LogFormat, TracingConfig};
 
 const DEFAULT_FILTER: &str = "info,sqlx=warn";
 
 /// Installs the global subscriber. Call once, from `main`.
 pub fn init(format: LogFormat) {
+    init_with(format, None);
+}
+
+/// Exports spans while alive; `shutdown` flushes what is buffered.
+pub struct TraceGuard(Option<SdkTracerProvider>);
+
+impl TraceGuard {
+    /// Flushes and stops the exporter (bounded by the SDK's export
+    /// timeout).
+    pub fn shutdown(self) {
+        if let Some(provider) = self.0 {
+            if let Err(err) = provider.shutdown() {
+                tracing::warn!(error = %err, "cannot flush traces");
+            }
+        }
+    }
+}
+
+/// Installs the global subscriber, with OpenTelemetry export when
+/// `tracing` has an endpoint. Call once, from `main`, inside the runtime
+/// (the OTLP channel starts its worker on it).
+pub fn init_with(format: LogFormat, tracing: Option<&TracingConfig>) -> TraceGuard {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let (provider, error) = match tracing.and_then(|t| t.otlp_endpoint.as_ref().map(|e| (t, e))) {
+        Some((config, endpoint)) => match tracer_provider(config, endpoint) {
+            Ok(provider) => (Some(provider), None),
+            Err(err) => (None, Some(err)),
+        },
+        None => (None, None),
+    };
+    let otel = provider.as_ref().map(|provider| {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        tracing_opentelemetry::layer().with_tracer(provider.tracer("actionsd"))
+    });
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     match format {
-        LogFormat::Human => builder.fmt_fields(EscapedFields).init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
+        LogFormat::Human => registry
+            .with(tracing_subscriber::fmt::layer().fmt_fields(EscapedFields))
             .init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true),
+            )
+            .init(),
+    }
+    if let Some(err) = error {
+        tracing::warn!(error = %err, "cannot set up trace export; traces are off");
+    }
+    TraceGuard(provider)
+}
+
+fn tracer_provider(
+    config: &TracingConfig,
+    endpoint: &str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_timeout(config.export_timeout)
+        .build()?;
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            config.sample_ratio,
+        ))))
+        .with_resource(
+            Resource::builder()
+                .with_service_name(config.service_name.clone())
+                .build(),
+        )
+        .build())
+}
+
+/// Opens a server span per request whose parent is the request's W3C
+/// `traceparent` (and `tracestate`), on every protocol: the headers are
+/// read before the gRPC-Web and Connect adapters, and gRPC metadata are
+/// HTTP/2 headers. Installed only when traces are exported.
+#[derive(Clone, Copy, Default)]
+pub struct TraceContextLayer;
+
+impl<S> tower::Layer<S> for TraceContextLayer {
+    type Service = TraceContext<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TraceContext { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct TraceContext<S> {
+    inner: S,
+}
+
+/// Reads propagation headers from an HTTP header map.
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for TraceContext<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tracing::instrument::Instrumented<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        use tracing::Instrument;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.extract(&HeaderExtractor(request.headers()))
+        });
+        let span = tracing::info_span!(
+            "request",
+            otel.name = %request.uri().path(),
+            otel.kind = "server",
+        );
+        let _ = span.set_parent(parent);
+        self.inner.call(request).instrument(span)
     }
 }
 

@@ -266,7 +266,11 @@ impl Detached {
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, Error>> + Send + 'static,
     {
-        tokio::spawn(write(self.inner.clone()))
+        // In the caller's span, so the write's spans join the request's
+        // trace.
+        tokio::spawn(tracing::Instrument::in_current_span(write(
+            self.inner.clone(),
+        )))
             .await
             .map_err(|err| {
                 tracing::error!(error = %err, "store write task failed");

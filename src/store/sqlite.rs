@@ -264,6 +264,7 @@ fn lock_file(path: &Path) -> Result<fd_lock::RwLock<File>, OpenError> {
 
 #[async_trait]
 impl Store for SqliteStore {
+    #[instrument(skip_all, fields(action = %command.action_id()))]
     async fn execute(&self, command: Command) -> Result<usize, Error> {
         let committers = self.committers.get_or_init(|| {
             let pool = self.pool.clone();
