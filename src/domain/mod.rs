@@ -6,6 +6,7 @@ mod action;
 mod error;
 mod executor;
 mod ids;
+pub mod limits;
 mod phase;
 mod read;
 mod rules;
@@ -16,7 +17,7 @@ pub use action::{
 };
 pub use error::Error;
 pub use executor::{
-    decide_finish, default_output_uri, Cancellation, ClaimRequest, FinishAction, HeartbeatOutcome,
+    decide_finish, output_uri, Cancellation, ClaimRequest, FinishAction, HeartbeatOutcome,
     Lease, ReapOutcome, ReapSettings,
 };
 pub use ids::{ActionId, RunId, WatchKey};

@@ -170,6 +170,7 @@ pub(crate) mod checks {
             phase,
             start_time: None,
             end_time: None,
+            address: None,
         })
     }
 

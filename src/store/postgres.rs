@@ -16,7 +16,7 @@ use tracing::{instrument, warn};
 use super::commit::{Committers, GroupCommit};
 use super::{FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
 use crate::domain::{
-    decide_enqueue_existing, decide_finish, decide_signal, decide_update, default_output_uri,
+    decide_enqueue_existing, decide_finish, decide_signal, decide_update, output_uri,
     AbortAction, ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current,
     EnqueueAction, Error, FinishAction, HeartbeatOutcome, Lease, Phase, ReapOutcome, ReapSettings,
     RunId, SignalAction, UpdateStatus,
@@ -32,7 +32,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/post
 /// The columns of an action's observable state, in [`state_from_row`] order.
 macro_rules! state_columns {
     () => {
-        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value, queue, lease_holder"
+        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value, queue, lease_holder, kind, run_output_base, address"
     };
 }
 
@@ -52,6 +52,7 @@ macro_rules! insert_events_from_changed {
 const TERMINAL_PHASES: &str = "(5, 6, 7, 8, 10)";
 
 mod read;
+mod time;
 
 pub struct PgStore {
     pool: PgPool,
@@ -313,7 +314,7 @@ impl Store for PgStore {
                 }
                 let id = action_id_from_row(candidate)?;
                 after = Some((
-                    candidate.try_get("created_at").map_err(db_error)?,
+                    time::get(candidate, "created_at")?,
                     id.clone(),
                 ));
                 let limit: i32 = candidate
@@ -380,8 +381,7 @@ impl Store for PgStore {
             }
             cancelled.push(Cancellation {
                 id: action_id_from_row(row)?,
-                attempt: u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?)
-                    .unwrap_or(0),
+                attempt: attempt_from_db(row.try_get("attempt").map_err(db_error)?)?,
                 reason: row
                     .try_get::<Option<String>, _>("abort_reason")
                     .map_err(db_error)?
@@ -407,7 +407,7 @@ impl Store for PgStore {
 
     async fn reap(&self, settings: &ReapSettings) -> Result<ReapOutcome, Error> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let max = i32::try_from(settings.max_system_retries).unwrap_or(i32::MAX);
+        let max = i64::from(settings.max_system_retries);
         // Expired leases: requeue with the next attempt while retries are
         // left, else fail with a SYSTEM error. Rows another reaper is
         // handling are skipped.
@@ -804,7 +804,7 @@ async fn compare_existing(
 async fn lock_current(conn: &mut PgConnection, id: &ActionId) -> Result<Current, Error> {
     let row = sqlx::query(
         "SELECT kind, phase, attempt, parent_name, condition_type, value, lease_holder, \
-                run_output_base FROM actions \
+                run_output_base, address FROM actions \
          WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5 FOR UPDATE",
     )
     .bind_id(id)
@@ -813,12 +813,11 @@ async fn lock_current(conn: &mut PgConnection, id: &ActionId) -> Result<Current,
     .map_err(db_error)?
     .ok_or_else(|| Error::ActionNotFound(id.clone()))?;
     let kind: i16 = row.try_get("kind").map_err(db_error)?;
-    let attempt: i32 = row.try_get("attempt").map_err(db_error)?;
     Ok(Current {
         kind: ActionKind::from_db(kind)
             .ok_or_else(|| Error::Internal(format!("unknown action kind {kind}")))?,
         phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
-        attempt: u32::try_from(attempt).unwrap_or(0),
+        attempt: attempt_from_db(row.try_get("attempt").map_err(db_error)?)?,
         parent: row.try_get("parent_name").map_err(db_error)?,
         condition_type: row.try_get("condition_type").map_err(db_error)?,
         value: row
@@ -827,6 +826,10 @@ async fn lock_current(conn: &mut PgConnection, id: &ActionId) -> Result<Current,
             .map(Bytes::from),
         lease_holder: row.try_get("lease_holder").map_err(db_error)?,
         run_output_base: row.try_get("run_output_base").map_err(db_error)?,
+        address: row
+            .try_get::<Option<Vec<u8>>, _>("address")
+            .map_err(db_error)?
+            .map(Bytes::from),
     })
 }
 
@@ -840,7 +843,8 @@ async fn update(conn: &mut PgConnection, update: &UpdateStatus) -> Result<usize,
         "WITH changed AS (",
         " UPDATE actions SET phase = $6, attempt = $7, version = version + 1, updated_at = now(),",
         "   start_time = COALESCE($8, start_time),",
-        "   end_time = CASE WHEN $9 THEN COALESCE($10, end_time, now()) ELSE end_time END",
+        "   end_time = CASE WHEN $9 THEN COALESCE($10, end_time, now()) ELSE end_time END,",
+        "   address = COALESCE($11, address)",
         " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5",
         " RETURNING ",
         state_columns!(),
@@ -849,10 +853,11 @@ async fn update(conn: &mut PgConnection, update: &UpdateStatus) -> Result<usize,
     ))
     .bind_id(id)
     .bind(next.phase as i16)
-    .bind(i32::try_from(next.attempt).unwrap_or(i32::MAX))
+    .bind(i64::from(next.attempt))
     .bind(update.start_time)
     .bind(next.phase.is_terminal())
     .bind(update.end_time)
+    .bind(update.address.as_deref())
     .execute(&mut *conn)
     .await
     .map_err(db_error)?;
@@ -885,7 +890,8 @@ async fn abort(conn: &mut PgConnection, abort: &AbortAction) -> Result<usize, Er
             "  WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4",
             "    AND a.name = s.name AND a.phase NOT IN {terminal}",
             "  RETURNING a.org, a.project, a.domain, a.run_name, a.name, a.parent_name, a.version,",
-            "    a.phase, a.attempt, a.output_uri, a.error, a.value, a.queue, a.lease_holder",
+            "    a.phase, a.attempt, a.output_uri, a.error, a.value, a.queue, a.lease_holder,",
+            "    a.kind, a.run_output_base, a.address",
             ")",
             insert_events_from_changed!()
         ),
@@ -1029,11 +1035,13 @@ async fn finish(conn: &mut PgConnection, finish: &FinishAction) -> Result<usize,
     if !decide_finish(id, &current, finish)? {
         return Ok(0);
     }
-    let base = &current.run_output_base;
-    let output_uri = finish
-        .output_uri
-        .clone()
-        .unwrap_or_else(|| default_output_uri(base, &id.name, finish.attempt));
+    let output_uri = output_uri(
+        ActionKind::Task,
+        finish.output_uri.as_deref().unwrap_or_default(),
+        &current.run_output_base,
+        &id.name,
+        finish.attempt,
+    );
     sqlx::query(concat!(
         "WITH changed AS (",
         " UPDATE actions SET phase = $6, output_uri = $7, error = $8, lease_deadline = NULL,",
@@ -1070,27 +1078,37 @@ fn action_id_from_row(row: &PgRow) -> Result<ActionId, Error> {
 /// `lease_deadline`, `run_output_base` and the run's `run_spec`.
 fn lease_from_row(row: &PgRow) -> Result<Lease, Error> {
     let id = action_id_from_row(row)?;
-    let attempt = u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?).unwrap_or(0);
+    let attempt = attempt_from_db(row.try_get("attempt").map_err(db_error)?)?;
     let base: String = row.try_get("run_output_base").map_err(db_error)?;
     Ok(Lease {
-        output_uri: default_output_uri(&base, &id.name, attempt),
+        output_uri: output_uri(ActionKind::Task, "", &base, &id.name, attempt),
         id,
         spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
         run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
         attempt,
-        deadline: row.try_get("lease_deadline").map_err(db_error)?,
+        deadline: time::get(row, "lease_deadline")?,
     })
 }
 
+/// An action's observable state from a row of [`state_columns!`] (of
+/// `actions` or of `events`).
 fn state_from_row(row: &PgRow) -> Result<ActionState, Error> {
-    let attempt: i32 = row.try_get("attempt").map_err(db_error)?;
+    let id = action_id_from_row(row)?;
+    let attempt = attempt_from_db(row.try_get("attempt").map_err(db_error)?)?;
+    // Events written before they carried the kind hold 0: no default.
+    let kind = ActionKind::from_db(row.try_get("kind").map_err(db_error)?);
+    let reported: String = row.try_get("output_uri").map_err(db_error)?;
+    let base: String = row.try_get("run_output_base").map_err(db_error)?;
     Ok(ActionState {
-        id: action_id_from_row(row)?,
+        output_uri: match kind {
+            Some(kind) => output_uri(kind, &reported, &base, &id.name, attempt),
+            None => reported,
+        },
+        id,
         parent: row.try_get("parent_name").map_err(db_error)?,
         version: row.try_get("version").map_err(db_error)?,
         phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
-        attempt: u32::try_from(attempt).unwrap_or(0),
-        output_uri: row.try_get("output_uri").map_err(db_error)?,
+        attempt,
         error: row
             .try_get::<Option<Vec<u8>>, _>("error")
             .map_err(db_error)?
@@ -1101,7 +1119,16 @@ fn state_from_row(row: &PgRow) -> Result<ActionState, Error> {
             .map(Bytes::from),
         queue: row.try_get("queue").map_err(db_error)?,
         lease_holder: row.try_get("lease_holder").map_err(db_error)?,
+        address: row
+            .try_get::<Option<Vec<u8>>, _>("address")
+            .map_err(db_error)?
+            .map(Bytes::from),
     })
+}
+
+fn attempt_from_db(value: i64) -> Result<u32, Error> {
+    u32::try_from(value)
+        .map_err(|_| Error::Internal(format!("attempt {value} in the store is out of range")))
 }
 
 fn phase_from_db(value: i16) -> Result<Phase, Error> {

@@ -389,6 +389,7 @@ pub fn condition(run: &str, name: &str, parent: &str, simple: core::SimpleType) 
 
 pub fn status_update(run: &str, name: &str, attempt: u32, phase: i32) -> UpdateRequest {
     UpdateRequest {
+        address: None,
         action_id: Some(aid(run, name)),
         attempt,
         status: Some(ActionStatus {

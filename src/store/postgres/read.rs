@@ -7,7 +7,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{QueryBuilder, Row};
 use tracing::instrument;
 
-use super::{db_error, phase_from_db, state_from_row, PgStore};
+use super::{db_error, phase_from_db, state_from_row, time, PgStore};
 use crate::domain::{
     ActionFilter, ActionId, ActionKind, ActionPosition, ActionRecord, Error, HistoryEntry, Page,
     PageRequest, RunFilter, RunId, RunPosition, RunRecord,
@@ -33,13 +33,13 @@ fn record_from_row(row: &PgRow) -> Result<ActionRecord, Error> {
         kind: ActionKind::from_db(kind)
             .ok_or_else(|| Error::Internal(format!("unknown action kind {kind} in the store")))?,
         spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
-        lease_deadline: row.try_get("lease_deadline").map_err(db_error)?,
+        lease_deadline: time::get_opt(row, "lease_deadline")?,
         abort_reason: row.try_get("abort_reason").map_err(db_error)?,
-        created_at: row.try_get("created_at").map_err(db_error)?,
-        updated_at: row.try_get("updated_at").map_err(db_error)?,
-        start_time: row.try_get("start_time").map_err(db_error)?,
-        end_time: row.try_get("end_time").map_err(db_error)?,
-        deadline: row.try_get("deadline").map_err(db_error)?,
+        created_at: time::get(row, "created_at")?,
+        updated_at: time::get(row, "updated_at")?,
+        start_time: time::get_opt(row, "start_time")?,
+        end_time: time::get_opt(row, "end_time")?,
+        deadline: time::get_opt(row, "deadline")?,
     })
 }
 
@@ -131,7 +131,7 @@ impl ReadStore for PgStore {
                     root_name: row.try_get("root_name").map_err(db_error)?,
                     root_phase: phase_from_db(row.try_get("root_phase").map_err(db_error)?)?,
                     queue: row.try_get("queue").map_err(db_error)?,
-                    created_at: row.try_get("created_at").map_err(db_error)?,
+                    created_at: time::get(row, "created_at")?,
                     phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
                     actions: row.try_get("actions").map_err(db_error)?,
                 })
@@ -166,7 +166,7 @@ impl ReadStore for PgStore {
             .map(|row| {
                 Ok(HistoryEntry {
                     state: state_from_row(row)?,
-                    at: row.try_get("created_at").map_err(db_error)?,
+                    at: time::get(row, "created_at")?,
                 })
             })
             .collect()
