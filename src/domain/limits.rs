@@ -137,10 +137,7 @@ mod tests {
 
     #[test]
     fn durations_are_bounded() {
-        assert_eq!(
-            check_duration("d", 5, 0).unwrap(),
-            Duration::from_secs(5)
-        );
+        assert_eq!(check_duration("d", 5, 0).unwrap(), Duration::from_secs(5));
         assert!(check_duration("d", MAX_DURATION.as_secs() as i64, 0).is_ok());
         let err = check_duration("action.condition.timeout", 9_000_000_000_000, 0).unwrap_err();
         assert!(err
@@ -158,7 +155,8 @@ mod tests {
         for bad in ["a\0b", "a\nb", "a\u{1b}[31m", "p/d", "\u{85}", "\u{7f}"] {
             let err = check_id_part("action_id.name", bad, 30, true).unwrap_err();
             assert!(
-                err.to_string().starts_with("action_id.name: must not contain"),
+                err.to_string()
+                    .starts_with("action_id.name: must not contain"),
                 "{bad:?}: {err}"
             );
         }

@@ -17,8 +17,8 @@ pub use action::{
 };
 pub use error::Error;
 pub use executor::{
-    decide_finish, output_uri, Cancellation, ClaimRequest, FinishAction, HeartbeatOutcome,
-    Lease, ReapOutcome, ReapSettings,
+    decide_finish, output_uri, Cancellation, ClaimRequest, FinishAction, HeartbeatOutcome, Lease,
+    ReapOutcome, ReapSettings,
 };
 pub use ids::{ActionId, RunId, WatchKey};
 pub use phase::Phase;

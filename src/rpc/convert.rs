@@ -106,7 +106,12 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
         ));
     }
     check_len("action.input_uri", &action.input_uri, MAX_URI, true)?;
-    check_len("action.run_output_base", &action.run_output_base, MAX_URI, true)?;
+    check_len(
+        "action.run_output_base",
+        &action.run_output_base,
+        MAX_URI,
+        true,
+    )?;
     let parent = match action.parent_action_name.as_deref() {
         None => None,
         Some(name) => {
@@ -150,7 +155,12 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
                 .as_ref()
                 .map(|o| o.output_uri.clone())
                 .unwrap_or_default();
-            check_len("action.trace.outputs.output_uri", &output_uri, MAX_URI, false)?;
+            check_len(
+                "action.trace.outputs.output_uri",
+                &output_uri,
+                MAX_URI,
+                false,
+            )?;
             if let Some(start) = &trace.start_time {
                 limits::check_time("action.trace.start_time", start.seconds, start.nanos)?;
             }
@@ -165,7 +175,11 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
             {
                 condition_type = Some(*simple);
             }
-            check_text("action.condition.prompt", &condition.prompt, limits::MAX_PROMPT)?;
+            check_text(
+                "action.condition.prompt",
+                &condition.prompt,
+                limits::MAX_PROMPT,
+            )?;
             check_text(
                 "action.condition.description",
                 &condition.description,
@@ -224,7 +238,12 @@ fn execution_error(field: &str, error: &core::ExecutionError) -> Result<(), Erro
         &error.message,
         limits::MAX_ERROR_MESSAGE,
     )?;
-    check_len(&format!("{field}.error_uri"), &error.error_uri, MAX_URI, false)?;
+    check_len(
+        &format!("{field}.error_uri"),
+        &error.error_uri,
+        MAX_URI,
+        false,
+    )?;
     check_text(&format!("{field}.worker"), &error.worker, 256)?;
     if let Some(ts) = &error.timestamp {
         limits::check_time(&format!("{field}.timestamp"), ts.seconds, ts.nanos)?;
@@ -298,7 +317,10 @@ pub fn update(request: actions::UpdateRequest) -> Result<UpdateStatus, Error> {
                 ("address.path", address.path.as_str()),
                 ("address.url", address.url.as_str()),
                 ("address.cluster", address.cluster.as_str()),
-                ("address.pod.namespace", pod.map_or("", |p| p.namespace.as_str())),
+                (
+                    "address.pod.namespace",
+                    pod.map_or("", |p| p.namespace.as_str()),
+                ),
                 ("address.pod.name", pod.map_or("", |p| p.name.as_str())),
                 ("address.pod.ip", pod.map_or("", |p| p.ip.as_str())),
             ] {

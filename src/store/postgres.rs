@@ -16,10 +16,10 @@ use tracing::{instrument, warn};
 use super::commit::{Committers, GroupCommit};
 use super::{FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
 use crate::domain::{
-    decide_enqueue_existing, decide_finish, decide_signal, decide_update, output_uri,
-    AbortAction, ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current,
-    EnqueueAction, Error, FinishAction, HeartbeatOutcome, Lease, Phase, ReapOutcome, ReapSettings,
-    RunId, SignalAction, UpdateStatus,
+    decide_enqueue_existing, decide_finish, decide_signal, decide_update, output_uri, AbortAction,
+    ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current, EnqueueAction,
+    Error, FinishAction, HeartbeatOutcome, Lease, Phase, ReapOutcome, ReapSettings, RunId,
+    SignalAction, UpdateStatus,
 };
 use crate::schema;
 
@@ -313,10 +313,7 @@ impl Store for PgStore {
                     break;
                 }
                 let id = action_id_from_row(candidate)?;
-                after = Some((
-                    time::get(candidate, "created_at")?,
-                    id.clone(),
-                ));
+                after = Some((time::get(candidate, "created_at")?, id.clone()));
                 let limit: i32 = candidate
                     .try_get("max_action_concurrency")
                     .map_err(db_error)?;

@@ -32,10 +32,10 @@ use tracing::{instrument, warn};
 use super::commit::{Committers, GroupCommit};
 use super::{FeedBatch, FeedCursor, PeerListener, Store};
 use crate::domain::{
-    decide_enqueue_existing, decide_finish, decide_signal, decide_update, output_uri,
-    AbortAction, ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current,
-    EnqueueAction, Error, FinishAction, HeartbeatOutcome, Lease, Phase, ReapOutcome, ReapSettings,
-    RunId, SignalAction, UpdateStatus,
+    decide_enqueue_existing, decide_finish, decide_signal, decide_update, output_uri, AbortAction,
+    ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current, EnqueueAction,
+    Error, FinishAction, HeartbeatOutcome, Lease, Phase, ReapOutcome, ReapSettings, RunId,
+    SignalAction, UpdateStatus,
 };
 use crate::schema;
 

@@ -61,6 +61,5 @@ pub(super) fn get_opt(row: &PgRow, column: &str) -> Result<Option<DateTime<Utc>>
 
 /// Reads a time column that is never NULL.
 pub(super) fn get(row: &PgRow, column: &str) -> Result<DateTime<Utc>, Error> {
-    get_opt(row, column)?
-        .ok_or_else(|| Error::Internal(format!("the stored {column} is missing")))
+    get_opt(row, column)?.ok_or_else(|| Error::Internal(format!("the stored {column} is missing")))
 }
