@@ -192,10 +192,7 @@ async fn a_row_holding_an_unreadable_time_fails_only_its_own_reads(db: TestDb) {
 async fn identifiers_with_control_characters_or_slashes_are_refused(db: TestDb) {
     let daemon = Daemon::start(&db).await;
     let mut client = daemon.client().await;
-    let cases: [(
-        &str,
-        fn(&mut actionsd::proto::flyteidl2::common::ActionIdentifier),
-    ); 5] = [
+    let cases: [(&str, Spoil); 5] = [
         ("action.action_id.run.name", |id| {
             id.run.as_mut().unwrap().name = "r\0x".into()
         }),
@@ -420,6 +417,9 @@ async fn every_task_update_carries_its_output_location(db: TestDb) {
     );
     daemon.stop().await;
 }
+
+/// Makes one part of an identifier invalid.
+type Spoil = fn(&mut actionsd::proto::flyteidl2::common::ActionIdentifier);
 
 fn address(pod: &str, url: &str) -> ActionAddress {
     ActionAddress {

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod faultproxy;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Once;
@@ -200,6 +202,11 @@ impl Daemon {
 
     pub async fn start_url(url: &str) -> Self {
         Self::start_configured(url, |_| {}).await
+    }
+
+    /// A daemon on the database at `url`, its configuration adjusted first.
+    pub async fn start_url_with(url: &str, configure: impl FnOnce(&mut Config)) -> Self {
+        Self::start_configured(url, configure).await
     }
 
     async fn start_configured(url: &str, configure: impl FnOnce(&mut Config)) -> Self {

@@ -7,7 +7,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{QueryBuilder, Row};
 use tracing::instrument;
 
-use super::{db_error, phase_from_db, state_from_row, time, PgStore};
+use super::{bounded, db_error, phase_from_db, state_from_row, time, PgStore};
 use crate::domain::{
     ActionFilter, ActionId, ActionKind, ActionPosition, ActionRecord, Error, HistoryEntry, Page,
     PageRequest, RunFilter, RunId, RunPosition, RunRecord,
@@ -47,20 +47,23 @@ fn record_from_row(row: &PgRow) -> Result<ActionRecord, Error> {
 impl ReadStore for PgStore {
     #[instrument(skip_all, fields(action = %id))]
     async fn get_action(&self, id: &ActionId) -> Result<ActionRecord, Error> {
-        let mut query = QueryBuilder::new(concat!(
-            "SELECT ",
-            record_columns!(),
-            " FROM actions WHERE true"
-        ));
-        listing::push_run(&mut query, "", &id.run);
-        query.push(" AND name = ").push_bind(id.name.clone());
-        let row = query
-            .build()
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?
-            .ok_or_else(|| Error::ActionNotFound(id.clone()))?;
-        record_from_row(&row)
+        bounded(self.timeout, async move {
+            let mut query = QueryBuilder::new(concat!(
+                "SELECT ",
+                record_columns!(),
+                " FROM actions WHERE true"
+            ));
+            listing::push_run(&mut query, "", &id.run);
+            query.push(" AND name = ").push_bind(id.name.clone());
+            let row = query
+                .build()
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?
+                .ok_or_else(|| Error::ActionNotFound(id.clone()))?;
+            record_from_row(&row)
+        })
+        .await
     }
 
     #[instrument(skip_all)]
@@ -69,41 +72,47 @@ impl ReadStore for PgStore {
         filter: &ActionFilter,
         page: &PageRequest<ActionPosition>,
     ) -> Result<Page<ActionRecord, ActionPosition>, Error> {
-        let mut query = listing::actions_page(record_columns!(), filter, page, |t| t);
-        let rows = query
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        let records = rows
-            .iter()
-            .map(record_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Page::from_overfetch(
-            records,
-            page.limit,
-            ActionRecord::position,
-        ))
+        bounded(self.timeout, async move {
+            let mut query = listing::actions_page(record_columns!(), filter, page, |t| t);
+            let rows = query
+                .build()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+            let records = rows
+                .iter()
+                .map(record_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Page::from_overfetch(
+                records,
+                page.limit,
+                ActionRecord::position,
+            ))
+        })
+        .await
     }
 
     #[instrument(skip_all, fields(run = %run))]
     async fn run_actions(&self, run: &RunId) -> Result<Vec<ActionRecord>, Error> {
-        let mut query = QueryBuilder::new(concat!(
-            "SELECT ",
-            record_columns!(),
-            " FROM actions WHERE true"
-        ));
-        listing::push_run(&mut query, "", run);
-        query.push(" ORDER BY created_at, name");
-        let rows = query
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        if rows.is_empty() {
-            return Err(Error::RunNotFound(run.clone()));
-        }
-        rows.iter().map(record_from_row).collect()
+        bounded(self.timeout, async move {
+            let mut query = QueryBuilder::new(concat!(
+                "SELECT ",
+                record_columns!(),
+                " FROM actions WHERE true"
+            ));
+            listing::push_run(&mut query, "", run);
+            query.push(" ORDER BY created_at, name");
+            let rows = query
+                .build()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+            if rows.is_empty() {
+                return Err(Error::RunNotFound(run.clone()));
+            }
+            rows.iter().map(record_from_row).collect()
+        })
+        .await
     }
 
     #[instrument(skip_all)]
@@ -112,63 +121,69 @@ impl ReadStore for PgStore {
         filter: &RunFilter,
         page: &PageRequest<RunPosition>,
     ) -> Result<Page<RunRecord, RunPosition>, Error> {
-        let mut query = listing::runs_page(filter, page, |t| t);
-        let rows = query
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        let rows = rows
-            .iter()
-            .map(|row| {
-                Ok(RunPhaseRow {
-                    id: RunId {
-                        org: row.try_get("org").map_err(db_error)?,
-                        project: row.try_get("project").map_err(db_error)?,
-                        domain: row.try_get("domain").map_err(db_error)?,
-                        name: row.try_get("run_name").map_err(db_error)?,
-                    },
-                    root_name: row.try_get("root_name").map_err(db_error)?,
-                    root_phase: phase_from_db(row.try_get("root_phase").map_err(db_error)?)?,
-                    queue: row.try_get("queue").map_err(db_error)?,
-                    created_at: time::get(row, "created_at")?,
-                    phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
-                    actions: row.try_get("actions").map_err(db_error)?,
+        bounded(self.timeout, async move {
+            let mut query = listing::runs_page(filter, page, |t| t);
+            let rows = query
+                .build()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+            let rows = rows
+                .iter()
+                .map(|row| {
+                    Ok(RunPhaseRow {
+                        id: RunId {
+                            org: row.try_get("org").map_err(db_error)?,
+                            project: row.try_get("project").map_err(db_error)?,
+                            domain: row.try_get("domain").map_err(db_error)?,
+                            name: row.try_get("run_name").map_err(db_error)?,
+                        },
+                        root_name: row.try_get("root_name").map_err(db_error)?,
+                        root_phase: phase_from_db(row.try_get("root_phase").map_err(db_error)?)?,
+                        queue: row.try_get("queue").map_err(db_error)?,
+                        created_at: time::get(row, "created_at")?,
+                        phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
+                        actions: row.try_get("actions").map_err(db_error)?,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        let runs = group_runs(rows);
-        Ok(Page::from_overfetch(runs, page.limit, RunRecord::position))
+                .collect::<Result<Vec<_>, Error>>()?;
+            let runs = group_runs(rows);
+            Ok(Page::from_overfetch(runs, page.limit, RunRecord::position))
+        })
+        .await
     }
 
     #[instrument(skip_all, fields(action = %id))]
     async fn history(&self, id: &ActionId) -> Result<Vec<HistoryEntry>, Error> {
-        let mut query = QueryBuilder::new(concat!(
-            "SELECT ",
-            state_columns!(),
-            ", created_at FROM events WHERE true"
-        ));
-        listing::push_run(&mut query, "", &id.run);
-        query
-            .push(" AND name = ")
-            .push_bind(id.name.clone())
-            .push(" ORDER BY version");
-        let rows = query
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        // Every action has at least the event of its enqueue.
-        if rows.is_empty() {
-            return Err(Error::ActionNotFound(id.clone()));
-        }
-        rows.iter()
-            .map(|row| {
-                Ok(HistoryEntry {
-                    state: state_from_row(row)?,
-                    at: time::get(row, "created_at")?,
+        bounded(self.timeout, async move {
+            let mut query = QueryBuilder::new(concat!(
+                "SELECT ",
+                state_columns!(),
+                ", created_at FROM events WHERE true"
+            ));
+            listing::push_run(&mut query, "", &id.run);
+            query
+                .push(" AND name = ")
+                .push_bind(id.name.clone())
+                .push(" ORDER BY version");
+            let rows = query
+                .build()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+            // Every action has at least the event of its enqueue.
+            if rows.is_empty() {
+                return Err(Error::ActionNotFound(id.clone()));
+            }
+            rows.iter()
+                .map(|row| {
+                    Ok(HistoryEntry {
+                        state: state_from_row(row)?,
+                        at: time::get(row, "created_at")?,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
+        .await
     }
 }
