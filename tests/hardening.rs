@@ -12,6 +12,7 @@ conformance!(
     free_text_over_its_limit_is_refused,
     every_task_update_carries_its_output_location,
     the_latest_address_reaches_watchers_and_snapshots,
+    listing_pages_and_snapshots_are_bounded_in_bytes,
 );
 
 use actionsd::proto::actionsd::read::v1::{
@@ -488,5 +489,83 @@ async fn the_latest_address_reaches_watchers_and_snapshots(db: TestDb) {
         message.starts_with("address.url: is 2049 bytes"),
         "{message}"
     );
+    daemon.stop().await;
+}
+
+/// 70 conditions each holding a 16 KiB signal value (the largest allowed)
+/// are 1.1 MiB of state: a ListActions page of up to 1000 ends early with
+/// a token at the 1 MiB budget, the pages together list every action once,
+/// and a watch snapshot (read page by page) sends every child once before
+/// the sentinel. A larger value is refused.
+async fn listing_pages_and_snapshots_are_bounded_in_bytes(db: TestDb) {
+    use actionsd::proto::flyteidl2::core::primitive;
+    const CHILDREN: usize = 70;
+    let daemon = Daemon::start(&db).await;
+    let mut client = daemon.client().await;
+    let mut reader = reader(&daemon).await;
+    client.enqueue(task("pb", "a0", None)).await.unwrap();
+    let big = "v".repeat(16 * 1024 - 16);
+    for i in 0..CHILDREN {
+        let name = format!("c{i:03}");
+        client
+            .enqueue(condition("pb", &name, "a0", core::SimpleType::String))
+            .await
+            .unwrap();
+        client
+            .signal(signal(
+                "pb",
+                &name,
+                "a0",
+                primitive::Value::StringValue(big.clone()),
+            ))
+            .await
+            .unwrap();
+    }
+    let too_big = signal(
+        "pb",
+        "c000",
+        "a0",
+        primitive::Value::StringValue("v".repeat(16 * 1024)),
+    );
+    let message = expect_code(client.signal(too_big).await, Code::InvalidArgument);
+    assert!(message.starts_with("value: is 163"), "{message}");
+
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = reader
+            .list_actions(ListActionsRequest {
+                run: Some(run_id("pb")),
+                limit: 1000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("a page within the message limit")
+            .into_inner();
+        let bytes: usize = page.actions.iter().map(prost::Message::encoded_len).sum();
+        assert!(bytes <= 1024 * 1024 + 20 * 1024, "a page of {bytes} bytes");
+        pages.push(page.actions.len());
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+        assert!(pages.len() < 10, "pages never end: {pages:?}");
+    }
+    assert!(pages.len() >= 2, "one page held everything: {pages:?}");
+    assert!(pages[0] < CHILDREN, "{pages:?}");
+    assert_eq!(pages.iter().sum::<usize>(), CHILDREN + 1, "{pages:?}");
+
+    let snapshot = snapshot(&mut client, "pb", "a0").await;
+    let names: Vec<String> = snapshot
+        .iter()
+        .map(|u| u.action_id.as_ref().unwrap().name.clone())
+        .collect();
+    let mut expected = vec!["a0".to_owned()];
+    expected.extend((0..CHILDREN).map(|i| format!("c{i:03}")));
+    assert_eq!(names, expected);
+    assert!(snapshot[1..]
+        .iter()
+        .all(|u| u.phase == SUCCEEDED && u.value.is_some()));
     daemon.stop().await;
 }

@@ -22,6 +22,9 @@ pub const MAX_ABORT_REASON: usize = 1024;
 pub const MAX_ERROR_MESSAGE: usize = 16 * 1024;
 /// A condition's prompt and description.
 pub const MAX_PROMPT: usize = 16 * 1024;
+/// A signal's value (the encoded literal), kept on the condition and sent
+/// with every update of it.
+pub const MAX_SIGNAL_VALUE: usize = 16 * 1024;
 /// URIs: `input_uri`, `run_output_base`, an executor's `output_uri`, and
 /// the strings of an `ActionAddress`.
 pub const MAX_URI: usize = 2048;

@@ -24,6 +24,6 @@ pub use ids::{ActionId, RunId, WatchKey};
 pub use phase::Phase;
 pub use read::{
     ActionFilter, ActionPosition, ActionRecord, HistoryEntry, Page, PageRequest, RunFilter,
-    RunPosition, RunRecord,
+    RunPosition, RunRecord, SnapshotPosition, PAGE_BUDGET,
 };
 pub use rules::{decide_enqueue_existing, decide_signal, decide_update, Current, Transition};

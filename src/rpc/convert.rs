@@ -382,6 +382,16 @@ pub fn signal(request: actions::SignalRequest) -> Result<SignalAction, Error> {
         })) => p.value.as_ref(),
         _ => None,
     };
+    let encoded = value.encoded_len();
+    if encoded > limits::MAX_SIGNAL_VALUE {
+        return Err(Error::invalid(
+            "value",
+            format!(
+                "is {encoded} bytes encoded; the limit is {}",
+                limits::MAX_SIGNAL_VALUE
+            ),
+        ));
+    }
     let kind = match primitive {
         Some(core::primitive::Value::Boolean(_)) => SimpleKind::Boolean,
         Some(core::primitive::Value::Integer(_)) => SimpleKind::Integer,

@@ -14,12 +14,12 @@ use sqlx::{PgConnection, Row};
 use tracing::{instrument, warn};
 
 use super::commit::{Committers, GroupCommit};
-use super::{FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
+use super::{snapshot_page, FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
 use crate::domain::{
     decide_enqueue_existing, decide_finish, decide_signal, decide_update, output_uri, AbortAction,
     ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current, EnqueueAction,
-    Error, FinishAction, HeartbeatOutcome, Lease, Phase, ReapOutcome, ReapSettings, RunId,
-    SignalAction, UpdateStatus,
+    Error, FinishAction, HeartbeatOutcome, Lease, Page, Phase, ReapOutcome, ReapSettings, RunId,
+    SignalAction, SnapshotPosition, UpdateStatus,
 };
 use crate::schema;
 
@@ -222,27 +222,42 @@ impl Store for PgStore {
     }
 
     #[instrument(skip_all, fields(action = %parent))]
-    async fn watch_snapshot(&self, parent: &ActionId) -> Result<Vec<ActionState>, Error> {
+    async fn watch_snapshot(
+        &self,
+        parent: &ActionId,
+        after: Option<&SnapshotPosition>,
+        limit: usize,
+    ) -> Result<Page<ActionState, SnapshotPosition>, Error> {
         bounded(self.timeout, async move {
             let rows = sqlx::query(concat!(
                 "SELECT ",
                 state_columns!(),
-                " FROM actions WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4",
-                " AND (name = $5 OR parent_name = $5)",
-                " ORDER BY name = $5 DESC, created_at, name"
+                ", created_at FROM actions",
+                " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4",
+                " AND ((NOT $6 AND name = $5) OR (parent_name = $5",
+                "   AND ($7::timestamptz IS NULL OR (created_at, name) > ($7, $8))))",
+                " ORDER BY name = $5 DESC, created_at, name LIMIT $9"
             ))
             .bind_id(parent)
+            .bind(after.is_some())
+            .bind(after.map(|a| a.created_at))
+            .bind(after.map(|a| a.name.as_str()))
+            .bind(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await
             .map_err(db_error)?;
-            let states = rows
+            let rows = rows
                 .iter()
-                .map(state_from_row)
-                .collect::<Result<Vec<_>, _>>()?;
-            match states.first() {
-                Some(first) if first.id.name == parent.name => Ok(states),
-                _ => Err(Error::ActionNotFound(parent.clone())),
-            }
+                .map(|row| {
+                    let state = state_from_row(row)?;
+                    let position = SnapshotPosition {
+                        created_at: time::get(row, "created_at")?,
+                        name: state.id.name.clone(),
+                    };
+                    Ok((state, position))
+                })
+                .collect::<Result<Vec<_>, Error>>()?;
+            snapshot_page(parent, after.is_none(), rows, limit)
         })
         .await
     }

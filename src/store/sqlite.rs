@@ -30,12 +30,12 @@ use sqlx::{Row, SqliteConnection};
 use tracing::{instrument, warn};
 
 use super::commit::{Committers, GroupCommit};
-use super::{FeedBatch, FeedCursor, PeerListener, Store};
+use super::{snapshot_page, FeedBatch, FeedCursor, PeerListener, Store};
 use crate::domain::{
     decide_enqueue_existing, decide_finish, decide_signal, decide_update, output_uri, AbortAction,
     ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current, EnqueueAction,
-    Error, FinishAction, HeartbeatOutcome, Lease, Phase, ReapOutcome, ReapSettings, RunId,
-    SignalAction, UpdateStatus,
+    Error, FinishAction, HeartbeatOutcome, Lease, Page, Phase, ReapOutcome, ReapSettings, RunId,
+    SignalAction, SnapshotPosition, UpdateStatus,
 };
 use crate::schema;
 
@@ -258,26 +258,41 @@ impl Store for SqliteStore {
     }
 
     #[instrument(skip_all, fields(action = %parent))]
-    async fn watch_snapshot(&self, parent: &ActionId) -> Result<Vec<ActionState>, Error> {
+    async fn watch_snapshot(
+        &self,
+        parent: &ActionId,
+        after: Option<&SnapshotPosition>,
+        limit: usize,
+    ) -> Result<Page<ActionState, SnapshotPosition>, Error> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             state_columns!(),
-            " FROM actions WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4",
-            " AND (name = ?5 OR parent_name = ?5)",
-            " ORDER BY name = ?5 DESC, created_at, name"
+            ", created_at FROM actions",
+            " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4",
+            " AND ((NOT ?6 AND name = ?5) OR (parent_name = ?5",
+            "   AND (?7 IS NULL OR (created_at, name) > (?7, ?8))))",
+            " ORDER BY name = ?5 DESC, created_at, name LIMIT ?9"
         ))
         .bind_id(parent)
+        .bind(after.is_some())
+        .bind(after.map(|a| a.created_at.timestamp_micros()))
+        .bind(after.map(|a| a.name.as_str()))
+        .bind(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
-        let states = rows
+        let rows = rows
             .iter()
-            .map(state_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        match states.first() {
-            Some(first) if first.id.name == parent.name => Ok(states),
-            _ => Err(Error::ActionNotFound(parent.clone())),
-        }
+            .map(|row| {
+                let state = state_from_row(row)?;
+                let position = SnapshotPosition {
+                    created_at: time_from_micros(row.try_get("created_at").map_err(db_error)?)?,
+                    name: state.id.name.clone(),
+                };
+                Ok((state, position))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        snapshot_page(parent, after.is_none(), rows, limit)
     }
 
     async fn feed_start(&self) -> Result<FeedCursor, Error> {
@@ -1586,7 +1601,11 @@ mod tests {
         );
 
         // The snapshot: the action, then its children by creation.
-        let snapshot = store.watch_snapshot(&id("a0")).await.unwrap();
+        let snapshot = store
+            .watch_snapshot(&id("a0"), None, 100)
+            .await
+            .unwrap()
+            .items;
         let names: Vec<&str> = snapshot.iter().map(|s| s.id.name.as_str()).collect();
         assert_eq!(names, ["a0", "c1", "c2", "k1"]);
         let phases: Vec<Phase> = snapshot.iter().map(|s| s.phase).collect();
@@ -1601,7 +1620,10 @@ mod tests {
         );
         assert_eq!(snapshot[0].error.as_deref(), Some(&b"aborted-error"[..]));
         assert_eq!(snapshot[3].value.as_deref(), Some(&b"yes"[..]));
-        let err = store.watch_snapshot(&id("zz")).await.unwrap_err();
+        let err = store
+            .watch_snapshot(&id("zz"), None, 100)
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::ActionNotFound(_)), "{err:?}");
         let (reason, by): (String, Vec<u8>) =
             sqlx::query_as("SELECT abort_reason, aborted_by FROM actions WHERE name = 'g1'")
@@ -1759,13 +1781,16 @@ mod tests {
             .execute(update("c1", 2, Phase::Running))
             .await
             .unwrap();
-        let before = store.watch_snapshot(&id("a0")).await.unwrap();
+        let before = store.watch_snapshot(&id("a0"), None, 100).await.unwrap();
         let cursor = store.feed_start().await.unwrap();
         store.close().await;
         drop(store);
 
         let store = open(&dir).await;
-        assert_eq!(store.watch_snapshot(&id("a0")).await.unwrap(), before);
+        assert_eq!(
+            store.watch_snapshot(&id("a0"), None, 100).await.unwrap(),
+            before
+        );
         assert_eq!(store.feed_start().await.unwrap(), cursor);
         // Sequence numbers go on from where they were.
         store
