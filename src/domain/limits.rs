@@ -25,6 +25,8 @@ pub const MAX_PROMPT: usize = 16 * 1024;
 /// A signal's value (the encoded literal), kept on the condition and sent
 /// with every update of it.
 pub const MAX_SIGNAL_VALUE: usize = 16 * 1024;
+/// A queue name (TaskAction.queue, RunSpec.queue, an executor's queue).
+pub const MAX_QUEUE: usize = 256;
 /// URIs: `input_uri`, `run_output_base`, an executor's `output_uri`, and
 /// the strings of an `ActionAddress`.
 pub const MAX_URI: usize = 2048;

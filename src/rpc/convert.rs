@@ -138,6 +138,7 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
             ))
         }
         Some(actions::action::Spec::Task(task)) => {
+            check_len("action.task.queue", &task.queue, limits::MAX_QUEUE, false)?;
             if !task.queue.is_empty() {
                 task_queue = Some(task.queue.clone());
             }
@@ -199,6 +200,7 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
     let run = if parent.is_none() {
         let view = RunSpecView::decode(request.run_spec.clone())
             .map_err(|err| Error::invalid("run_spec", format!("is not a valid RunSpec: {err}")))?;
+        check_len("run_spec.queue", &view.queue, limits::MAX_QUEUE, false)?;
         Some(RunSettings {
             run_spec: request.run_spec,
             queue: (!view.queue.is_empty()).then_some(view.queue),
@@ -257,7 +259,7 @@ pub fn lease_request(
     lease_ttl: Duration,
 ) -> Result<ClaimRequest, Error> {
     check_len("executor_id", &request.executor_id, 256, true)?;
-    check_len("queue", &request.queue, 256, true)?;
+    check_len("queue", &request.queue, limits::MAX_QUEUE, true)?;
     if request.capacity == 0 {
         return Err(Error::invalid("capacity", "must be greater than 0"));
     }

@@ -310,3 +310,31 @@ pub(crate) fn snapshot_page(
         next,
     })
 }
+
+/// Reads `rows` until it holds one item more than `limit` or more than
+/// `budget` bytes (as `size` counts them), then stops reading: a page's
+/// memory stays near its budget whatever the rows hold. The caller builds
+/// the page with [`Page::from_overfetch_within`].
+pub(crate) async fn read_bounded<R, T, S>(
+    mut rows: S,
+    convert: impl Fn(&R) -> Result<T, Error>,
+    size: impl Fn(&T) -> usize,
+    limit: usize,
+    db_error: fn(sqlx::Error) -> Error,
+) -> Result<Vec<T>, Error>
+where
+    S: futures_util::Stream<Item = Result<R, sqlx::Error>> + Unpin,
+{
+    use futures_util::TryStreamExt;
+    let mut items = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(row) = rows.try_next().await.map_err(db_error)? {
+        let item = convert(&row)?;
+        bytes = bytes.saturating_add(size(&item));
+        items.push(item);
+        if items.len() > limit || bytes > crate::domain::PAGE_BUDGET {
+            break;
+        }
+    }
+    Ok(items)
+}

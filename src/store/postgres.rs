@@ -14,7 +14,7 @@ use sqlx::{PgConnection, Row};
 use tracing::{instrument, warn};
 
 use super::commit::{Committers, GroupCommit};
-use super::{snapshot_page, FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
+use super::{read_bounded, snapshot_page, FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
 use crate::domain::{
     decide_enqueue_existing, decide_finish, decide_signal, decide_update, output_uri, AbortAction,
     ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current, EnqueueAction,
@@ -243,20 +243,22 @@ impl Store for PgStore {
             .bind(after.map(|a| a.created_at))
             .bind(after.map(|a| a.name.as_str()))
             .bind(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-            let rows = rows
-                .iter()
-                .map(|row| {
+            .fetch(&self.pool);
+            let rows = read_bounded(
+                rows,
+                |row| {
                     let state = state_from_row(row)?;
                     let position = SnapshotPosition {
                         created_at: time::get(row, "created_at")?,
                         name: state.id.name.clone(),
                     };
                     Ok((state, position))
-                })
-                .collect::<Result<Vec<_>, Error>>()?;
+                },
+                |(state, _)| state.approximate_size(),
+                limit,
+                db_error,
+            )
+            .await?;
             snapshot_page(parent, after.is_none(), rows, limit)
         })
         .await

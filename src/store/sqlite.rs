@@ -30,7 +30,7 @@ use sqlx::{Row, SqliteConnection};
 use tracing::{instrument, warn};
 
 use super::commit::{Committers, GroupCommit};
-use super::{snapshot_page, FeedBatch, FeedCursor, PeerListener, Store};
+use super::{read_bounded, snapshot_page, FeedBatch, FeedCursor, PeerListener, Store};
 use crate::domain::{
     decide_enqueue_existing, decide_finish, decide_signal, decide_update, output_uri, AbortAction,
     ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current, EnqueueAction,
@@ -278,20 +278,22 @@ impl Store for SqliteStore {
         .bind(after.map(|a| a.created_at.timestamp_micros()))
         .bind(after.map(|a| a.name.as_str()))
         .bind(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
-        let rows = rows
-            .iter()
-            .map(|row| {
+        .fetch(&self.pool);
+        let rows = read_bounded(
+            rows,
+            |row| {
                 let state = state_from_row(row)?;
                 let position = SnapshotPosition {
                     created_at: time_from_micros(row.try_get("created_at").map_err(db_error)?)?,
                     name: state.id.name.clone(),
                 };
                 Ok((state, position))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
+            },
+            |(state, _)| state.approximate_size(),
+            limit,
+            db_error,
+        )
+        .await?;
         snapshot_page(parent, after.is_none(), rows, limit)
     }
 

@@ -13,7 +13,7 @@ use crate::domain::{
     PageRequest, RunFilter, RunId, RunPosition, RunRecord, PAGE_BUDGET,
 };
 use crate::store::listing::{self, group_runs, RunPhaseRow};
-use crate::store::ReadStore;
+use crate::store::{read_bounded, ReadStore};
 
 /// Everything an [`ActionRecord`] is read from.
 macro_rules! record_columns {
@@ -86,15 +86,14 @@ impl ReadStore for PgStore {
     ) -> Result<Page<ActionRecord, ActionPosition>, Error> {
         bounded(self.timeout, async move {
             let mut query = listing::actions_page(listing_columns!(), filter, page, |t| t);
-            let rows = query
-                .build()
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_error)?;
-            let records = rows
-                .iter()
-                .map(record_from_row)
-                .collect::<Result<Vec<_>, _>>()?;
+            let records = read_bounded(
+                query.build().fetch(&self.pool),
+                record_from_row,
+                ActionRecord::approximate_size,
+                page.limit,
+                db_error,
+            )
+            .await?;
             Ok(Page::from_overfetch_within(
                 records,
                 page.limit,
