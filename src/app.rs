@@ -86,6 +86,7 @@ async fn open_postgres(
         &PoolSettings {
             max_connections: config.database.max_connections,
             acquire_timeout: config.database.acquire_timeout,
+            statement_timeout: config.database.statement_timeout,
         },
     )
     .with_group_commit(GroupCommit {

@@ -109,6 +109,10 @@ pub struct ExecutorConfig {
 pub struct DatabaseConfig {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// Postgres: the server-side bound on each statement and on a
+    /// transaction left idle; each store operation waits at most one second
+    /// longer on the client, then answers UNAVAILABLE.
+    pub statement_timeout: Duration,
     /// Apply migrations (creating the database if needed) at start-up;
     /// when false, start-up only checks that they were applied.
     pub migrate_on_start: bool,
@@ -185,6 +189,8 @@ struct FileDatabase {
     max_connections: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     acquire_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    statement_timeout: Option<Duration>,
     migrate_on_start: Option<bool>,
     committers: Option<usize>,
     max_batch: Option<usize>,
@@ -308,6 +314,10 @@ impl Config {
                     .database
                     .acquire_timeout
                     .unwrap_or(Duration::from_secs(5)),
+                statement_timeout: file
+                    .database
+                    .statement_timeout
+                    .unwrap_or(Duration::from_secs(5)),
                 migrate_on_start: file.database.migrate_on_start.unwrap_or(true),
                 committers: file
                     .database
@@ -408,6 +418,10 @@ impl Config {
         positive(
             "database.acquire_timeout",
             !self.database.acquire_timeout.is_zero(),
+        )?;
+        positive(
+            "database.statement_timeout",
+            self.database.statement_timeout >= Duration::from_millis(1),
         )?;
         positive("database.committers", self.database.committers > 0)?;
         positive("database.max_batch", self.database.max_batch > 0)?;

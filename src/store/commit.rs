@@ -288,6 +288,7 @@ pub(crate) mod checks {
             phase,
             start_time: None,
             end_time: None,
+            address: None,
         })
     }
 
@@ -352,9 +353,10 @@ pub(crate) mod checks {
         );
 
         let snapshot = store
-            .watch_snapshot(&id("r1", "a0"))
+            .watch_snapshot(&id("r1", "a0"), None, 10_000)
             .await
-            .expect("snapshot");
+            .expect("snapshot")
+            .items;
         let states: Vec<(&str, i64, Phase)> = snapshot
             .iter()
             .map(|s| (s.id.name.as_str(), s.version, s.phase))
@@ -409,9 +411,10 @@ pub(crate) mod checks {
         }
         for run in 0..RUNS {
             let snapshot = store
-                .watch_snapshot(&id(&format!("r{run}"), "a0"))
+                .watch_snapshot(&id(&format!("r{run}"), "a0"), None, 10_000)
                 .await
-                .expect("snapshot");
+                .expect("snapshot")
+                .items;
             assert_eq!(snapshot.len(), CHILDREN + 1);
             assert!(snapshot.iter().all(|s| s.version == 1));
         }
