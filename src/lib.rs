@@ -1,4 +1,5 @@
-//! actionsd: Flyte v2's ActionsService over a Postgres action store.
+//! actionsd: Flyte v2's ActionsService over an action store: an embedded
+//! SQLite file by default, or Postgres.
 
 pub mod app;
 pub mod config;
@@ -9,5 +10,6 @@ pub mod pipeline;
 pub mod proto;
 pub mod rpc;
 pub mod schema;
+pub mod startup;
 pub mod store;
 pub mod telemetry;
