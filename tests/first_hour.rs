@@ -513,3 +513,28 @@ async fn runs_show_the_queue_the_root_went_to(db: TestDb) {
     assert!(release.contains(" manual "), "{table}");
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn help_names_both_stores() {
+    let home = tempfile::tempdir().unwrap();
+    let help = |args: &'static [&'static str]| {
+        let home = home.path().to_owned();
+        async move {
+            let output = actionsd(&home, args).output().await.unwrap();
+            assert!(output.status.success(), "{output:?}");
+            String::from_utf8(output.stdout).unwrap()
+        }
+    };
+    let top = help(&["--help"]).await;
+    assert!(
+        top.contains("embedded SQLite file (the default) or Postgres"),
+        "{top}"
+    );
+    let serve = help(&["serve", "--help"]).await;
+    assert!(
+        serve.contains("sqlite://PATH") && serve.contains("postgres://"),
+        "{serve}"
+    );
+    assert!(serve.contains("[default: sqlite"), "{serve}");
+    assert!(!serve.contains("Postgres URL"), "{serve}");
+}
