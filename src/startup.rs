@@ -104,7 +104,7 @@ fn hint_for(cause: &(dyn std::error::Error + 'static)) -> Option<String> {
                 "create the directory, or fix the path in the sqlite:// URL {URL_HINT}"
             )),
             OpenError::Locked { .. } => {
-                Some("stop the other daemon, give this one another file, or use Postgres".into())
+                Some("stop the other daemon, or give this one another file".into())
             }
             _ => None,
         };

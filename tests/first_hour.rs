@@ -538,3 +538,61 @@ async fn help_names_both_stores() {
     assert!(serve.contains("[default: sqlite"), "{serve}");
     assert!(!serve.contains("Postgres URL"), "{serve}");
 }
+
+/// A listener whose accept queue is full: connecting to it hangs (Linux
+/// drops the SYN), so only a connect timeout ends the wait. Returns the
+/// URL and what must be kept open meanwhile.
+#[cfg(target_os = "linux")]
+fn full_listener() -> (String, Vec<std::net::TcpStream>, std::os::fd::OwnedFd) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket calls on a socket this function owns; every
+    // result is checked.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let owned = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(libc::bind(fd, std::ptr::addr_of!(addr).cast(), len), 0);
+        // Backlog 0: one connection fills the accept queue.
+        assert_eq!(libc::listen(fd, 0), 0);
+        let mut bound: libc::sockaddr_in = std::mem::zeroed();
+        let mut bound_len = len;
+        assert_eq!(
+            libc::getsockname(fd, std::ptr::addr_of_mut!(bound).cast(), &mut bound_len),
+            0
+        );
+        let address = std::net::SocketAddr::from((
+            std::net::Ipv4Addr::LOCALHOST,
+            u16::from_be(bound.sin_port),
+        ));
+        // Fill the queue until a connect no longer completes (bounded).
+        let mut held = Vec::new();
+        for _ in 0..16 {
+            match std::net::TcpStream::connect_timeout(&address, Duration::from_millis(300)) {
+                Ok(stream) => held.push(stream),
+                Err(_) => return (format!("http://{address}"), held, owned),
+            }
+        }
+        panic!("the accept queue of {address} never filled");
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn actionsctl_says_when_the_connect_timeout_expired() {
+    let (server, _held, _listener) = full_listener();
+    let started = Instant::now();
+    let (code, _, stderr) =
+        actionsctl(&["--server", &server, "--timeout", "1s", "runs"], b"").await;
+    assert_eq!(code, 6, "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "error: DEADLINE_EXCEEDED: cannot connect to {server}: no connection within --timeout 1s"
+        )
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

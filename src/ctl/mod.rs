@@ -109,13 +109,15 @@ fn endpoint(global: &Global) -> Result<Endpoint> {
 pub(crate) async fn connect(global: &Global) -> Result<Channel> {
     let endpoint = endpoint(global)?;
     let url = server_url(&global.server);
+    // The endpoint's own connect timeout (the same --timeout) usually
+    // fires first; either way the failure names the connect timeout.
     match tokio::time::timeout(global.timeout, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(err)) => Err(Failure::unavailable(format!(
+        Ok(Err(err)) if !connect_timed_out(&err) => Err(Failure::unavailable(format!(
             "cannot connect to {url}: {}",
             error_chain(&err)
         ))),
-        Err(_) => Err(Failure {
+        _ => Err(Failure {
             code: Some(tonic::Code::DeadlineExceeded),
             message: format!(
                 "cannot connect to {url}: no connection within --timeout {}",
@@ -124,6 +126,25 @@ pub(crate) async fn connect(global: &Global) -> Result<Channel> {
             exit: exit::UNAVAILABLE,
         }),
     }
+}
+
+/// Whether connecting failed because the connect timeout expired.
+fn connect_timed_out(err: &tonic::transport::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    // Bounded: error chains are short; stop at 16 links regardless.
+    for _ in 0..16 {
+        let Some(cause) = next else { break };
+        // hyper-util reports its connect timeout as an io::Error TimedOut.
+        if cause.is::<tokio::time::error::Elapsed>()
+            || cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
 }
 
 /// A unary request bounded by `--timeout`.
