@@ -10,6 +10,7 @@ pub mod pipeline;
 pub mod proto;
 pub mod rpc;
 pub mod schema;
+pub mod server;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

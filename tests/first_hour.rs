@@ -91,7 +91,7 @@ async fn start_up_errors_are_two_lines_that_say_what_to_do() {
     assert_startup_error(
         &outcome,
         &format!(
-            "invalid config file {}, line 1, column 1: unknown field `lissten`",
+            "invalid config file {}: line 1, column 1: unknown field `lissten`",
             config.display()
         ),
         "config/actionsd.toml lists every setting",
