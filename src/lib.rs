@@ -1,4 +1,5 @@
-//! actionsd: Flyte v2's ActionsService over a Postgres action store.
+//! actionsd: Flyte v2's ActionsService over an action store: an embedded
+//! SQLite file by default, or Postgres.
 
 pub mod app;
 pub mod config;
@@ -12,5 +13,6 @@ pub mod retention;
 pub mod rpc;
 pub mod schema;
 pub mod server;
+pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use ::metrics::{counter, gauge, histogram};
 use bytes::{Buf, Bytes};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use ::metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tonic::body::Body;
 use tonic::{Code, Status};
@@ -530,9 +530,10 @@ impl Call {
             ("method", self.labels.method),
             ("protocol", self.protocol.label()),
         ];
-        counter!(names::RPC_REQUESTS, &[
-            labels[0], labels[1], labels[2], ("code", code)
-        ])
+        counter!(
+            names::RPC_REQUESTS,
+            &[labels[0], labels[1], labels[2], ("code", code)]
+        )
         .increment(1);
         histogram!(names::RPC_DURATION, &labels).record(self.started.elapsed().as_secs_f64());
         if self.labels.streaming {

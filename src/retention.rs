@@ -5,8 +5,8 @@
 
 use std::time::Instant;
 
-use chrono::Utc;
 use ::metrics::{counter, histogram};
+use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 

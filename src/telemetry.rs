@@ -1,7 +1,10 @@
 //! Logging: tracing-subscriber, human or JSON, filtered by `RUST_LOG`;
-//! and, when `tracing.otlp_endpoint` is set, OpenTelemetry traces exported
-//! over OTLP/gRPC. With no endpoint no OpenTelemetry layer is installed at
-//! all, so spans cost what they cost without it.
+//! colour only on a terminal; and, when `tracing.otlp_endpoint` is set,
+//! OpenTelemetry traces exported over OTLP/gRPC. With no endpoint no
+//! OpenTelemetry layer is installed at all, so spans cost what they cost
+//! without it.
+
+use std::io::IsTerminal;
 
 use std::fmt::{self, Write as _};
 
@@ -62,11 +65,16 @@ pub fn init_with(format: LogFormat, tracing: Option<&TracingConfig>) -> TraceGua
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     match format {
         LogFormat::Human => registry
-            .with(tracing_subscriber::fmt::layer().fmt_fields(EscapedFields))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(use_colour())
+                    .fmt_fields(EscapedFields),
+            )
             .init(),
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()
+                    .with_ansi(use_colour())
                     .json()
                     .flatten_event(true)
                     .with_current_span(true),
@@ -164,6 +172,13 @@ where
         let _ = span.set_parent(parent);
         self.inner.call(request).instrument(span)
     }
+}
+
+/// Colour only on a terminal, and never with `NO_COLOR` set to anything
+/// but the empty string (<https://no-color.org>): logs written to a file or
+/// a pipe stay greppable. Logs go to standard output.
+fn use_colour() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// The human format's fields (`message name=value …`, as tracing's default

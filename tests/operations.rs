@@ -380,8 +380,14 @@ async fn migrate_check_reports_pending_and_unknown_migrations(db: TestDb) {
     let output = check(db.url()).await;
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("unknown migrations [29991231000000]"), "{stderr}");
-    assert!(stderr.contains("pending migrations [20261201040000]"), "{stderr}");
+    assert!(
+        stderr.contains("unknown migrations [29991231000000]"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("pending migrations [20261201040000]"),
+        "{stderr}"
+    );
 }
 
 /// The dashboard and the alert rules parse, and every actionsd metric they

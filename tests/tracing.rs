@@ -62,7 +62,9 @@ async fn traceparent_is_honoured_on_every_protocol_and_spans_reach_the_collector
     let config = dir.path().join("actionsd.toml");
     std::fs::write(
         &config,
-        format!("[tracing]\notlp_endpoint = \"http://{collector_addr}\"\nexport_timeout = \"5s\"\n"),
+        format!(
+            "[tracing]\notlp_endpoint = \"http://{collector_addr}\"\nexport_timeout = \"5s\"\n"
+        ),
     )
     .unwrap();
     let port = {
@@ -94,9 +96,18 @@ async fn traceparent_is_honoured_on_every_protocol_and_spans_reach_the_collector
 
     // One trace per protocol: (trace id, the caller's span id).
     let calls: HashMap<&str, (String, String)> = [
-        ("grpc", ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")),
-        ("connect", ("5bf92f3577b34da6a3ce929d0e0e4737", "10f067aa0ba902b8")),
-        ("grpc_web", ("6bf92f3577b34da6a3ce929d0e0e4738", "20f067aa0ba902b9")),
+        (
+            "grpc",
+            ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"),
+        ),
+        (
+            "connect",
+            ("5bf92f3577b34da6a3ce929d0e0e4737", "10f067aa0ba902b8"),
+        ),
+        (
+            "grpc_web",
+            ("6bf92f3577b34da6a3ce929d0e0e4738", "20f067aa0ba902b9"),
+        ),
     ]
     .into_iter()
     .map(|(p, (t, s))| (p, (t.to_owned(), s.to_owned())))
@@ -106,11 +117,12 @@ async fn traceparent_is_honoured_on_every_protocol_and_spans_reach_the_collector
         format!("00-{trace}-{span}-01")
     };
 
-    let mut client = actionsd::proto::flyteidl2::actions::actions_service_client::ActionsServiceClient::connect(
-        format!("http://{addr}"),
-    )
-    .await
-    .unwrap();
+    let mut client =
+        actionsd::proto::flyteidl2::actions::actions_service_client::ActionsServiceClient::connect(
+            format!("http://{addr}"),
+        )
+        .await
+        .unwrap();
     let mut request = tonic::Request::new(task("t1", "a0", None));
     request
         .metadata_mut()

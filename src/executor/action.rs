@@ -246,6 +246,7 @@ async fn run_inner(ctx: &Context, job: &Job, cancel: &CancellationToken) {
 /// the lease, kept by heartbeats, still holds.
 async fn report_running(ctx: &Context, job: &Job) -> bool {
     let request = UpdateRequest {
+        address: None,
         action_id: Some(job.id.clone()),
         attempt: job.attempt,
         status: Some(ActionStatus {

@@ -279,6 +279,7 @@ mod tests {
             value: None,
             queue: None,
             lease_holder: None,
+            address: None,
         })
     }
 

@@ -80,4 +80,11 @@ if [ "$status" -ne 0 ]; then
     echo "== daemon log" >&2
     tail -n 50 "$log" >&2
 fi
+# The README's test command is `cargo test && tests/interop/run.sh`, so this
+# is its last line: say plainly when half of it ran on SQLite only.
+if [ -z "${DATABASE_URL:-}" ]; then
+    echo "note: DATABASE_URL is not set: cargo test reported the Postgres tests" \
+        "(NAME::postgres) as ignored and these suites ran on SQLite only;" \
+        "set DATABASE_URL (see README.md, Running the tests) to run the Postgres suite" >&2
+fi
 exit "$status"

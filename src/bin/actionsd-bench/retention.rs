@@ -41,6 +41,7 @@ async fn measure(settings: &Settings, target: &Target, report: &mut Report) -> a
         &PoolSettings {
             max_connections: 2,
             acquire_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(60),
         },
     );
     seed(store.pool(), runs).await?;
