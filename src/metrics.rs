@@ -421,7 +421,7 @@ where
         Box::pin(async move {
             let response = future.await?;
             let mut call = call;
-            call.from_head(&response);
+            call.read_head(&response);
             Ok(response.map(|body| Body::new(Observed { inner: body, call })))
         })
     }
@@ -451,7 +451,7 @@ fn known_code(name: &str) -> &'static str {
 }
 
 impl Call {
-    fn from_head(&mut self, response: &Response<Body>) {
+    fn read_head(&mut self, response: &Response<Body>) {
         if let Some(status) = Status::from_header_map(response.headers()) {
             self.code = Some(code_name(status.code()));
             return;
@@ -468,7 +468,7 @@ impl Call {
     /// formats (gRPC-Web's trailer frame, Connect's end-of-stream message
     /// and unary error body) are parsed here because no library exposes
     /// them on an observed body.
-    fn from_frame(&mut self, frame: &Frame<Bytes>) {
+    fn read_frame(&mut self, frame: &Frame<Bytes>) {
         if self.code.is_some() {
             return;
         }
@@ -565,7 +565,7 @@ impl HttpBody for Observed {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                this.call.from_frame(frame);
+                this.call.read_frame(frame);
                 if this.inner.is_end_stream() {
                     this.call.finish(true);
                 }
