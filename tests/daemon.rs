@@ -251,6 +251,6 @@ async fn migrations_apply_to_an_empty_database_once(pool: PgPool) {
             .unwrap();
     let embedded: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
     assert_eq!(applied, embedded);
-    assert_eq!(embedded.len(), 5);
+    assert_eq!(embedded.len(), 6);
     store.close().await;
 }
