@@ -20,6 +20,7 @@ Options:
   --root DIR         the code root (default: the program file's directory)
   --org/--project/--domain   the run's identity (default: "", flytesnacks, development)
   --run NAME         the run's name (default: a fresh one)
+  --queue NAME       the queue its tasks go to (default: "default")
   --timeout SECONDS  how long to wait for the run (default 600)
   --no-wait          print the run's name and return once it is enqueued
 """
@@ -67,6 +68,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--project", default="flytesnacks")
     parser.add_argument("--domain", default="development")
     parser.add_argument("--run")
+    parser.add_argument("--queue", default="", help="the run's queue (default: actionsd's default)")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--no-wait", action="store_true")
     return parser.parse_args(argv)
@@ -149,6 +151,7 @@ async def main(argv: list[str]) -> int:
         envs=run_pb2.Envs(values=[literals_pb2.KeyValuePair(key=k, value=v) for k, v in envs.items()]),
         run_start_time=start,
         run_base_dir=run_base,
+        queue=args.queue,
     )
     action = actions_pb2.Action(
         action_id=action_id,
