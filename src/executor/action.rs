@@ -329,14 +329,7 @@ async fn run_inner(ctx: &Context, job: &Job, cancel: &CancellationToken) {
 }
 
 async fn run_prepared(ctx: &Context, job: &Job, cancel: &CancellationToken, prepared: &Prepared) {
-    let spec = process::Spec {
-        program: prepared.spec.program.clone(),
-        args: prepared.spec.args.clone(),
-        env: prepared.spec.env.clone(),
-        cwd: prepared.spec.cwd.clone(),
-        log: prepared.spec.log.clone(),
-    };
-    let mut command = match process::Command::spawn(spec) {
+    let mut command = match process::Command::spawn(prepared.spec.clone()) {
         Ok(command) => command,
         Err(err) => {
             tracing::error!(error = %err, program = %prepared.spec.program.display(), "cannot start the process");
