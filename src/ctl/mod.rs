@@ -598,6 +598,7 @@ async fn update(global: &Global, args: cli::UpdateArgs) -> Result<u8> {
         .update(request(
             global,
             actions::UpdateRequest {
+                address: None,
                 action_id: Some(id.clone()),
                 attempt: args.attempt,
                 status: Some(workflow::ActionStatus {
