@@ -15,6 +15,30 @@ use crate::store::GroupCommit;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8091";
 
+/// The address to listen on, from `IP:PORT` or `HOST:PORT`. A host name is
+/// resolved once, at start-up; the daemon listens on its first IPv4
+/// address, else its first address (`localhost:8092` → `127.0.0.1:8092`).
+pub fn resolve_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let invalid = || format!("{text:?} is not HOST:PORT or IP:PORT, e.g. 127.0.0.1:8091");
+    // `to_socket_addrs` accepts only HOST:PORT with a numeric port.
+    let (host, port) = text.rsplit_once(':').ok_or_else(invalid)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(invalid());
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(text)
+        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{host:?} resolves to no address"))
+}
+
 /// Where actions are stored, from `database_url`.
 #[derive(Debug, Clone)]
 pub enum StoreLocation {
@@ -160,7 +184,7 @@ pub struct Overrides {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    listen: Option<SocketAddr>,
+    listen: Option<String>,
     database_url: Option<SecretString>,
     log_format: Option<LogFormat>,
     #[serde(default)]
@@ -294,10 +318,16 @@ impl Config {
 
     fn merge(file: FileConfig, o: Overrides) -> Result<Self, ConfigError> {
         let config = Self {
-            listen: o
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address")),
+            listen: match (o.listen, file.listen) {
+                (Some(listen), _) => listen,
+                (None, Some(text)) => {
+                    resolve_listen(&text).map_err(|message| ConfigError::Invalid {
+                        setting: "listen",
+                        message,
+                    })?
+                }
+                (None, None) => DEFAULT_LISTEN.parse().expect("valid default address"),
+            },
             store: match o.database_url.or(file.database_url) {
                 Some(url) => StoreLocation::parse(&url)?,
                 None => StoreLocation::default_sqlite().ok_or(ConfigError::Invalid {
@@ -499,6 +529,38 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "invalid setting pipeline.workers: must be greater than 0"
+        );
+    }
+
+    #[test]
+    fn listen_accepts_host_names() {
+        assert_eq!(
+            resolve_listen("localhost:8092").unwrap(),
+            "127.0.0.1:8092".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            resolve_listen("[::1]:8092").unwrap(),
+            "[::1]:8092".parse::<SocketAddr>().unwrap()
+        );
+        assert!(resolve_listen("localhost").is_err());
+        assert!(resolve_listen("localhost:http").is_err());
+        assert!(resolve_listen(":8092").is_err());
+    }
+
+    #[test]
+    fn a_toml_error_is_one_line_with_its_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[database]\nmax_connections = 4\nlissten = \"x\"\n").unwrap();
+        let err = Config::load(Some(&path), Overrides::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(!text.contains('\n'), "{text}");
+        assert!(
+            text.starts_with(&format!(
+                "invalid config file {}: line 3, column 1: unknown field `lissten`",
+                path.display()
+            )),
+            "{text}"
         );
     }
 

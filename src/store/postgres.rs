@@ -175,26 +175,37 @@ impl PgStore {
     }
 
     /// Fails unless every embedded migration has been applied.
-    pub async fn check_migrations(&self) -> Result<(), String> {
-        let applied: Vec<i64> = sqlx::query_scalar(
+    pub async fn check_migrations(&self) -> Result<(), MigrationCheck> {
+        let all = || MIGRATOR.iter().map(|m| m.version).collect::<Vec<_>>();
+        let applied: Vec<i64> = match sqlx::query_scalar(
             "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
         )
         .fetch_all(&self.pool)
         .await
-        .map_err(|e| format!("cannot read applied migrations: {e}"))?;
-        let missing: Vec<i64> = MIGRATOR
-            .iter()
-            .map(|m| m.version)
-            .filter(|v| !applied.contains(v))
-            .collect();
+        {
+            Ok(applied) => applied,
+            // undefined_table: no migration was ever applied.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => {
+                return Err(MigrationCheck::Missing(all()))
+            }
+            Err(err) => return Err(MigrationCheck::Read(err)),
+        };
+        let missing: Vec<i64> = all().into_iter().filter(|v| !applied.contains(v)).collect();
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(format!(
-                "the database lacks migrations {missing:?}; run `actionsd migrate`"
-            ))
+            Err(MigrationCheck::Missing(missing))
         }
     }
+}
+
+/// Why [`PgStore::check_migrations`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationCheck {
+    #[error("cannot read the applied migrations")]
+    Read(#[source] sqlx::Error),
+    #[error("the database lacks migrations {0:?}")]
+    Missing(Vec<i64>),
 }
 
 #[async_trait]

@@ -94,8 +94,8 @@ impl Default for SqliteSettings {
 /// cause, when there is one, is its `source`.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot create the directory {}", path.display())]
-    CreateDir { path: PathBuf, source: io::Error },
+    #[error("the directory {} does not exist", path.display())]
+    MissingDir { path: PathBuf },
 
     #[error("cannot lock {}", path.display())]
     LockFile { path: PathBuf, source: io::Error },
@@ -137,11 +137,14 @@ impl SqliteStore {
     /// pending migrations. Fails if another process, or another store in
     /// this process, has the file open.
     pub async fn open(path: &Path, settings: &SqliteSettings) -> Result<Self, OpenError> {
+        // Only the file is created: a directory that does not exist is
+        // more likely a typo in the path than a wish for new directories.
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
-                path: dir.to_owned(),
-                source,
-            })?;
+            if !dir.is_dir() {
+                return Err(OpenError::MissingDir {
+                    path: dir.to_owned(),
+                });
+            }
         }
         let lock = lock_file(path)?;
 
@@ -1380,7 +1383,7 @@ mod tests {
     }
 
     async fn open(dir: &tempfile::TempDir) -> SqliteStore {
-        SqliteStore::open(&dir.path().join("db").join("actionsd.db"), &settings())
+        SqliteStore::open(&dir.path().join("actionsd.db"), &settings())
             .await
             .expect("open")
     }
@@ -1403,6 +1406,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = std::sync::Arc::new(open(&dir).await);
         crate::store::commit::checks::concurrent_enqueues_all_land(store).await;
+    }
+
+    #[tokio::test]
+    async fn a_missing_directory_is_an_error_and_nothing_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let typo = dir
+            .path()
+            .join("no-such-dir")
+            .join("sub")
+            .join("actionsd.db");
+        let Err(err) = SqliteStore::open(&typo, &settings()).await else {
+            panic!("opened a file in a directory that does not exist");
+        };
+        assert!(matches!(err, OpenError::MissingDir { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the directory {} does not exist",
+                dir.path().join("no-such-dir").join("sub").display()
+            )
+        );
+        assert!(!dir.path().join("no-such-dir").exists());
+        // The file itself is created when its directory exists.
+        let store = SqliteStore::open(&dir.path().join("new.db"), &settings())
+            .await
+            .unwrap();
+        assert!(dir.path().join("new.db").is_file());
+        store.close().await;
     }
 
     fn settings() -> SqliteSettings {
