@@ -524,6 +524,7 @@ async fn gzip_is_accepted_and_sent_on_every_grpc_service(db: TestDb) {
             executor_id: "e1".into(),
             queue: "default".into(),
             capacity: 1,
+            max_leases: 0,
         })
         .await
         .unwrap()
@@ -577,6 +578,7 @@ async fn stopping_with_open_lease_and_watch_streams_is_prompt(db: TestDb) {
             executor_id: "e1".into(),
             queue: "default".into(),
             capacity: 1,
+            max_leases: 0,
         })
         .await
         .unwrap()

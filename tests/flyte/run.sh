@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Real Flyte v2 programs on actionsd: installs flyte (pinned, with the Rust
+# controller wheel) into tests/flyte/.venv, builds actionsd, and runs
+# tests/flyte (pytest), which starts a daemon and `actionsd executor --flyte`
+# per store: an SQLite file, and with DATABASE_URL set, a fresh Postgres
+# database (dropped afterwards).
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+
+cd "$root"
+echo "== building actionsd"
+cargo build --locked --bin actionsd
+
+echo "== installing flyte (tests/flyte/.venv)"
+if [ ! -x "$here/.venv/bin/python" ]; then
+    python3 -m venv "$here/.venv"
+fi
+"$here/.venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt"
+
+export ACTIONSD_BIN="$root/target/debug/actionsd"
+# One store after the other: each suite runs every program at once, which
+# already keeps the machine busy.
+scratch="$(mktemp -d)"
+database="actionsd_flyte_$$"
+cleanup() {
+    if [ -n "${DATABASE_URL:-}" ]; then
+        psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$database\"" >/dev/null 2>&1 || true
+    fi
+    rm -rf "$scratch"
+}
+trap cleanup EXIT
+
+suite() { # name store
+    # A private --basetemp: pytest's shared /tmp/pytest-of-<user> is
+    # pruned by every other pytest session of the same user.
+    (cd "$here" && ACTIONSD_STORE="$2" "$here/.venv/bin/python" -m pytest -q -p no:cacheprovider \
+        --basetemp "$scratch/$1-tmp")
+}
+status=0
+echo "== Flyte programs on SQLite"
+suite sqlite "" || status=1
+if [ -n "${DATABASE_URL:-}" ]; then
+    echo "== Flyte programs on Postgres"
+    suite postgres "${DATABASE_URL%/*}/$database" || status=1
+fi
+exit "$status"
