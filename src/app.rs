@@ -34,6 +34,7 @@ use crate::rpc::executor::ExecutorApi;
 use crate::rpc::{ActionsApi, ReadApi};
 use crate::store::postgres::{PgStore, PoolSettings};
 use crate::store::sqlite::{SqliteSettings, SqliteStore};
+use crate::blob::Blobs;
 use crate::store::{Detached, GroupCommit, Store};
 
 /// tonic answers a request over the message size limit with OUT_OF_RANGE;
@@ -63,6 +64,7 @@ pub struct Application {
     local_addr: SocketAddr,
     store: Arc<dyn Store>,
     pipeline: Pipeline,
+    blobs: Blobs,
     shutdown: CancellationToken,
 }
 
@@ -143,12 +145,14 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listener.local_addr()?;
+        let blobs = crate::rpc::flyte::open_blobs(&config)?;
         Ok(Self {
             config: Arc::new(config),
             listener,
             local_addr,
             store,
             pipeline,
+            blobs,
             shutdown: CancellationToken::new(),
         })
     }
@@ -173,6 +177,7 @@ impl Application {
             local_addr,
             store,
             pipeline,
+            blobs,
             shutdown,
         } = self;
         let server_config = &config.server;
@@ -191,12 +196,23 @@ impl Application {
             config.executor.lease_ttl,
         );
         let read_api = ReadApi::new(store.clone(), pipeline.registry());
+        let flyte = crate::rpc::flyte::FlyteServices::new(
+            &config,
+            local_addr,
+            &api,
+            &store,
+            &pipeline,
+            blobs,
+            shutdown.clone(),
+        );
+        let executor_api = executor_api.with_logs(flyte.logs.clone());
         let connect = ConnectLayer::new(
             api.clone(),
             executor_api.clone(),
             read_api.clone(),
             server_config.max_message_size,
-        );
+        )
+        .with_flyte(flyte.api.clone());
         let reads = ReadServiceServer::new(read_api)
             .max_decoding_message_size(server_config.max_message_size)
             .max_encoding_message_size(server_config.max_message_size);
@@ -244,11 +260,15 @@ impl Application {
                 .http2_keepalive_interval(Some(server_config.http2_keepalive_interval))
                 .http2_keepalive_timeout(Some(server_config.http2_keepalive_timeout))
                 .layer(MapResponseLayer::new(size_limit_status))
+                .layer(flyte.http.clone())
                 .layer(connect)
                 .layer(GrpcWebLayer::new())
                 .add_service(actions)
                 .add_service(executors)
                 .add_service(reads)
+                .add_service(flyte.runs())
+                .add_service(flyte.data())
+                .add_service(flyte.clusters())
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)

@@ -92,6 +92,22 @@ pub struct Config {
     pub pipeline: PipelineSettings,
     pub server: ServerConfig,
     pub executor: ExecutorConfig,
+    pub blobs: BlobConfig,
+}
+
+/// The blob store (code bundles, inputs, outputs, logs) and its URLs.
+#[derive(Debug, Clone)]
+pub struct BlobConfig {
+    /// `None`: the `blobs` directory next to the SQLite file, or in the
+    /// per-user data directory when the store is Postgres.
+    pub location: Option<crate::blob::BlobLocation>,
+    /// Base URL clients reach this daemon at, for signed URLs; `None`: the
+    /// Host the request came to.
+    pub public_url: Option<String>,
+    /// HMAC key of signed URLs; `None`: a random key kept in
+    /// `signing.key` beside the local blob directory.
+    pub signing_key: Option<SecretString>,
+    pub limits: crate::blob::BlobLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +153,7 @@ pub struct Overrides {
     pub database_url: Option<SecretString>,
     pub log_format: Option<LogFormat>,
     pub workers: Option<usize>,
+    pub blob_url: Option<String>,
 }
 
 /// The config file: every setting, all optional.
@@ -154,6 +171,32 @@ struct FileConfig {
     server: FileServer,
     #[serde(default)]
     executor: FileExecutor,
+    #[serde(default)]
+    blobs: FileBlobs,
+    #[serde(default)]
+    logs: FileLogs,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBlobs {
+    url: Option<String>,
+    public_url: Option<String>,
+    signing_key: Option<SecretString>,
+    max_upload_bytes: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    max_url_ttl: Option<Duration>,
+    s3_endpoint: Option<String>,
+    s3_region: Option<String>,
+    s3_access_key_id: Option<String>,
+    s3_secret_access_key: Option<SecretString>,
+    s3_allow_http: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLogs {
+    max_attempt_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -230,6 +273,40 @@ impl Config {
     }
 
     fn merge(file: FileConfig, o: Overrides) -> Result<Self, ConfigError> {
+        let defaults = crate::blob::BlobLimits::default();
+        let s3 = crate::blob::S3Settings {
+            bucket: String::new(),
+            prefix: String::new(),
+            endpoint: file.blobs.s3_endpoint,
+            region: file.blobs.s3_region.unwrap_or_else(|| "us-east-1".to_owned()),
+            access_key_id: file.blobs.s3_access_key_id,
+            secret_access_key: file.blobs.s3_secret_access_key,
+            allow_http: file.blobs.s3_allow_http.unwrap_or(false),
+        };
+        let blobs = BlobConfig {
+            location: o
+                .blob_url
+                .or(file.blobs.url)
+                .map(|url| crate::blob::BlobLocation::parse(&url, s3))
+                .transpose()
+                .map_err(|message| ConfigError::Invalid {
+                    setting: "blobs.url",
+                    message,
+                })?,
+            public_url: file.blobs.public_url,
+            signing_key: file.blobs.signing_key,
+            limits: crate::blob::BlobLimits {
+                max_upload_bytes: file
+                    .blobs
+                    .max_upload_bytes
+                    .unwrap_or(defaults.max_upload_bytes),
+                max_url_ttl: file.blobs.max_url_ttl.unwrap_or(defaults.max_url_ttl),
+                max_attempt_log_bytes: file
+                    .logs
+                    .max_attempt_bytes
+                    .unwrap_or(defaults.max_attempt_log_bytes),
+            },
+        };
         let config = Self {
             listen: o
                 .listen
@@ -302,6 +379,7 @@ impl Config {
                     .unwrap_or(Duration::from_secs(1)),
                 max_system_retries: file.executor.max_system_retries.unwrap_or(3),
             },
+            blobs,
         };
         config.validate()?;
         Ok(config)
@@ -337,6 +415,12 @@ impl Config {
         positive("database.max_batch", self.database.max_batch > 0)?;
         positive("server.max_message_size", self.server.max_message_size > 0)?;
         positive("executor.lease_ttl", !self.executor.lease_ttl.is_zero())?;
+        positive("blobs.max_upload_bytes", self.blobs.limits.max_upload_bytes > 0)?;
+        positive("blobs.max_url_ttl", !self.blobs.limits.max_url_ttl.is_zero())?;
+        positive(
+            "logs.max_attempt_bytes",
+            self.blobs.limits.max_attempt_log_bytes > 0,
+        )?;
         positive(
             "executor.reaper_interval",
             !self.executor.reaper_interval.is_zero(),

@@ -46,6 +46,10 @@ struct CommonArgs {
     /// Log format.
     #[arg(long, env = "ACTIONSD_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// Blob store for code bundles, inputs, outputs and logs: an absolute
+    /// path or s3://bucket/prefix [default: `blobs` beside the SQLite file].
+    #[arg(long, env = "ACTIONSD_BLOB_URL")]
+    blob_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -115,6 +119,7 @@ fn load(
         database_url: common.database_url.map(SecretString::from),
         log_format: common.log_format,
         workers,
+        blob_url: common.blob_url,
     };
     Ok(Config::load(common.config.as_deref(), overrides)?)
 }
