@@ -507,7 +507,49 @@ async fn logs_are_bounded_and_belong_to_the_lease(db: TestDb) {
     daemon.stop().await;
 }
 
+async fn shipped_output_is_tailed(db: TestDb) {
+    use actionsd::executor::ship::LogShipper;
+    let blob_dir = tempfile::tempdir().unwrap();
+    let daemon = start(&db, blob_dir.path(), None).await;
+    let mut c = clients(&daemon).await;
+    let run = create_run(&mut c, "flyte-ship", Bytes::new()).await;
+    let leased = lease(&mut c, "exec-1", "flyte-ship").await;
+    let (shipper, task) = LogShipper::start(
+        c.executor.clone(),
+        "exec-1".into(),
+        leased.action_id.clone().unwrap(),
+        leased.attempt,
+    );
+    // Output arrives in pieces that do not respect line ends.
+    for piece in [&b"first li"[..], b"ne\nsecond line\nthird", b" line, no newline"] {
+        assert!(shipper.write_chunk(piece));
+    }
+    drop(shipper);
+    let stats = task.finish(TIMEOUT).await;
+    assert_eq!((stats.lines_sent, stats.lines_dropped), (3, 0));
+    finish(&mut c, "exec-1", &leased, SUCCEEDED, None).await;
+    let mut tail = c
+        .data
+        .tail_logs(TailLogsRequest {
+            action_id: Some(root(&run)),
+            attempt: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(message) = tokio::time::timeout(TIMEOUT, tail.message()).await.unwrap().unwrap() {
+        for logs in message.logs {
+            seen.extend(logs.lines.into_iter().map(|l| l.message));
+        }
+    }
+    assert_eq!(seen, ["first line", "second line", "third line, no newline"]);
+    daemon.stop().await;
+}
+
 conformance!(
+    shipped_output_is_tailed,
     flyte_run_lifecycle,
     failing_and_aborted_runs,
     logs_are_bounded_and_belong_to_the_lease

@@ -57,6 +57,7 @@ mod heartbeat;
 mod lease;
 mod process;
 mod rpc;
+pub mod ship;
 
 use std::collections::HashMap;
 use std::sync::Arc;
