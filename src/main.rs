@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use actionsd::app::{self, Application};
 use actionsd::config::{Config, LogFormat, Overrides};
-use actionsd::executor::{self, ExecutorSettings};
+use actionsd::executor::{self, ExecutorSettings, FlyteSettings, Runner};
 use actionsd::telemetry;
 use clap::{Args, Parser, Subcommand};
 use humantime_serde::re::humantime;
@@ -31,7 +31,8 @@ enum Command {
     Serve(ServeArgs),
     /// Create the database if needed and apply pending migrations.
     Migrate(CommonArgs),
-    /// Lease task actions from a daemon and run a shell command for each.
+    /// Lease task actions from a daemon and run each: a shell command
+    /// (`--exec`) or the task itself as a Flyte task process (`--flyte`).
     Executor(ExecutorArgs),
 }
 
@@ -72,13 +73,42 @@ struct ExecutorArgs {
     /// The queue to lease task actions from.
     #[arg(long, default_value = "default")]
     queue: String,
-    /// How many actions run at once.
+    /// How many actions run at once (with --flyte: not counting parents
+    /// waiting on their children).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     capacity: u32,
     /// The shell command run for each action (with `sh -c`); it finds the
     /// action in ACTIONSD_* environment variables.
-    #[arg(long = "exec", value_name = "COMMAND")]
-    command: String,
+    #[arg(
+        long = "exec",
+        value_name = "COMMAND",
+        required_unless_present = "flyte",
+        conflicts_with = "flyte"
+    )]
+    command: Option<String>,
+    /// Run each task action as a Flyte task process: the TaskSpec's
+    /// container command and arguments, placeholders filled in.
+    #[arg(long)]
+    flyte: bool,
+    /// With --flyte: the hard bound on task processes, waiting parents
+    /// included [default: 8 x capacity].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_processes: Option<u32>,
+    /// With --flyte: the directory of the environment whose `a0` runs
+    /// tasks (e.g. .venv/bin) [default: found on PATH].
+    #[arg(long, value_name = "DIR")]
+    flyte_bin: Option<PathBuf>,
+    /// With --flyte: run every attempt in this directory (a code root)
+    /// instead of a fresh directory per attempt.
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// With --flyte: where per-attempt directories and logs go
+    /// [default: <temp dir>/actionsd-executor/<executor id>].
+    #[arg(long, value_name = "DIR")]
+    scratch_dir: Option<PathBuf>,
+    /// With --flyte: the size at which an attempt's log file is rotated.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    log_max_bytes: u64,
     /// Unique per running executor [default: <hostname>-<pid>].
     #[arg(long)]
     executor_id: Option<String>,
@@ -95,14 +125,41 @@ struct ExecutorArgs {
 
 impl ExecutorArgs {
     fn into_settings(self) -> ExecutorSettings {
+        let executor_id = self
+            .executor_id
+            .unwrap_or_else(executor::default_executor_id);
+        let (runner, max_processes) = if self.flyte {
+            let scratch = self.scratch_dir.unwrap_or_else(|| {
+                std::env::temp_dir()
+                    .join("actionsd-executor")
+                    .join(&executor_id)
+            });
+            // Task processes run in other directories: relative paths are
+            // taken from the executor's.
+            let absolute = |path: PathBuf| std::path::absolute(&path).unwrap_or(path);
+            let scratch = absolute(scratch);
+            let flyte = FlyteSettings {
+                flyte_bin: self.flyte_bin.map(absolute),
+                workdir: self.workdir.map(absolute),
+                log_dir: scratch.join("logs"),
+                scratch_dir: scratch.join("work"),
+                log_max_bytes: self.log_max_bytes,
+            };
+            let bound = self
+                .max_processes
+                .unwrap_or_else(|| self.capacity.saturating_mul(8));
+            (Runner::Flyte(flyte), bound.max(self.capacity))
+        } else {
+            let command = self.command.unwrap_or_default();
+            (Runner::Shell { command }, 0)
+        };
         ExecutorSettings {
             server: self.server,
-            executor_id: self
-                .executor_id
-                .unwrap_or_else(executor::default_executor_id),
+            executor_id,
             queue: self.queue,
             capacity: self.capacity,
-            command: self.command,
+            max_processes,
+            runner,
             heartbeat_interval: self.heartbeat_interval,
             kill_grace: self.kill_grace,
         }

@@ -37,6 +37,7 @@ async fn lease(
             executor_id: id.into(),
             queue: DEFAULT_QUEUE.into(),
             capacity,
+            max_leases: 0,
         })
         .await
         .expect("lease stream opens")
@@ -66,6 +67,7 @@ fn finish(executor: &str, leased: &LeasedAction, phase: i32) -> FinishRequest {
         phase,
         output_uri: String::new(),
         error: None,
+        retry: false,
     }
 }
 

@@ -13,8 +13,13 @@ use super::{ActionId, ActionKind, Current, Error, Phase};
 pub struct ClaimRequest {
     pub executor: String,
     pub queue: String,
-    /// How many leased actions of this executor may be unfinished at once.
+    /// How many leased actions of this executor may be unfinished at once,
+    /// not counting those waiting on children when `max_leases` > 0.
     pub capacity: u32,
+    /// 0: every unfinished lease counts against `capacity`. Otherwise a
+    /// lease whose action has unfinished children does not, and at most
+    /// `max_leases` leases are unfinished in all.
+    pub max_leases: u32,
     pub lease_ttl: Duration,
 }
 
@@ -61,6 +66,8 @@ pub struct FinishAction {
     pub output_uri: Option<String>,
     /// The encoded `ExecutionError`, if any.
     pub error: Option<Bytes>,
+    /// With phase FAILED: back to QUEUED as attempt + 1 instead.
+    pub retry: bool,
 }
 
 /// How the reaper treats expired leases and overdue conditions.
@@ -142,6 +149,7 @@ mod tests {
             phase,
             output_uri: None,
             error: None,
+            retry: false,
         }
     }
 

@@ -64,3 +64,9 @@ impl fmt::Display for ActionId {
 /// What a WatchForUpdates stream follows: one action of a run and its
 /// direct children.
 pub type WatchKey = ActionId;
+
+/// The org name that stands for the empty org wherever a client names a
+/// run. flyte 2.12.1's task runtime refuses an empty org, so the Flyte
+/// executor hands it this name for runs enqueued without one; actionsd
+/// reads it back as the empty org, so the task's children land in its run.
+pub const EMPTY_ORG_ALIAS: &str = "-";

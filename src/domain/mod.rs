@@ -19,7 +19,7 @@ pub use executor::{
     decide_finish, default_output_uri, Cancellation, ClaimRequest, FinishAction, HeartbeatOutcome,
     Lease, ReapOutcome, ReapSettings,
 };
-pub use ids::{ActionId, RunId, WatchKey};
+pub use ids::{ActionId, RunId, WatchKey, EMPTY_ORG_ALIAS};
 pub use phase::Phase;
 pub use read::{
     ActionFilter, ActionPosition, ActionRecord, HistoryEntry, Page, PageRequest, RunFilter,

@@ -1,8 +1,9 @@
 //! One leased attempt: report RUNNING, run the command, report how it ended.
 
 use std::fmt;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use prost::Message;
@@ -10,9 +11,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tracing::Instrument;
 
+use super::flyte;
+use super::log::{RotatingFile, SharedLog};
 use super::process::{self, Exit};
 use super::rpc;
-use super::Context;
+use super::{Context, Runner};
 use crate::proto::actionsd::executor::v1::FinishRequest;
 use crate::proto::flyteidl2::actions::{Action, UpdateRequest};
 use crate::proto::flyteidl2::common::{ActionIdentifier, ActionPhase};
@@ -65,6 +68,10 @@ pub(super) struct Job {
     /// The encoded `flyteidl2.actions.Action`.
     pub(super) action: Bytes,
     pub(super) output_uri: String,
+    /// The run's encoded RunSpec.
+    pub(super) run_spec: Bytes,
+    /// When the lease arrived.
+    pub(super) leased_at: Instant,
 }
 
 /// The environment of an action's command, added to the executor's own.
@@ -146,6 +153,138 @@ pub(super) async fn run(ctx: Arc<Context>, job: Job, cancel: CancellationToken) 
     run_inner(&ctx, &job, &cancel).instrument(span).await;
 }
 
+/// How an attempt's process is judged once it exited by itself.
+enum Judge {
+    /// Exit status 0 succeeds; anything else is a USER error.
+    Shell,
+    /// `error.pb` under the output prefix, then the exit status.
+    Flyte { output_prefix: String, retries: u32 },
+}
+
+/// An attempt ready to start.
+struct Prepared {
+    spec: process::Spec,
+    timeout: Option<Duration>,
+    judge: Judge,
+    /// A fresh working directory, removed when the attempt ends.
+    scratch: Option<PathBuf>,
+}
+
+impl Prepared {
+    fn cleanup(&self) {
+        if let Some(dir) = &self.scratch {
+            if let Err(err) = std::fs::remove_dir_all(dir) {
+                tracing::warn!(dir = %dir.display(), error = %err, "cannot remove the attempt's directory");
+            }
+        }
+    }
+}
+
+/// Turns a leased attempt into what to run. An error is how the attempt
+/// finishes without running.
+fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, ExecutionError> {
+    let worker = &ctx.settings.executor_id;
+    match &ctx.settings.runner {
+        Runner::Shell { command } => {
+            let env = command_env(
+                action,
+                &job.id,
+                job.attempt,
+                &job.output_uri,
+                &ctx.settings.queue,
+            )
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+            Ok(Prepared {
+                spec: process::Spec::shell(command, env),
+                timeout: None,
+                judge: Judge::Shell,
+                scratch: None,
+            })
+        }
+        Runner::Flyte(settings) => {
+            let task = flyte::task(action).map_err(|err| ExecutionError {
+                code: err.code().to_owned(),
+                message: err.to_string(),
+                kind: ErrorKind::User as i32,
+                timestamp: Some(SystemTime::now().into()),
+                worker: worker.clone(),
+                ..ExecutionError::default()
+            })?;
+            let run = job.id.run.clone().unwrap_or_default();
+            let run_settings = flyte::run_settings(&job.run_spec);
+            let values = flyte::Placeholders::new(
+                action,
+                &run_settings,
+                &run.name,
+                &job.id.name,
+                job.attempt,
+                &job.output_uri,
+            );
+            let who = flyte::Identity {
+                org: &run.org,
+                project: &run.project,
+                domain: &run.domain,
+                run: &run.name,
+                action: &job.id.name,
+                run_output_base: &action.run_output_base,
+            };
+            let env = flyte::environment(&task, &run_settings, &who, &ctx.settings.server);
+            let mut argv = task.argv.iter().map(|arg| values.fill(arg));
+            let program = argv.next().unwrap_or_default();
+            let program = flyte::program(&program, settings.flyte_bin.as_deref());
+            let args: Vec<String> = argv.collect();
+            let system = |code: &str, message: String| {
+                system_error(code, message, worker, SystemTime::now())
+            };
+            let unique = format!("{}-{}-{}", run.name, job.id.name, job.attempt).replace('/', "_");
+            let (cwd, scratch) = match &settings.workdir {
+                Some(dir) => (dir.clone(), None),
+                None => {
+                    let dir = settings.scratch_dir.join(&unique);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    std::fs::create_dir_all(&dir).map_err(|err| {
+                        system(
+                            "WorkdirNotCreated",
+                            format!("cannot create {}: {err}", dir.display()),
+                        )
+                    })?;
+                    (dir.clone(), Some(dir))
+                }
+            };
+            let log_path = settings
+                .log_dir
+                .join(run.name.replace('/', "_"))
+                .join(job.id.name.replace('/', "_"))
+                .join(format!("{}.log", job.attempt));
+            let log = RotatingFile::create(&log_path, settings.log_max_bytes).map_err(|err| {
+                system(
+                    "LogNotCreated",
+                    format!("cannot create the log {}: {err}", log_path.display()),
+                )
+            })?;
+            tracing::debug!(log = %log_path.display(), program = %program.display(), "prepared");
+            let log: SharedLog = Arc::new(Mutex::new(log));
+            Ok(Prepared {
+                spec: process::Spec {
+                    program,
+                    args,
+                    env,
+                    cwd: Some(cwd),
+                    log: Some(log),
+                },
+                timeout: task.timeout,
+                judge: Judge::Flyte {
+                    output_prefix: job.output_uri.clone(),
+                    retries: task.retries,
+                },
+                scratch,
+            })
+        }
+    }
+}
+
 async fn run_inner(ctx: &Context, job: &Job, cancel: &CancellationToken) {
     let _slot = tokio::select! {
         () = cancel.cancelled() => {
@@ -167,42 +306,82 @@ async fn run_inner(ctx: &Context, job: &Job, cancel: &CancellationToken) {
                 &ctx.settings.executor_id,
                 SystemTime::now(),
             );
-            finish(ctx, job, ActionPhase::Failed, Some(error)).await;
+            finish(ctx, job, ActionPhase::Failed, Some(error), false).await;
+            return;
+        }
+    };
+    let prepared = match prepare(ctx, job, &action) {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            tracing::warn!(code = %error.code, message = %error.message, "cannot run the attempt");
+            finish(ctx, job, ActionPhase::Failed, Some(error), false).await;
             return;
         }
     };
     if !report_running(ctx, job).await || cancel.is_cancelled() {
+        prepared.cleanup();
         return;
     }
-    let env = command_env(
-        &action,
-        &job.id,
-        job.attempt,
-        &job.output_uri,
-        &ctx.settings.queue,
-    );
-    let mut command = match process::Command::spawn(&ctx.settings.command, &env) {
+    run_prepared(ctx, job, cancel, &prepared).await;
+    prepared.cleanup();
+}
+
+async fn run_prepared(ctx: &Context, job: &Job, cancel: &CancellationToken, prepared: &Prepared) {
+    let spec = process::Spec {
+        program: prepared.spec.program.clone(),
+        args: prepared.spec.args.clone(),
+        env: prepared.spec.env.clone(),
+        cwd: prepared.spec.cwd.clone(),
+        log: prepared.spec.log.clone(),
+    };
+    let mut command = match process::Command::spawn(spec) {
         Ok(command) => command,
         Err(err) => {
-            tracing::error!(error = %err, "cannot start the command");
+            tracing::error!(error = %err, program = %prepared.spec.program.display(), "cannot start the process");
             let error = system_error(
                 "CommandNotStarted",
-                format!("the executor cannot start the command: {err}"),
+                format!(
+                    "the executor cannot start {}: {err}",
+                    prepared.spec.program.display()
+                ),
                 &ctx.settings.executor_id,
                 SystemTime::now(),
             );
-            finish(ctx, job, ActionPhase::Failed, Some(error)).await;
+            finish(ctx, job, ActionPhase::Failed, Some(error), false).await;
             return;
         }
     };
-    tracing::info!("command started");
+    tracing::info!(
+        pid = command.id(),
+        spawn_latency_us = u64::try_from(job.leased_at.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "process started"
+    );
+    let deadline = async {
+        match prepared.timeout {
+            Some(timeout) => tokio::time::sleep(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
     let exit = tokio::select! {
         exit = command.wait() => exit,
         () = cancel.cancelled() => {
-            tracing::info!("cancelled; stopping the command");
+            tracing::info!("cancelled; stopping the process");
             match command.terminate(ctx.settings.kill_grace).await {
-                Ok(exit) => tracing::info!(?exit, "command stopped"),
-                Err(err) => tracing::warn!(error = %err, "cannot wait for the stopped command"),
+                Ok(exit) => tracing::info!(?exit, "process stopped"),
+                Err(err) => tracing::warn!(error = %err, "cannot wait for the stopped process"),
+            }
+            return;
+        }
+        () = deadline => {
+            let timeout = prepared.timeout.unwrap_or_default();
+            tracing::info!(?timeout, "timed out; stopping the process");
+            match command.terminate(ctx.settings.kill_grace).await {
+                Ok(exit) => tracing::info!(?exit, "process stopped"),
+                Err(err) => tracing::warn!(error = %err, "cannot wait for the stopped process"),
+            }
+            if !cancel.is_cancelled() {
+                let error = flyte::timeout_error(timeout, &ctx.settings.executor_id, SystemTime::now());
+                finish(ctx, job, ActionPhase::TimedOut, Some(error), false).await;
             }
             return;
         }
@@ -211,32 +390,69 @@ async fn run_inner(ctx: &Context, job: &Job, cancel: &CancellationToken) {
     let exit = match exit {
         Ok(exit) => exit,
         Err(err) => {
-            tracing::error!(error = %err, "cannot wait for the command");
+            tracing::error!(error = %err, "cannot wait for the process");
             let error = system_error(
                 "CommandLost",
-                format!("the executor cannot wait for the command: {err}"),
+                format!("the executor cannot wait for the process: {err}"),
                 &ctx.settings.executor_id,
                 SystemTime::now(),
             );
-            finish(ctx, job, ActionPhase::Failed, Some(error)).await;
+            finish(ctx, job, ActionPhase::Failed, Some(error), false).await;
             return;
         }
     };
-    tracing::info!(?exit, "command exited");
+    tracing::info!(?exit, "process exited");
     if cancel.is_cancelled() {
         tracing::info!("cancelled while it ended; not reporting it");
         return;
     }
-    if exit.success() {
-        finish(ctx, job, ActionPhase::Succeeded, None).await;
-    } else {
-        let error = command_error(
-            exit,
-            &stderr_tail,
-            &ctx.settings.executor_id,
-            SystemTime::now(),
-        );
-        finish(ctx, job, ActionPhase::Failed, Some(error)).await;
+    let worker = &ctx.settings.executor_id;
+    match &prepared.judge {
+        Judge::Shell if exit.success() => {
+            finish(ctx, job, ActionPhase::Succeeded, None, false).await
+        }
+        Judge::Shell => {
+            let error = command_error(exit, &stderr_tail, worker, SystemTime::now());
+            finish(ctx, job, ActionPhase::Failed, Some(error), false).await;
+        }
+        Judge::Flyte {
+            output_prefix,
+            retries,
+        } => {
+            let document = match flyte::read_error(output_prefix) {
+                Ok(document) => document,
+                Err(err) => {
+                    let error = system_error(
+                        "ErrorDocumentUnreadable",
+                        format!("cannot read {output_prefix}/error.pb: {err}"),
+                        worker,
+                        SystemTime::now(),
+                    );
+                    finish(ctx, job, ActionPhase::Failed, Some(error), false).await;
+                    return;
+                }
+            };
+            let judged = flyte::outcome(
+                exit,
+                document
+                    .as_ref()
+                    .map(|(path, bytes)| (path.as_path(), bytes.as_slice())),
+                &stderr_tail,
+                job.attempt,
+                *retries,
+                worker,
+                SystemTime::now(),
+            );
+            match judged {
+                flyte::Outcome::Succeeded => {
+                    finish(ctx, job, ActionPhase::Succeeded, None, false).await;
+                }
+                flyte::Outcome::Failed { error, retry } => {
+                    tracing::info!(code = %error.code, retry, "the task failed");
+                    finish(ctx, job, ActionPhase::Failed, Some(error), retry).await;
+                }
+            }
+        }
     }
 }
 
@@ -282,8 +498,15 @@ async fn report_running(ctx: &Context, job: &Job) -> bool {
     }
 }
 
-/// Reports the terminal phase, with the server's default output_uri.
-async fn finish(ctx: &Context, job: &Job, phase: ActionPhase, error: Option<ExecutionError>) {
+/// Reports the terminal phase, with the server's default output_uri; with
+/// `retry`, a failure that the server turns into the next attempt.
+async fn finish(
+    ctx: &Context,
+    job: &Job,
+    phase: ActionPhase,
+    error: Option<ExecutionError>,
+    retry: bool,
+) {
     let request = FinishRequest {
         executor_id: ctx.settings.executor_id.clone(),
         action_id: Some(job.id.clone()),
@@ -291,6 +514,7 @@ async fn finish(ctx: &Context, job: &Job, phase: ActionPhase, error: Option<Exec
         phase: phase as i32,
         output_uri: String::new(),
         error,
+        retry,
     };
     let result = rpc::with_retries("Finish", rpc::report_backoff(), || {
         let mut client = ctx.executor.clone();
@@ -299,6 +523,7 @@ async fn finish(ctx: &Context, job: &Job, phase: ActionPhase, error: Option<Exec
     })
     .await;
     match result {
+        Ok(_) if retry => tracing::info!("finished; the next attempt is queued"),
         Ok(_) => tracing::info!(phase = phase.as_str_name(), "finished"),
         Err(status) if status.code() == Code::FailedPrecondition => tracing::info!(
             phase = phase.as_str_name(),

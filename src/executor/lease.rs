@@ -78,6 +78,7 @@ async fn session(
         executor_id: ctx.settings.executor_id.clone(),
         queue: ctx.settings.queue.clone(),
         capacity: ctx.settings.capacity,
+        max_leases: ctx.settings.max_processes,
     };
     let mut client = ctx.executor.clone();
     // Only the opening has a deadline: the stream itself lives as long as

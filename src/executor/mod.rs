@@ -53,13 +53,16 @@
 //! deadline; channels between the executor's tasks are bounded.
 
 mod action;
+mod flyte;
 mod heartbeat;
 mod lease;
+mod log;
 mod process;
 mod rpc;
 pub mod ship;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,17 +99,60 @@ pub struct ExecutorSettings {
     pub executor_id: String,
     /// The queue to lease task actions from.
     pub queue: String,
-    /// How many actions run at once (> 0).
+    /// How many actions run at once (> 0), not counting those waiting on
+    /// their children when `max_processes` is set.
     pub capacity: u32,
-    /// The shell command run for each action, with `sh -c`.
-    pub command: String,
+    /// With a value > 0: the hard bound on processes running at once,
+    /// waiting parents included (>= capacity). A parent whose action has
+    /// unfinished children then stops counting against `capacity`, so
+    /// nested programs finish under any capacity. 0: every running process
+    /// counts against `capacity`.
+    pub max_processes: u32,
+    /// What runs for each leased attempt.
+    pub runner: Runner,
     /// How often leases are extended while the executor holds any.
     pub heartbeat_interval: Duration,
     /// How long a cancelled command has between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
 }
 
+/// What the executor runs for each leased attempt.
+#[derive(Debug, Clone)]
+pub enum Runner {
+    /// `sh -c <command>`, the action described in `ACTIONSD_*` variables.
+    Shell { command: String },
+    /// The task's own container command, as a Flyte task process.
+    Flyte(FlyteSettings),
+}
+
+/// How Flyte task processes run (`actionsd executor --flyte`).
+#[derive(Debug, Clone)]
+pub struct FlyteSettings {
+    /// Looked in first for the task's program (`a0`): the `bin` directory
+    /// of the environment with flyte installed. Else `PATH`.
+    pub flyte_bin: Option<PathBuf>,
+    /// Every attempt runs in this directory (a code root, for programs run
+    /// without a code bundle). Else each attempt gets a fresh directory
+    /// under `scratch_dir`, removed when it ends.
+    pub workdir: Option<PathBuf>,
+    /// Where the fresh per-attempt directories go.
+    pub scratch_dir: PathBuf,
+    /// Where each attempt's log goes: `<log_dir>/<run>/<action>/<attempt>.log`.
+    pub log_dir: PathBuf,
+    /// The size at which an attempt's log is rotated (one older file kept).
+    pub log_max_bytes: u64,
+}
+
 impl ExecutorSettings {
+    /// The hard bound on processes, as sent to the server as `max_leases`.
+    fn process_bound(&self) -> u32 {
+        if self.max_processes == 0 {
+            self.capacity
+        } else {
+            self.max_processes
+        }
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         ensure!(
             !self.executor_id.is_empty(),
@@ -115,9 +161,17 @@ impl ExecutorSettings {
         ensure!(!self.queue.is_empty(), "queue must not be empty");
         ensure!(self.capacity > 0, "capacity must be at least 1");
         ensure!(
-            !self.command.trim().is_empty(),
-            "the command must not be empty"
+            self.max_processes == 0 || self.max_processes >= self.capacity,
+            "max_processes must be 0 or at least the capacity"
         );
+        match &self.runner {
+            Runner::Shell { command } => {
+                ensure!(!command.trim().is_empty(), "the command must not be empty");
+            }
+            Runner::Flyte(flyte) => {
+                ensure!(flyte.log_max_bytes > 0, "log_max_bytes must be positive");
+            }
+        }
         ensure!(
             !self.heartbeat_interval.is_zero(),
             "heartbeat_interval must be positive"
@@ -175,7 +229,7 @@ pub async fn run(settings: ExecutorSettings, shutdown: CancellationToken) -> any
         executor: ExecutorServiceClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_SIZE),
         actions: ActionsServiceClient::new(channel),
-        slots: Arc::new(Semaphore::new(settings.capacity as usize)),
+        slots: Arc::new(Semaphore::new(settings.process_bound() as usize)),
         settings,
     });
     supervise(ctx, shutdown).await
@@ -282,16 +336,18 @@ impl Running {
             attempt,
             action: leased.action,
             output_uri: leased.output_uri,
+            run_spec: leased.run_spec,
+            leased_at: std::time::Instant::now(),
         };
         let handle = self
             .tasks
             .spawn(action::run(ctx.clone(), job, cancel.clone()));
         self.by_task.insert(handle.id(), (key.clone(), attempt));
         self.cancels.insert((key, attempt), cancel);
-        if self.len() > ctx.settings.capacity as usize {
+        if self.len() > ctx.settings.process_bound() as usize {
             tracing::warn!(
                 held = self.len(),
-                capacity = ctx.settings.capacity,
+                capacity = ctx.settings.process_bound(),
                 "the server leased more actions than the capacity; the extra ones wait"
             );
         }

@@ -1,5 +1,6 @@
-//! Running an action's command: `sh -c <command>` in its own process group,
-//! stdin closed, stdout inherited, stderr forwarded and its tail kept.
+//! Running an action's process (`sh -c <command>`, or a Flyte task's
+//! command) in its own process group, stdin closed, its output forwarded
+//! (or written to the attempt's log) and the tail of its stderr kept.
 //!
 //! The command runs in a process group of its own, so a Ctrl-C at the
 //! executor's terminal reaches the executor (which drains) and not the
@@ -9,11 +10,14 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::process::{ChildStderr, ExitStatus, Stdio};
+use std::path::PathBuf;
+use std::process::{ChildStderr, ChildStdout, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
+
+use super::log::{self, SharedLog};
 
 /// How much of the end of a command's stderr is kept for its error.
 pub(super) const STDERR_TAIL_BYTES: usize = 4096;
@@ -106,10 +110,35 @@ pub(super) struct Command {
     stderr_closed: Option<oneshot::Receiver<()>>,
 }
 
+/// What to run for one attempt.
+pub(super) struct Spec {
+    pub(super) program: PathBuf,
+    pub(super) args: Vec<String>,
+    /// Added to the executor's own environment; a later entry wins.
+    pub(super) env: Vec<(String, String)>,
+    /// The working directory; the executor's when `None`.
+    pub(super) cwd: Option<PathBuf>,
+    /// Where stdout and stderr go. Without a log, stdout is inherited and
+    /// stderr is forwarded to the executor's stderr.
+    pub(super) log: Option<SharedLog>,
+}
+
+impl Spec {
+    /// `sh -c <command>`, for the shell runner.
+    pub(super) fn shell(command: &str, env: Vec<(String, String)>) -> Self {
+        Self {
+            program: PathBuf::from("sh"),
+            args: vec!["-c".to_owned(), command.to_owned()],
+            env,
+            cwd: None,
+            log: None,
+        }
+    }
+}
+
 impl Command {
-    /// Starts `sh -c <command>` with `env` added to the executor's own
-    /// environment.
-    pub(super) fn spawn(command: &str, env: &[(&'static str, String)]) -> io::Result<Self> {
+    /// Starts `spec` in a process group of its own, stdin closed.
+    pub(super) fn spawn(spec: Spec) -> io::Result<Self> {
         // Listen before the child exists, so its exit cannot be missed.
         #[cfg(unix)]
         let sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
@@ -119,13 +148,19 @@ impl Command {
                 None
             }
         };
-        let mut cmd = std::process::Command::new("sh");
-        cmd.arg("-c")
-            .arg(command)
-            .envs(env.iter().map(|(name, value)| (name, value)))
+        let mut cmd = std::process::Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .envs(spec.env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
-            .stdout(Stdio::inherit())
+            .stdout(if spec.log.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .stderr(Stdio::piped());
+        if let Some(cwd) = &spec.cwd {
+            cmd.current_dir(cwd);
+        }
         #[cfg(unix)]
         {
             use std::os::unix::process::CommandExt;
@@ -136,14 +171,26 @@ impl Command {
         let (closed_tx, closed_rx) = oneshot::channel();
         if let Some(stderr) = child.stderr.take() {
             let reader_tail = tail.clone();
+            let log = spec.log.clone();
             // A plain thread, not the blocking pool: a command's background
             // processes may hold stderr open for as long as they like, and
             // the runtime waits for its blocking pool when it shuts down.
             let reader = std::thread::Builder::new()
                 .name("actionsd-stderr".to_owned())
                 .stack_size(64 * 1024)
-                .spawn(move || forward_stderr(stderr, &reader_tail, closed_tx));
+                .spawn(move || forward_stderr(stderr, log.as_ref(), &reader_tail, closed_tx));
             if let Err(err) = reader {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(err);
+            }
+        }
+        if let (Some(stdout), Some(log)) = (child.stdout.take(), spec.log) {
+            let copier = std::thread::Builder::new()
+                .name("actionsd-stdout".to_owned())
+                .stack_size(64 * 1024)
+                .spawn(move || copy_to_log(stdout, &log));
+            if let Err(err) = copier {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(err);
@@ -156,6 +203,11 @@ impl Command {
             tail,
             stderr_closed: Some(closed_rx),
         })
+    }
+
+    /// The process id of the group leader.
+    pub(super) fn id(&mut self) -> u32 {
+        self.child().id()
     }
 
     fn child(&mut self) -> &mut std::process::Child {
@@ -276,16 +328,26 @@ fn kill_group(signal: &str, group: u32) -> io::Result<ExitStatus> {
         .status()
 }
 
-/// Copies the command's stderr to the executor's stderr as it comes and
-/// keeps its tail; signals `closed` at the end of the stream.
-fn forward_stderr(mut stderr: ChildStderr, tail: &Mutex<StderrTail>, closed: oneshot::Sender<()>) {
+/// Copies the command's stderr to its log (or the executor's stderr) as it
+/// comes and keeps its tail; signals `closed` at the end of the stream.
+fn forward_stderr(
+    mut stderr: ChildStderr,
+    log: Option<&SharedLog>,
+    tail: &Mutex<StderrTail>,
+    closed: oneshot::Sender<()>,
+) {
     let mut buf = [0u8; 8192];
     loop {
         match stderr.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
                 let chunk = &buf[..n];
-                let _ = io::stderr().write_all(chunk);
+                match log {
+                    Some(log) => log::write(log, chunk),
+                    None => {
+                        let _ = io::stderr().write_all(chunk);
+                    }
+                }
                 tail.lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .push(chunk);
@@ -295,6 +357,19 @@ fn forward_stderr(mut stderr: ChildStderr, tail: &Mutex<StderrTail>, closed: one
         }
     }
     let _ = closed.send(());
+}
+
+/// Copies the command's stdout to its log until the stream ends.
+fn copy_to_log(mut stdout: ChildStdout, log: &SharedLog) {
+    let mut buf = [0u8; 8192];
+    loop {
+        match stdout.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => log::write(log, &buf[..n]),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -350,9 +425,12 @@ mod tests {
     #[cfg(unix)]
     #[tokio::test]
     async fn a_command_reports_its_exit_status_and_stderr() {
-        let env = [("ACTIONSD_TEST_VALUE", "42".to_owned())];
-        let mut cmd = Command::spawn(r#"echo "value $ACTIONSD_TEST_VALUE" >&2; exit 3"#, &env)
-            .expect("sh runs");
+        let env = vec![("ACTIONSD_TEST_VALUE".to_owned(), "42".to_owned())];
+        let mut cmd = Command::spawn(Spec::shell(
+            r#"echo "value $ACTIONSD_TEST_VALUE" >&2; exit 3"#,
+            env,
+        ))
+        .expect("sh runs");
         let exit = cmd.wait().await.expect("waits");
         assert_eq!(exit, Exit::Code(3));
         assert_eq!(cmd.stderr_tail(Duration::from_secs(5)).await, "value 42");
@@ -361,14 +439,14 @@ mod tests {
     #[cfg(unix)]
     #[tokio::test]
     async fn a_successful_command_succeeds() {
-        let mut cmd = Command::spawn("true", &[]).expect("sh runs");
+        let mut cmd = Command::spawn(Spec::shell("true", vec![])).expect("sh runs");
         assert!(cmd.wait().await.expect("waits").success());
     }
 
     #[cfg(unix)]
     #[tokio::test]
     async fn terminate_stops_the_command_with_sigterm() {
-        let mut cmd = Command::spawn("sleep 30", &[]).expect("sh runs");
+        let mut cmd = Command::spawn(Spec::shell("sleep 30", vec![])).expect("sh runs");
         let exit = tokio::time::timeout(
             Duration::from_secs(10),
             cmd.terminate(Duration::from_secs(5)),
@@ -382,10 +460,10 @@ mod tests {
     #[cfg(unix)]
     #[tokio::test]
     async fn terminate_kills_a_command_that_ignores_sigterm() {
-        let mut cmd = Command::spawn(
+        let mut cmd = Command::spawn(Spec::shell(
             "trap '' TERM; echo ready >&2; while :; do sleep 0.05; done",
-            &[],
-        )
+            vec![],
+        ))
         .expect("sh runs");
         // Let the shell install its trap first.
         tokio::time::sleep(Duration::from_millis(300)).await;

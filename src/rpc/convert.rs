@@ -58,8 +58,15 @@ pub fn run_id(field: &str, run: Option<&common::RunIdentifier>) -> Result<RunId,
     check_len(&format!("{field}.project"), &run.project, MAX_PROJECT, true)?;
     check_len(&format!("{field}.domain"), &run.domain, MAX_DOMAIN, true)?;
     check_len(&format!("{field}.name"), &run.name, MAX_RUN_NAME, true)?;
+    // The alias the Flyte executor hands its task processes for the
+    // empty org (see `EMPTY_ORG_ALIAS`).
+    let org = if run.org == crate::domain::EMPTY_ORG_ALIAS {
+        String::new()
+    } else {
+        run.org.clone()
+    };
     Ok(RunId {
-        org: run.org.clone(),
+        org,
         project: run.project.clone(),
         domain: run.domain.clone(),
         name: run.name.clone(),
@@ -232,10 +239,17 @@ pub fn lease_request(
     if request.capacity == 0 {
         return Err(Error::invalid("capacity", "must be greater than 0"));
     }
+    if request.max_leases != 0 && request.max_leases < request.capacity {
+        return Err(Error::invalid(
+            "max_leases",
+            format!("must be 0 or at least the capacity ({})", request.capacity),
+        ));
+    }
     Ok(ClaimRequest {
         executor: request.executor_id,
         queue: request.queue,
         capacity: request.capacity,
+        max_leases: request.max_leases,
         lease_ttl,
     })
 }
@@ -252,6 +266,9 @@ pub fn finish(request: executor::FinishRequest) -> Result<FinishAction, Error> {
         .ok_or_else(|| {
             Error::invalid("phase", "must be SUCCEEDED, FAILED, TIMED_OUT or ABORTED")
         })?;
+    if request.retry && phase != Phase::Failed {
+        return Err(Error::invalid("retry", "is only valid with phase FAILED"));
+    }
     Ok(FinishAction {
         id,
         executor: request.executor_id,
@@ -259,6 +276,7 @@ pub fn finish(request: executor::FinishRequest) -> Result<FinishAction, Error> {
         phase,
         output_uri: (!request.output_uri.is_empty()).then_some(request.output_uri),
         error: request.error.map(|e| Bytes::from(e.encode_to_vec())),
+        retry: request.retry,
     })
 }
 

@@ -250,15 +250,21 @@ impl Store for PgStore {
     #[instrument(skip_all, fields(executor = %request.executor, queue = %request.queue))]
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Lease>, Error> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let held: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM actions WHERE lease_holder = $1 AND lease_deadline IS NOT NULL \
-             AND phase NOT IN {TERMINAL_PHASES}"
+        let (held, waiting): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT count(*), count(*) FILTER (WHERE $2 AND EXISTS ( \
+               SELECT 1 FROM actions c \
+               WHERE (c.org, c.project, c.domain, c.run_name, c.parent_name) \
+                   = (a.org, a.project, a.domain, a.run_name, a.name) \
+                 AND c.phase NOT IN {TERMINAL_PHASES})) \
+             FROM actions a WHERE a.lease_holder = $1 AND a.lease_deadline IS NOT NULL \
+             AND a.phase NOT IN {TERMINAL_PHASES}"
         ))
         .bind(&request.executor)
+        .bind(request.max_leases > 0)
         .fetch_one(&mut *tx)
         .await
         .map_err(db_error)?;
-        let free = i64::from(request.capacity) - held;
+        let free = super::free_leases(request, held, waiting);
         if free <= 0 {
             tx.commit().await.map_err(db_error)?;
             return Ok(Vec::new());
@@ -1034,6 +1040,27 @@ async fn finish(conn: &mut PgConnection, finish: &FinishAction) -> Result<usize,
         .output_uri
         .clone()
         .unwrap_or_else(|| default_output_uri(base, &id.name, finish.attempt));
+    if finish.retry {
+        // A retrying Finish: the next attempt is queued, as after a lost
+        // lease; the error stays for watchers until that attempt reports.
+        sqlx::query(concat!(
+            "WITH changed AS (",
+            " UPDATE actions SET phase = 1, attempt = attempt + 1, error = $6,",
+            "   lease_holder = NULL, lease_deadline = NULL,",
+            "   version = version + 1, updated_at = now()",
+            " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5",
+            " RETURNING ",
+            state_columns!(),
+            ")",
+            insert_events_from_changed!()
+        ))
+        .bind_id(id)
+        .bind(finish.error.as_deref())
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
+        return Ok(1);
+    }
     sqlx::query(concat!(
         "WITH changed AS (",
         " UPDATE actions SET phase = $6, output_uri = $7, error = $8, lease_deadline = NULL,",

@@ -351,15 +351,21 @@ impl Store for SqliteStore {
             .await
             .map_err(db_error)?;
         let now = now_micros();
-        let held: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM actions WHERE lease_holder = ?1 AND lease_deadline IS NOT NULL \
-             AND phase NOT IN {TERMINAL_PHASES}"
+        let (held, waiting): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT count(*), coalesce(sum(?2 AND EXISTS ( \
+               SELECT 1 FROM actions c \
+               WHERE c.org = a.org AND c.project = a.project AND c.domain = a.domain \
+                 AND c.run_name = a.run_name AND c.parent_name = a.name \
+                 AND c.phase NOT IN {TERMINAL_PHASES})), 0) \
+             FROM actions a WHERE a.lease_holder = ?1 AND a.lease_deadline IS NOT NULL \
+             AND a.phase NOT IN {TERMINAL_PHASES}"
         ))
         .bind(&request.executor)
+        .bind(request.max_leases > 0)
         .fetch_one(&mut *tx)
         .await
         .map_err(db_error)?;
-        let free = usize::try_from(i64::from(request.capacity) - held).unwrap_or(0);
+        let free = usize::try_from(super::free_leases(request, held, waiting)).unwrap_or(0);
         let mut leases = Vec::new();
         if free == 0 {
             tx.commit().await.map_err(db_error)?;
@@ -1063,21 +1069,40 @@ async fn finish(
         .output_uri
         .clone()
         .unwrap_or_else(|| default_output_uri(base, &id.name, finish.attempt));
-    let row = sqlx::query(concat!(
-        "UPDATE actions SET phase = ?6, output_uri = ?7, error = ?8, lease_deadline = NULL,",
-        "   end_time = ?9, version = version + 1, updated_at = ?9",
-        " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
-        " RETURNING ",
-        state_columns!()
-    ))
-    .bind_id(id)
-    .bind(finish.phase as i16)
-    .bind(&output_uri)
-    .bind(finish.error.as_deref())
-    .bind(now)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db_error)?;
+    let row = if finish.retry {
+        // A retrying Finish: the next attempt is queued, as after a lost
+        // lease; the error stays for watchers until that attempt reports.
+        sqlx::query(concat!(
+            "UPDATE actions SET phase = 1, attempt = attempt + 1, error = ?6,",
+            "   lease_holder = NULL, lease_deadline = NULL,",
+            "   version = version + 1, updated_at = ?7",
+            " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
+            " RETURNING ",
+            state_columns!()
+        ))
+        .bind_id(id)
+        .bind(finish.error.as_deref())
+        .bind(now)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_error)?
+    } else {
+        sqlx::query(concat!(
+            "UPDATE actions SET phase = ?6, output_uri = ?7, error = ?8, lease_deadline = NULL,",
+            "   end_time = ?9, version = version + 1, updated_at = ?9",
+            " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
+            " RETURNING ",
+            state_columns!()
+        ))
+        .bind_id(id)
+        .bind(finish.phase as i16)
+        .bind(&output_uri)
+        .bind(finish.error.as_deref())
+        .bind(now)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_error)?
+    };
     append_event(conn, &state_from_row(&row)?, now).await?;
     Ok(1)
 }
@@ -1794,6 +1819,7 @@ mod tests {
             executor: executor.to_owned(),
             queue: "gpu".to_owned(),
             capacity,
+            max_leases: 0,
             lease_ttl: Duration::from_secs(60),
         }
     }
@@ -1812,6 +1838,7 @@ mod tests {
             phase,
             output_uri: output_uri.map(str::to_owned),
             error: None,
+            retry: false,
         })
     }
 
@@ -2194,6 +2221,7 @@ mod tests {
             phase: Phase::Failed,
             output_uri: Some("s3://elsewhere/c1".to_owned()),
             error: Some(Bytes::from_static(b"user-error")),
+            retry: false,
         });
         assert_eq!(store.execute(failed).await.unwrap(), 1);
 

@@ -35,6 +35,7 @@ async fn executor(
             executor_id: id.clone(),
             queue: "default".to_owned(),
             capacity,
+            max_leases: 0,
         })
         .await
         .context("Lease failed")?
@@ -67,6 +68,7 @@ async fn executor(
             phase: phase::SUCCEEDED,
             output_uri: String::new(),
             error: None,
+            retry: false,
         };
         finishes.spawn(async move {
             client
