@@ -162,6 +162,12 @@ impl Application {
         self.local_addr
     }
 
+    /// What task processes need in their environment to use this daemon's
+    /// blob store (empty for a local directory).
+    pub fn task_env(&self) -> Vec<(String, String)> {
+        self.blobs.task_env().to_vec()
+    }
+
     /// Cancel it to shut the daemon down gracefully.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()

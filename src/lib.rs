@@ -4,6 +4,7 @@ pub mod app;
 pub mod blob;
 pub mod config;
 pub mod ctl;
+pub mod dev;
 pub mod domain;
 pub mod executor;
 pub mod logs;

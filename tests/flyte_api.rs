@@ -158,6 +158,7 @@ async fn lease(c: &mut Clients, executor: &str, queue: &str) -> LeasedAction {
             executor_id: executor.into(),
             queue: queue.into(),
             capacity: 1,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -212,6 +213,7 @@ async fn finish(c: &mut Clients, executor: &str, leased: &LeasedAction, phase: i
             phase,
             output_uri: String::new(),
             error,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -544,7 +546,7 @@ async fn shipped_output_is_tailed(db: TestDb) {
             seen.extend(logs.lines.into_iter().map(|l| l.message));
         }
     }
-    assert_eq!(seen, ["first line", "second line", "third line, no newline"]);
+    assert_eq!(seen, ["first line\n", "second line\n", "third line, no newline\n"]);
     daemon.stop().await;
 }
 

@@ -12,7 +12,8 @@ use tonic::Code;
 use tracing::Instrument;
 
 use super::flyte;
-use super::log::{RotatingFile, SharedLog};
+use super::log::{RotatingFile, SharedLog, Shipped};
+use super::ship::{LogShipper, ShipperTask};
 use super::process::{self, Exit};
 use super::rpc;
 use super::{Context, Runner};
@@ -168,9 +169,22 @@ struct Prepared {
     judge: Judge,
     /// A fresh working directory, removed when the attempt ends.
     scratch: Option<PathBuf>,
+    /// Ships the attempt's output to actionsd (Flyte tasks).
+    shipping: Option<ShipperTask>,
 }
 
+/// How long the rest of an attempt's output may take to reach actionsd.
+const SHIP_PATIENCE: Duration = Duration::from_secs(10);
+
 impl Prepared {
+    /// Sends the rest of the attempt's output before its end is reported.
+    async fn close_log(&self) {
+        if let Some(shipping) = &self.shipping {
+            let stats = shipping.finish(SHIP_PATIENCE).await;
+            tracing::debug!(sent = stats.lines_sent, dropped = stats.lines_dropped, "log shipped");
+        }
+    }
+
     fn cleanup(&self) {
         if let Some(dir) = &self.scratch {
             if let Err(err) = std::fs::remove_dir_all(dir) {
@@ -201,6 +215,7 @@ fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, Execut
                 timeout: None,
                 judge: Judge::Shell,
                 scratch: None,
+                shipping: None,
             })
         }
         Runner::Flyte(settings) => {
@@ -230,7 +245,8 @@ fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, Execut
                 action: &job.id.name,
                 run_output_base: &action.run_output_base,
             };
-            let env = flyte::environment(&task, &run_settings, &who, &ctx.settings.server);
+            let mut env = settings.env.0.clone();
+            env.extend(flyte::environment(&task, &run_settings, &who, &ctx.settings.server));
             let mut argv = task.argv.iter().map(|arg| values.fill(arg));
             let program = argv.next().unwrap_or_default();
             let program = flyte::program(&program, settings.flyte_bin.as_deref());
@@ -265,7 +281,13 @@ fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, Execut
                 )
             })?;
             tracing::debug!(log = %log_path.display(), program = %program.display(), "prepared");
-            let log: SharedLog = Arc::new(Mutex::new(log));
+            let (shipper, shipping) = LogShipper::start(
+                ctx.executor.clone(),
+                ctx.settings.executor_id.clone(),
+                job.id.clone(),
+                job.attempt,
+            );
+            let log: SharedLog = Arc::new(Mutex::new(Shipped { file: log, shipper }));
             Ok(Prepared {
                 spec: process::Spec {
                     program,
@@ -280,6 +302,7 @@ fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, Execut
                     retries: task.retries,
                 },
                 scratch,
+                shipping: Some(shipping),
             })
         }
     }
@@ -380,6 +403,7 @@ async fn run_prepared(ctx: &Context, job: &Job, cancel: &CancellationToken, prep
                 Err(err) => tracing::warn!(error = %err, "cannot wait for the stopped process"),
             }
             if !cancel.is_cancelled() {
+                prepared.close_log().await;
                 let error = flyte::timeout_error(timeout, &ctx.settings.executor_id, SystemTime::now());
                 finish(ctx, job, ActionPhase::TimedOut, Some(error), false).await;
             }
@@ -402,6 +426,7 @@ async fn run_prepared(ctx: &Context, job: &Job, cancel: &CancellationToken, prep
         }
     };
     tracing::info!(?exit, "process exited");
+    prepared.close_log().await;
     if cancel.is_cancelled() {
         tracing::info!("cancelled while it ended; not reporting it");
         return;

@@ -13,8 +13,11 @@
 
 use std::time::Duration;
 
+use std::sync::{Mutex, PoisonError};
+
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use super::rpc;
@@ -41,7 +44,8 @@ pub struct LogShipper {
 
 /// The shipping task; [`ShipperTask::finish`] sends what is left.
 pub struct ShipperTask {
-    handle: JoinHandle<ShipStats>,
+    close: CancellationToken,
+    handle: Mutex<Option<JoinHandle<ShipStats>>>,
 }
 
 /// What happened to an attempt's log.
@@ -61,8 +65,10 @@ impl LogShipper {
         attempt: u32,
     ) -> (Self, ShipperTask) {
         let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
+        let close = CancellationToken::new();
         let handle = tokio::spawn(ship(
             rx,
+            close.clone(),
             Target {
                 client,
                 executor_id,
@@ -70,7 +76,13 @@ impl LogShipper {
                 attempt,
             },
         ));
-        (Self { chunks: tx }, ShipperTask { handle })
+        (
+            Self { chunks: tx },
+            ShipperTask {
+                close,
+                handle: Mutex::new(Some(handle)),
+            },
+        )
     }
 
     /// Hands over output; never blocks. Returns false when it was dropped
@@ -81,10 +93,21 @@ impl LogShipper {
 }
 
 impl ShipperTask {
-    /// Waits (at most `timeout`) until every handed-over line was sent;
-    /// every [`LogShipper`] clone must have been dropped first.
-    pub async fn finish(self, timeout: Duration) -> ShipStats {
-        match tokio::time::timeout(timeout, self.handle).await {
+    /// Ends shipping once what was handed over so far is sent (waiting at
+    /// most `timeout`); later output is dropped. Call it once the process
+    /// has exited, before the attempt is reported finished, so a tail that
+    /// ends with the attempt has every line.
+    pub async fn finish(&self, timeout: Duration) -> ShipStats {
+        self.close.cancel();
+        let handle = self
+            .handle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(handle) = handle else {
+            return ShipStats::default();
+        };
+        match tokio::time::timeout(timeout, handle).await {
             Ok(Ok(stats)) => stats,
             Ok(Err(_)) | Err(_) => {
                 tracing::warn!("log shipping did not finish in time");
@@ -125,11 +148,14 @@ impl Lines {
     }
 }
 
+/// One line; its message ends with a newline, as the Flyte SDK's log
+/// viewer expects (it joins messages as they are).
 fn line(bytes: Vec<u8>) -> LogLine {
     let mut message = String::from_utf8_lossy(&bytes).into_owned();
     if message.ends_with('\r') {
         message.pop();
     }
+    message.push('\n');
     LogLine {
         timestamp: Some(crate::rpc::convert::timestamp_to_proto(chrono::Utc::now())),
         message,
@@ -138,7 +164,11 @@ fn line(bytes: Vec<u8>) -> LogLine {
     }
 }
 
-async fn ship(mut rx: mpsc::Receiver<Vec<u8>>, mut target: Target) -> ShipStats {
+async fn ship(
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    close: CancellationToken,
+    mut target: Target,
+) -> ShipStats {
     let mut stats = ShipStats::default();
     let mut lines = Lines::default();
     let mut pending: Vec<LogLine> = Vec::new();
@@ -160,6 +190,15 @@ async fn ship(mut rx: mpsc::Receiver<Vec<u8>>, mut target: Target) -> ShipStats 
                 !open || pending.iter().map(|l| l.message.len()).sum::<usize>() >= BATCH_BYTES
             }
             _ = tick.tick() => true,
+            () = close.cancelled(), if open => {
+                // Take what is queued, then stop reading.
+                while let Ok(chunk) = rx.try_recv() {
+                    lines.push(&chunk, &mut pending);
+                }
+                open = false;
+                lines.flush(&mut pending);
+                true
+            }
         };
         if !flush || pending.is_empty() {
             continue;
@@ -231,12 +270,12 @@ mod tests {
         let mut out = Vec::new();
         lines.push(b"one\ntw", &mut out);
         lines.push(b"o\r\nthree", &mut out);
-        assert_eq!(out.iter().map(|l| l.message.as_str()).collect::<Vec<_>>(), ["one", "two"]);
+        assert_eq!(out.iter().map(|l| l.message.as_str()).collect::<Vec<_>>(), ["one\n", "two\n"]);
         lines.flush(&mut out);
-        assert_eq!(out.last().unwrap().message, "three");
+        assert_eq!(out.last().unwrap().message, "three\n");
         let mut long = Vec::new();
         lines.push(&vec![b'x'; MAX_LINE + 10], &mut long);
         lines.push(b"\n", &mut long);
-        assert_eq!(long[0].message.len(), MAX_LINE);
+        assert_eq!(long[0].message.len(), MAX_LINE + 1);
     }
 }
