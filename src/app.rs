@@ -20,6 +20,7 @@ use tonic_web::GrpcWebLayer;
 use tower::util::MapResponseLayer;
 use tracing::{info, warn};
 
+use crate::blob::Blobs;
 use crate::config::ExecutorConfig;
 use crate::config::{Config, StoreLocation};
 use crate::domain::ReapSettings;
@@ -34,7 +35,6 @@ use crate::rpc::executor::ExecutorApi;
 use crate::rpc::{ActionsApi, ReadApi};
 use crate::store::postgres::{PgStore, PoolSettings};
 use crate::store::sqlite::{SqliteSettings, SqliteStore};
-use crate::blob::Blobs;
 use crate::store::{Detached, GroupCommit, Store};
 
 /// tonic answers a request over the message size limit with OUT_OF_RANGE;

@@ -154,7 +154,10 @@ impl Blobs {
                     // The Flyte SDK's S3 storage reads these (flyte/storage).
                     task_env.push(("FLYTE_AWS_ENDPOINT".to_owned(), endpoint.clone()));
                     task_env.push(("AWS_ENDPOINT_URL".to_owned(), endpoint.clone()));
-                    task_env.push(("FLYTE_AWS_S3_ADDRESSING_STYLE".to_owned(), "path".to_owned()));
+                    task_env.push((
+                        "FLYTE_AWS_S3_ADDRESSING_STYLE".to_owned(),
+                        "path".to_owned(),
+                    ));
                 }
                 if let Some(id) = &s3.access_key_id {
                     builder = builder.with_access_key_id(id);
@@ -479,7 +482,10 @@ mod tests {
         .unwrap();
         let key = keys::inputs("", "p", "d", "abc");
         let uri = blobs.uri(&key);
-        assert!(uri.starts_with('/') && uri.ends_with("/inputs/_/p/d/abc/inputs.pb"), "{uri}");
+        assert!(
+            uri.starts_with('/') && uri.ends_with("/inputs/_/p/d/abc/inputs.pb"),
+            "{uri}"
+        );
         assert_eq!(blobs.key_of(&uri), Some(key.clone()));
         assert_eq!(blobs.key_of(&format!("file://{uri}")), Some(key));
         assert_eq!(blobs.key_of("/elsewhere/x"), None);
@@ -498,10 +504,14 @@ mod tests {
             allow_http: false,
         };
         match BlobLocation::parse("s3://b/some/prefix/", s3.clone()).unwrap() {
-            BlobLocation::S3(s) => assert_eq!((s.bucket.as_str(), s.prefix.as_str()), ("b", "some/prefix")),
+            BlobLocation::S3(s) => {
+                assert_eq!((s.bucket.as_str(), s.prefix.as_str()), ("b", "some/prefix"))
+            }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(BlobLocation::parse("file:///tmp/x", s3.clone()), Ok(BlobLocation::Local(p)) if p == FsPath::new("/tmp/x")));
+        assert!(
+            matches!(BlobLocation::parse("file:///tmp/x", s3.clone()), Ok(BlobLocation::Local(p)) if p == FsPath::new("/tmp/x"))
+        );
         assert!(BlobLocation::parse("relative", s3.clone()).is_err());
         assert!(BlobLocation::parse("s3://", s3).is_err());
     }

@@ -278,7 +278,10 @@ impl Config {
             bucket: String::new(),
             prefix: String::new(),
             endpoint: file.blobs.s3_endpoint,
-            region: file.blobs.s3_region.unwrap_or_else(|| "us-east-1".to_owned()),
+            region: file
+                .blobs
+                .s3_region
+                .unwrap_or_else(|| "us-east-1".to_owned()),
             access_key_id: file.blobs.s3_access_key_id,
             secret_access_key: file.blobs.s3_secret_access_key,
             allow_http: file.blobs.s3_allow_http.unwrap_or(false),
@@ -415,8 +418,14 @@ impl Config {
         positive("database.max_batch", self.database.max_batch > 0)?;
         positive("server.max_message_size", self.server.max_message_size > 0)?;
         positive("executor.lease_ttl", !self.executor.lease_ttl.is_zero())?;
-        positive("blobs.max_upload_bytes", self.blobs.limits.max_upload_bytes > 0)?;
-        positive("blobs.max_url_ttl", !self.blobs.limits.max_url_ttl.is_zero())?;
+        positive(
+            "blobs.max_upload_bytes",
+            self.blobs.limits.max_upload_bytes > 0,
+        )?;
+        positive(
+            "blobs.max_url_ttl",
+            !self.blobs.limits.max_url_ttl.is_zero(),
+        )?;
         positive(
             "logs.max_attempt_bytes",
             self.blobs.limits.max_attempt_log_bytes > 0,
@@ -477,6 +486,43 @@ mod tests {
     fn the_example_config_file_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/actionsd.toml");
         Config::load(Some(&path), Overrides::default()).unwrap();
+    }
+
+    #[test]
+    fn blob_stores_are_configured_from_the_file_and_flag() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            [blobs]
+            url = "s3://bucket/prefix"
+            s3_endpoint = "http://127.0.0.1:9000"
+            s3_allow_http = true
+            [logs]
+            max_attempt_bytes = 1024
+            "#,
+        )
+        .unwrap();
+        let config = Config::merge(file, Overrides::default()).unwrap();
+        match config.blobs.location {
+            Some(crate::blob::BlobLocation::S3(s3)) => {
+                assert_eq!(
+                    (s3.bucket.as_str(), s3.prefix.as_str()),
+                    ("bucket", "prefix")
+                );
+                assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+                assert!(s3.allow_http);
+            }
+            other => panic!("expected S3, got {other:?}"),
+        }
+        assert_eq!(config.blobs.limits.max_attempt_log_bytes, 1024);
+        let err = Config::with_overrides(Overrides {
+            blob_url: Some("relative/dir".into()),
+            ..Overrides::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid setting blobs.url:"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -126,7 +126,10 @@ pub async fn run(
         a0.display()
     );
     println!("Run Flyte programs against it:\n");
-    println!("    flyte --config {} run wf.py main", config_path.display());
+    println!(
+        "    flyte --config {} run wf.py main",
+        config_path.display()
+    );
     println!(
         "\nor: flyte --endpoint dns:///{address} --insecure run --project {PROJECT} --domain {DOMAIN} wf.py main"
     );

@@ -122,7 +122,9 @@ async fn create_run(c: &mut Clients, queue: &str, inputs: Bytes) -> RunIdentifie
         .create_run(CreateRunRequest {
             id: Some(create_run_request::Id::ProjectId(project())),
             task: Some(create_run_request::Task::TaskSpec(task_spec())),
-            input_wrapper: Some(create_run_request::InputWrapper::OffloadedInputData(offloaded)),
+            input_wrapper: Some(create_run_request::InputWrapper::OffloadedInputData(
+                offloaded,
+            )),
             run_spec: Bytes::from(
                 RunSpecQueue {
                     queue: queue.into(),
@@ -204,7 +206,13 @@ async fn append(
         .map(|r| r.into_inner().truncated)
 }
 
-async fn finish(c: &mut Clients, executor: &str, leased: &LeasedAction, phase: i32, error: Option<ExecutionError>) {
+async fn finish(
+    c: &mut Clients,
+    executor: &str,
+    leased: &LeasedAction,
+    phase: i32,
+    error: Option<ExecutionError>,
+) {
     c.executor
         .finish(FinishRequest {
             executor_id: executor.into(),
@@ -251,9 +259,18 @@ async fn flyte_run_lifecycle(db: TestDb) {
         .await
         .unwrap()
         .into_inner();
-    assert!(location.signed_url.starts_with(&format!("http://{}/", daemon.addr)), "{}", location.signed_url);
+    assert!(
+        location
+            .signed_url
+            .starts_with(&format!("http://{}/", daemon.addr)),
+        "{}",
+        location.signed_url
+    );
     let native = PathBuf::from(&location.native_url);
-    assert!(native.starts_with(blob_dir.path().canonicalize().unwrap()), "{native:?}");
+    assert!(
+        native.starts_with(blob_dir.path().canonicalize().unwrap()),
+        "{native:?}"
+    );
     let content_md5 = base64::engine::general_purpose::STANDARD.encode(&md5);
     let put = |url: String, body: Vec<u8>| {
         http.put(url)
@@ -265,20 +282,42 @@ async fn flyte_run_lifecycle(db: TestDb) {
     // are refused; nothing is written.
     let other = b"another bundl".to_vec();
     assert_eq!(other.len(), bundle.len());
-    assert_eq!(put(location.signed_url.clone(), other).await.unwrap().status(), 400);
+    assert_eq!(
+        put(location.signed_url.clone(), other)
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
     let tampered = location.signed_url.replace("&n=", "&n=1");
     assert_eq!(put(tampered, bundle.clone()).await.unwrap().status(), 403);
     let mut larger = bundle.clone();
     larger.push(b'!');
-    assert_eq!(put(location.signed_url.clone(), larger).await.unwrap().status(), 413);
+    assert_eq!(
+        put(location.signed_url.clone(), larger)
+            .await
+            .unwrap()
+            .status(),
+        413
+    );
     assert!(!native.exists());
-    assert_eq!(put(location.signed_url.clone(), bundle.clone()).await.unwrap().status(), 200);
+    assert_eq!(
+        put(location.signed_url.clone(), bundle.clone())
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     assert_eq!(std::fs::read(&native).unwrap(), bundle);
 
     // Create a run: the root a0 is queued with the stored RunSpec.
     let inputs = Bytes::from_static(b"\x0a\x05\x0a\x01n\x12\x00");
     let run = create_run(&mut c, "flyte-life", inputs.clone()).await;
-    assert!(run.name.starts_with('r') && run.name.len() == 20, "{}", run.name);
+    assert!(
+        run.name.starts_with('r') && run.name.len() == 20,
+        "{}",
+        run.name
+    );
     let details = c
         .runs
         .get_run_details(GetRunDetailsRequest {
@@ -308,15 +347,23 @@ async fn flyte_run_lifecycle(db: TestDb) {
         .await
         .unwrap()
         .into_inner();
-    assert!(listed
-        .runs
-        .iter()
-        .any(|r| r.action.as_ref().unwrap().id.as_ref().unwrap().run.as_ref() == Some(&run)));
+    assert!(listed.runs.iter().any(|r| r
+        .action
+        .as_ref()
+        .unwrap()
+        .id
+        .as_ref()
+        .unwrap()
+        .run
+        .as_ref()
+        == Some(&run)));
 
     // An executor leases a0 and ships its output; TailLogs streams it live.
     let leased = lease(&mut c, "exec-1", "flyte-life").await;
     assert_eq!(leased.action_id.as_ref().unwrap().name, "a0");
-    assert!(!append(&mut c, "exec-1", &leased, 0, &["hello from a0"]).await.unwrap());
+    assert!(!append(&mut c, "exec-1", &leased, 0, &["hello from a0"])
+        .await
+        .unwrap());
     let mut tail = c
         .data
         .tail_logs(TailLogsRequest {
@@ -330,10 +377,18 @@ async fn flyte_run_lifecycle(db: TestDb) {
     let next_line = |m: Option<actionsd::proto::flyteidl2::dataproxy::TailLogsResponse>| {
         m.unwrap().logs[0].lines[0].message.clone()
     };
-    let first = tokio::time::timeout(TIMEOUT, tail.message()).await.unwrap().unwrap();
+    let first = tokio::time::timeout(TIMEOUT, tail.message())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(next_line(first), "hello from a0");
-    assert!(!append(&mut c, "exec-1", &leased, 1, &["still running"]).await.unwrap());
-    let second = tokio::time::timeout(TIMEOUT, tail.message()).await.unwrap().unwrap();
+    assert!(!append(&mut c, "exec-1", &leased, 1, &["still running"])
+        .await
+        .unwrap());
+    let second = tokio::time::timeout(TIMEOUT, tail.message())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(next_line(second), "still running");
     let running = c
         .runs
@@ -350,7 +405,10 @@ async fn flyte_run_lifecycle(db: TestDb) {
     // Outputs go to the lease's output location in the shared store.
     let outputs = Bytes::from_static(b"\x0a\x06\x0a\x02o0\x12\x00");
     let out_dir = PathBuf::from(&leased.output_uri);
-    assert!(out_dir.starts_with(blob_dir.path().canonicalize().unwrap()), "{out_dir:?}");
+    assert!(
+        out_dir.starts_with(blob_dir.path().canonicalize().unwrap()),
+        "{out_dir:?}"
+    );
     std::fs::create_dir_all(&out_dir).unwrap();
     std::fs::write(out_dir.join("outputs.pb"), &outputs).unwrap();
     let mut watch = c
@@ -363,9 +421,17 @@ async fn flyte_run_lifecycle(db: TestDb) {
         .into_inner();
     finish(&mut c, "exec-1", &leased, SUCCEEDED, None).await;
     // The tail and the watch both end once the action is over.
-    assert!(tokio::time::timeout(TIMEOUT, tail.message()).await.unwrap().unwrap().is_none());
+    assert!(tokio::time::timeout(TIMEOUT, tail.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .is_none());
     let mut last = None;
-    while let Some(message) = tokio::time::timeout(TIMEOUT, watch.message()).await.unwrap().unwrap() {
+    while let Some(message) = tokio::time::timeout(TIMEOUT, watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
         last = message.details;
     }
     assert_eq!(last.unwrap().status.unwrap().phase, SUCCEEDED);
@@ -464,7 +530,9 @@ async fn failing_and_aborted_runs(db: TestDb) {
         .runs
         .create_run(CreateRunRequest {
             id: Some(create_run_request::Id::ProjectId(project())),
-            task: Some(create_run_request::Task::TaskId(Bytes::from_static(b"\x22\x01x"))),
+            task: Some(create_run_request::Task::TaskId(Bytes::from_static(
+                b"\x22\x01x",
+            ))),
             input_wrapper: Some(create_run_request::InputWrapper::OffloadedInputData(
                 OffloadedInputData {
                     uri: "/x/inputs.pb".into(),
@@ -476,7 +544,11 @@ async fn failing_and_aborted_runs(db: TestDb) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("registered task"), "{}", err.message());
+    assert!(
+        err.message().contains("registered task"),
+        "{}",
+        err.message()
+    );
     let err = c
         .runs
         .list_runs(ListRunsRequest {
@@ -498,14 +570,22 @@ async fn logs_are_bounded_and_belong_to_the_lease(db: TestDb) {
     let mut c = clients(&daemon).await;
     create_run(&mut c, "flyte-logs", Bytes::new()).await;
     let leased = lease(&mut c, "exec-1", "flyte-logs").await;
-    let err = append(&mut c, "exec-2", &leased, 0, &["not mine"]).await.unwrap_err();
+    let err = append(&mut c, "exec-2", &leased, 0, &["not mine"])
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     let forty = "x".repeat(40);
-    assert!(!append(&mut c, "exec-1", &leased, 0, &[&forty]).await.unwrap());
+    assert!(!append(&mut c, "exec-1", &leased, 0, &[&forty])
+        .await
+        .unwrap());
     // Resending a chunk replaces it rather than counting twice.
-    assert!(!append(&mut c, "exec-1", &leased, 0, &[&forty]).await.unwrap());
+    assert!(!append(&mut c, "exec-1", &leased, 0, &[&forty])
+        .await
+        .unwrap());
     // 40 + 40 bytes exceed the 64-byte bound: dropped, and the executor is told.
-    assert!(append(&mut c, "exec-1", &leased, 1, &[&forty]).await.unwrap());
+    assert!(append(&mut c, "exec-1", &leased, 1, &[&forty])
+        .await
+        .unwrap());
     daemon.stop().await;
 }
 
@@ -523,7 +603,11 @@ async fn shipped_output_is_tailed(db: TestDb) {
         leased.attempt,
     );
     // Output arrives in pieces that do not respect line ends.
-    for piece in [&b"first li"[..], b"ne\nsecond line\nthird", b" line, no newline"] {
+    for piece in [
+        &b"first li"[..],
+        b"ne\nsecond line\nthird",
+        b" line, no newline",
+    ] {
         assert!(shipper.write_chunk(piece));
     }
     drop(shipper);
@@ -541,12 +625,19 @@ async fn shipped_output_is_tailed(db: TestDb) {
         .unwrap()
         .into_inner();
     let mut seen = Vec::new();
-    while let Some(message) = tokio::time::timeout(TIMEOUT, tail.message()).await.unwrap().unwrap() {
+    while let Some(message) = tokio::time::timeout(TIMEOUT, tail.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
         for logs in message.logs {
             seen.extend(logs.lines.into_iter().map(|l| l.message));
         }
     }
-    assert_eq!(seen, ["first line\n", "second line\n", "third line, no newline\n"]);
+    assert_eq!(
+        seen,
+        ["first line\n", "second line\n", "third line, no newline\n"]
+    );
     daemon.stop().await;
 }
 

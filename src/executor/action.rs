@@ -13,9 +13,9 @@ use tracing::Instrument;
 
 use super::flyte;
 use super::log::{RotatingFile, SharedLog, Shipped};
-use super::ship::{LogShipper, ShipperTask};
 use super::process::{self, Exit};
 use super::rpc;
+use super::ship::{LogShipper, ShipperTask};
 use super::{Context, Runner};
 use crate::proto::actionsd::executor::v1::FinishRequest;
 use crate::proto::flyteidl2::actions::{Action, UpdateRequest};
@@ -181,7 +181,11 @@ impl Prepared {
     async fn close_log(&self) {
         if let Some(shipping) = &self.shipping {
             let stats = shipping.finish(SHIP_PATIENCE).await;
-            tracing::debug!(sent = stats.lines_sent, dropped = stats.lines_dropped, "log shipped");
+            tracing::debug!(
+                sent = stats.lines_sent,
+                dropped = stats.lines_dropped,
+                "log shipped"
+            );
         }
     }
 
@@ -196,6 +200,9 @@ impl Prepared {
 
 /// Turns a leased attempt into what to run. An error is how the attempt
 /// finishes without running.
+// The error is built at most once per attempt and reported as is: boxing
+// it would buy nothing.
+#[allow(clippy::result_large_err)]
 fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, ExecutionError> {
     let worker = &ctx.settings.executor_id;
     match &ctx.settings.runner {
@@ -246,7 +253,12 @@ fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, Execut
                 run_output_base: &action.run_output_base,
             };
             let mut env = settings.env.0.clone();
-            env.extend(flyte::environment(&task, &run_settings, &who, &ctx.settings.server));
+            env.extend(flyte::environment(
+                &task,
+                &run_settings,
+                &who,
+                &ctx.settings.server,
+            ));
             let mut argv = task.argv.iter().map(|arg| values.fill(arg));
             let program = argv.next().unwrap_or_default();
             let program = flyte::program(&program, settings.flyte_bin.as_deref());

@@ -98,7 +98,10 @@ impl AttemptLog for Shipped {
     fn write_chunk(&mut self, chunk: &[u8]) {
         self.file.write_chunk(chunk);
         if !self.shipper.write_chunk(chunk) {
-            tracing::debug!(bytes = chunk.len(), "log shipping queue full; chunk not shipped");
+            tracing::debug!(
+                bytes = chunk.len(),
+                "log shipping queue full; chunk not shipped"
+            );
         }
     }
 }

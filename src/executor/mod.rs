@@ -153,7 +153,9 @@ pub struct TaskEnv(pub Vec<(String, String)>);
 
 impl std::fmt::Debug for TaskEnv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.0.iter().map(|(k, _)| k)).finish()
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| k))
+            .finish()
     }
 }
 

@@ -270,7 +270,10 @@ mod tests {
         let mut out = Vec::new();
         lines.push(b"one\ntw", &mut out);
         lines.push(b"o\r\nthree", &mut out);
-        assert_eq!(out.iter().map(|l| l.message.as_str()).collect::<Vec<_>>(), ["one\n", "two\n"]);
+        assert_eq!(
+            out.iter().map(|l| l.message.as_str()).collect::<Vec<_>>(),
+            ["one\n", "two\n"]
+        );
         lines.flush(&mut out);
         assert_eq!(out.last().unwrap().message, "three\n");
         let mut long = Vec::new();

@@ -135,7 +135,10 @@ async fn upload(blobs: Blobs, permits: Arc<Semaphore>, request: Request<Body>) -
         return reply(StatusCode::METHOD_NOT_ALLOWED, "use PUT");
     }
     let Some((grant, signature)) = request.uri().query().and_then(grant_of) else {
-        return reply(StatusCode::FORBIDDEN, "missing or malformed signature parameters");
+        return reply(
+            StatusCode::FORBIDDEN,
+            "missing or malformed signature parameters",
+        );
     };
     if !blobs.signer().verify(&grant, &signature) {
         return reply(StatusCode::FORBIDDEN, "invalid signature");
@@ -157,7 +160,10 @@ async fn upload(blobs: Blobs, permits: Arc<Semaphore>, request: Request<Body>) -
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > grant.max_bytes) {
-        return reply(StatusCode::PAYLOAD_TOO_LARGE, "the body exceeds the signed size limit");
+        return reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the body exceeds the signed size limit",
+        );
     }
     let Ok(key) = Path::parse(&grant.key) else {
         return reply(StatusCode::BAD_REQUEST, "invalid key");
@@ -169,16 +175,27 @@ async fn upload(blobs: Blobs, permits: Arc<Semaphore>, request: Request<Body>) -
     let body = match Limited::new(request.into_body(), limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => {
-            return reply(StatusCode::PAYLOAD_TOO_LARGE, "the body exceeds the signed size limit")
+            return reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the body exceeds the signed size limit",
+            )
         }
         Err(_) => return reply(StatusCode::BAD_REQUEST, "cannot read the body"),
     };
-    if !grant.content_md5.is_empty() && STANDARD.encode(md5::Md5::digest(&body)) != grant.content_md5 {
-        return reply(StatusCode::BAD_REQUEST, "the body's MD5 differs from the signed Content-MD5");
+    if !grant.content_md5.is_empty()
+        && STANDARD.encode(md5::Md5::digest(&body)) != grant.content_md5
+    {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "the body's MD5 differs from the signed Content-MD5",
+        );
     }
     match blobs.put(&key, body).await {
         Ok(()) => reply(StatusCode::OK, "stored"),
-        Err(_) => reply(StatusCode::SERVICE_UNAVAILABLE, "the blob store is unavailable"),
+        Err(_) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the blob store is unavailable",
+        ),
     }
 }
 
@@ -196,7 +213,10 @@ mod tests {
         let (grant, signature) = grant_of(&query).unwrap();
         assert_eq!(grant.key, "uploads/x");
         assert_eq!(grant.content_md5, STANDARD.encode([1u8; 16]));
-        assert_eq!((grant.expires, grant.max_bytes, signature.as_str()), (5, 10, "ab"));
+        assert_eq!(
+            (grant.expires, grant.max_bytes, signature.as_str()),
+            (5, 10, "ab")
+        );
         assert!(grant_of("k=&e=1").is_none());
         assert!(grant_of("garbage").is_none());
     }

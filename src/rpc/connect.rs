@@ -40,21 +40,12 @@ use super::status::connect_code;
 use super::{ActionsApi, ReadApi};
 use crate::proto::actionsd::executor::v1::executor_service_server::ExecutorService;
 use crate::proto::actionsd::read::v1::read_service_server::ReadService;
+use crate::proto::flyteidl2::actions::actions_service_server::ActionsService;
 use crate::proto::flyteidl2::cluster::cluster_service_server::ClusterService;
 use crate::proto::flyteidl2::dataproxy::data_proxy_service_server::DataProxyService;
 use crate::proto::flyteidl2::workflow::run_service_server::RunService;
-use crate::proto::flyteidl2::actions::actions_service_server::ActionsService;
 use crate::schema;
 
-/// The services served over Connect.
-const SERVICES: [&str; 6] = [
-    "/flyteidl2.actions.ActionsService/",
-    "/actionsd.executor.v1.ExecutorService/",
-    "/actionsd.read.v1.ReadService/",
-    "/flyteidl2.workflow.RunService/",
-    "/flyteidl2.dataproxy.DataProxyService/",
-    "/flyteidl2.cluster.ClusterService/",
-];
 const TIMEOUT_HEADER: &str = "connect-timeout-ms";
 const STREAM_ENCODING: &str = "connect-content-encoding";
 const STREAM_ACCEPT_ENCODING: &str = "connect-accept-encoding";
@@ -219,8 +210,9 @@ where
             let future = self.inner.call(request);
             return Box::pin(future);
         }
-        let path = request.uri().path();
-        if SERVICES.iter().any(|s| path.starts_with(s)) && kind(request.headers()).is_some() {
+        // Every Connect request is answered as Connect: a method actionsd
+        // does not serve gets UNIMPLEMENTED naming it.
+        if kind(request.headers()).is_some() {
             let handler = self.handler.clone();
             return Box::pin(async move { Ok(handler.handle(request).await) });
         }
@@ -255,7 +247,7 @@ impl Handler {
         let unknown = || {
             unary_error(
                 &Status::unimplemented(format!(
-                    "no {} method {path}",
+                    "actionsd does not serve the {} method {path}",
                     match kind {
                         Kind::Unary(_) => "unary",
                         Kind::Stream(_) => "server-streaming",
@@ -330,7 +322,10 @@ impl Handler {
                     .await
             }
             _ => match &self.flyte {
-                Some(flyte) => self.handle_flyte(flyte, &path, request, kind, types, unknown).await,
+                Some(flyte) => {
+                    self.handle_flyte(flyte, &path, request, kind, types, unknown)
+                        .await
+                }
                 None => unknown(),
             },
         }

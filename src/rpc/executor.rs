@@ -12,12 +12,12 @@ use tracing::{field, info_span, Instrument, Span};
 
 use super::convert::{self, action_id_to_proto};
 use crate::domain::{ActionState, Command, Error, Lease, Phase};
+use crate::logs::LogStore;
 use crate::pipeline::{ExecutorRegistry, Waker};
 use crate::proto::actionsd::executor::v1::{
     self as pb, executor_service_server::ExecutorService, lease_response,
 };
 use crate::proto::flyteidl2::core::ExecutionError;
-use crate::logs::LogStore;
 use crate::store::Store;
 
 /// How long a lease stream waits for a wake-up before it looks again. Work

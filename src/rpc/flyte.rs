@@ -27,10 +27,14 @@ use super::convert::{self, action_id_to_proto, decode_stored, timestamp_to_proto
 use super::watch::MessageStream;
 use super::ActionsApi;
 use crate::blob::{keys, Blobs, UploadGrant};
-use crate::domain::{ActionId, ActionKind, ActionRecord, Error, PageRequest, Phase, RunFilter, RunId, RunPosition};
+use crate::domain::{
+    ActionId, ActionKind, ActionRecord, Error, PageRequest, Phase, RunFilter, RunId, RunPosition,
+};
 use crate::logs::LogStore;
 use crate::pipeline::Registry;
-use crate::proto::flyteidl2::actions::{self as actions_pb, action, actions_service_server::ActionsService};
+use crate::proto::flyteidl2::actions::{
+    self as actions_pb, action, actions_service_server::ActionsService,
+};
 use crate::proto::flyteidl2::cluster::{
     cluster_service_server::ClusterService, SelectClusterRequest, SelectClusterResponse,
 };
@@ -114,7 +118,11 @@ impl FlyteApi {
     /// The root action of `run`: `a0` for runs created here, else the
     /// action without a parent.
     async fn root(&self, run: &RunId) -> Result<ActionRecord, Error> {
-        match self.store.get_action(&ActionId::new(run.clone(), ROOT)).await {
+        match self
+            .store
+            .get_action(&ActionId::new(run.clone(), ROOT))
+            .await
+        {
             Ok(record) if record.state.parent.is_none() => return Ok(record),
             Ok(_) | Err(Error::ActionNotFound(_)) => {}
             Err(err) => return Err(err),
@@ -152,7 +160,9 @@ fn span(method: &'static str) -> Span {
     info_span!("rpc", method, action = field::Empty)
 }
 
-fn project_scope(id: Option<&common::ProjectIdentifier>) -> Result<(String, String, String), Error> {
+fn project_scope(
+    id: Option<&common::ProjectIdentifier>,
+) -> Result<(String, String, String), Error> {
     let id = id.ok_or_else(|| Error::invalid("project_id", "is required"))?;
     if id.name.is_empty() {
         return Err(Error::invalid("project_id.name", "must not be empty"));
@@ -270,11 +280,9 @@ fn action_details(record: &ActionRecord, logs_available: bool) -> wf::ActionDeta
                 } else {
                     Phase::Failed.to_wire()
                 },
-                start_time: current.then(|| status.start_time).flatten(),
-                end_time: current.then(|| status.end_time).flatten(),
-                error_info: current
-                    .then(|| error.as_ref().map(error_info))
-                    .flatten(),
+                start_time: current.then_some(status.start_time).flatten(),
+                end_time: current.then_some(status.end_time).flatten(),
+                error_info: current.then(|| error.as_ref().map(error_info)).flatten(),
                 attempt: n,
                 outputs: current.then(|| OutputReferences {
                     output_uri: record.state.output_uri.clone(),
@@ -331,7 +339,11 @@ impl DataProxyService for FlyteApi {
         async {
             let base = self.base_url(&request);
             let r = request.into_inner();
-            for (field, value) in [("project", &r.project), ("domain", &r.domain), ("filename", &r.filename)] {
+            for (field, value) in [
+                ("project", &r.project),
+                ("domain", &r.domain),
+                ("filename", &r.filename),
+            ] {
                 if value.is_empty() {
                     return Err(Error::invalid(field, "must not be empty").into());
                 }
@@ -340,7 +352,11 @@ impl DataProxyService for FlyteApi {
                 return Err(Error::invalid("filename", "must not contain '/'").into());
             }
             if r.content_md5.len() != 16 {
-                return Err(Error::invalid("content_md5", "must be the 16-byte MD5 of the content").into());
+                return Err(Error::invalid(
+                    "content_md5",
+                    "must be the 16-byte MD5 of the content",
+                )
+                .into());
             }
             let limits = &self.blobs.limits;
             let max_bytes = match u64::try_from(r.content_length) {
@@ -405,7 +421,9 @@ impl DataProxyService for FlyteApi {
                 Some(dp::upload_inputs_request::Id::ProjectId(p)) => project_scope(Some(p))?,
                 None => return Err(Error::invalid("id", "run_id or project_id is required").into()),
             };
-            let offloaded = self.offload_inputs((&org, &project, &domain), r.inputs).await?;
+            let offloaded = self
+                .offload_inputs((&org, &project, &domain), r.inputs)
+                .await?;
             Ok(Response::new(dp::UploadInputsResponse {
                 offloaded_input_data: Some(offloaded),
             }))
@@ -430,18 +448,20 @@ impl DataProxyService for FlyteApi {
                 Some(key) => self.blobs.get(&key, max).await?.unwrap_or_default(),
                 None => Bytes::new(),
             };
-            let (outputs_uri, outputs) = if record.state.phase == Phase::Succeeded
-                && !record.state.output_uri.is_empty()
-            {
-                let uri = format!("{}/outputs.pb", record.state.output_uri.trim_end_matches('/'));
-                let outputs = match self.blobs.key_of(&uri) {
-                    Some(key) => self.blobs.get(&key, max).await?.unwrap_or_default(),
-                    None => Bytes::new(),
+            let (outputs_uri, outputs) =
+                if record.state.phase == Phase::Succeeded && !record.state.output_uri.is_empty() {
+                    let uri = format!(
+                        "{}/outputs.pb",
+                        record.state.output_uri.trim_end_matches('/')
+                    );
+                    let outputs = match self.blobs.key_of(&uri) {
+                        Some(key) => self.blobs.get(&key, max).await?.unwrap_or_default(),
+                        None => Bytes::new(),
+                    };
+                    (uri, outputs)
+                } else {
+                    (String::new(), Bytes::new())
                 };
-                (uri, outputs)
-            } else {
-                (String::new(), Bytes::new())
-            };
             Ok(Response::new(dp::GetActionDataResponse {
                 inputs,
                 outputs,
@@ -460,8 +480,13 @@ impl DataProxyService for FlyteApi {
         let r = request.into_inner();
         let id = convert::action_id("action_id", r.action_id.as_ref())?;
         let record = self.store.get_action(&id).await?;
-        let attempt = if r.attempt == 0 { record.state.attempt.max(1) } else { r.attempt };
-        let (store, logs, shutdown) = (self.store.clone(), self.logs.clone(), self.shutdown.clone());
+        let attempt = if r.attempt == 0 {
+            record.state.attempt.max(1)
+        } else {
+            r.attempt
+        };
+        let (store, logs, shutdown) =
+            (self.store.clone(), self.logs.clone(), self.shutdown.clone());
         tracing::debug!(action = %id, attempt, "tail logs");
         let stream = async_stream::stream! {
             let mut next = 0usize;
@@ -515,10 +540,17 @@ impl RunService for FlyteApi {
         async {
             let r = request.into_inner();
             let run = match &r.id {
-                Some(wf::create_run_request::Id::RunId(run)) => convert::run_id("run_id", Some(run))?,
+                Some(wf::create_run_request::Id::RunId(run)) => {
+                    convert::run_id("run_id", Some(run))?
+                }
                 Some(wf::create_run_request::Id::ProjectId(p)) => {
                     let (org, project, domain) = project_scope(Some(p))?;
-                    RunId { org, project, domain, name: run_name() }
+                    RunId {
+                        org,
+                        project,
+                        domain,
+                        name: run_name(),
+                    }
                 }
                 None => return Err(Error::invalid("id", "run_id or project_id is required").into()),
             };
@@ -532,23 +564,36 @@ impl RunService for FlyteApi {
                     ))
                 }
                 Some(wf::create_run_request::Task::TriggerName(_)) => {
-                    return Err(Status::unimplemented("triggers are not supported by actionsd"))
+                    return Err(Status::unimplemented(
+                        "triggers are not supported by actionsd",
+                    ))
                 }
                 None => return Err(Error::invalid("task_spec", "is required").into()),
             };
-            let view = TaskSpec::decode(task_spec.clone())
-                .map_err(|e| Error::invalid("task_spec", format!("is not a valid TaskSpec: {e}")))?;
+            let view = TaskSpec::decode(task_spec.clone()).map_err(|e| {
+                Error::invalid("task_spec", format!("is not a valid TaskSpec: {e}"))
+            })?;
             let template_id = view.task_template.and_then(|t| t.id).unwrap_or_default();
             let input_uri = match r.input_wrapper {
-                Some(wf::create_run_request::InputWrapper::OffloadedInputData(data)) if !data.uri.is_empty() => data.uri,
+                Some(wf::create_run_request::InputWrapper::OffloadedInputData(data))
+                    if !data.uri.is_empty() =>
+                {
+                    data.uri
+                }
                 Some(wf::create_run_request::InputWrapper::OffloadedInputData(_)) => {
-                    return Err(Error::invalid("offloaded_input_data.uri", "must not be empty").into())
+                    return Err(
+                        Error::invalid("offloaded_input_data.uri", "must not be empty").into(),
+                    )
                 }
                 Some(wf::create_run_request::InputWrapper::Inputs(inputs)) => {
-                    self.offload_inputs((&run.org, &run.project, &run.domain), inputs).await?.uri
+                    self.offload_inputs((&run.org, &run.project, &run.domain), inputs)
+                        .await?
+                        .uri
                 }
                 None => {
-                    self.offload_inputs((&run.org, &run.project, &run.domain), Bytes::new()).await?.uri
+                    self.offload_inputs((&run.org, &run.project, &run.domain), Bytes::new())
+                        .await?
+                        .uri
                 }
             };
             let root = ActionId::new(run.clone(), ROOT);
@@ -560,18 +605,20 @@ impl RunService for FlyteApi {
                     run_output_base: self.blobs.uri(&keys::run_base(&run)),
                     group: String::new(),
                     subject: String::new(),
-                    spec: Some(action::Spec::Task(crate::proto::flyteidl2::workflow::TaskAction {
-                        id: Some(TaskIdentifier {
-                            org: template_id.org,
-                            project: template_id.project,
-                            domain: template_id.domain,
-                            name: template_id.name,
-                            version: template_id.version,
-                        }),
-                        spec: task_spec,
-                        cache_key: None,
-                        queue: String::new(),
-                    })),
+                    spec: Some(action::Spec::Task(
+                        crate::proto::flyteidl2::workflow::TaskAction {
+                            id: Some(TaskIdentifier {
+                                org: template_id.org,
+                                project: template_id.project,
+                                domain: template_id.domain,
+                                name: template_id.name,
+                                version: template_id.version,
+                            }),
+                            spec: task_spec,
+                            cache_key: None,
+                            queue: String::new(),
+                        },
+                    )),
                     recovered_from: None,
                 }),
                 run_spec: r.run_spec,
@@ -698,7 +745,11 @@ impl RunService for FlyteApi {
             let r = request.into_inner();
             let list = r.request.unwrap_or_default();
             if !list.filters.is_empty() || !list.raw_filters.is_empty() {
-                return Err(Error::invalid("request.filters", "filters are not supported by actionsd").into());
+                return Err(Error::invalid(
+                    "request.filters",
+                    "filters are not supported by actionsd",
+                )
+                .into());
             }
             let filter = match r.scope_by {
                 Some(wf::list_runs_request::ScopeBy::Org(org)) => RunFilter {
@@ -723,15 +774,28 @@ impl RunService for FlyteApi {
             let limit = match list.limit as usize {
                 0 => DEFAULT_LIMIT,
                 n if n <= MAX_LIMIT => n,
-                n => return Err(Error::invalid("request.limit", format!("is {n}; the largest page is {MAX_LIMIT}")).into()),
+                n => {
+                    return Err(Error::invalid(
+                        "request.limit",
+                        format!("is {n}; the largest page is {MAX_LIMIT}"),
+                    )
+                    .into())
+                }
             };
             let after = (!list.token.is_empty())
                 .then(|| RunPosition::from_token(&list.token))
                 .transpose()?;
-            let page = self.store.list_runs(&filter, &PageRequest { limit, after }).await?;
+            let page = self
+                .store
+                .list_runs(&filter, &PageRequest { limit, after })
+                .await?;
             let mut runs = Vec::with_capacity(page.items.len());
             for run in &page.items {
-                match self.store.get_action(&ActionId::new(run.id.clone(), run.root_name.clone())).await {
+                match self
+                    .store
+                    .get_action(&ActionId::new(run.id.clone(), run.root_name.clone()))
+                    .await
+                {
                     Ok(root) => runs.push(run_of(&action_details(&root, false))),
                     Err(Error::ActionNotFound(_)) => {}
                     Err(err) => return Err(err.into()),
@@ -747,13 +811,12 @@ impl RunService for FlyteApi {
     }
 }
 
-
 /// Opens the configured blob store (by default the `blobs` directory next
 /// to the SQLite file, or in the per-user data directory).
 pub fn open_blobs(config: &crate::config::Config) -> anyhow::Result<Blobs> {
-    use anyhow::Context as _;
     use crate::blob::BlobLocation;
     use crate::config::StoreLocation;
+    use anyhow::Context as _;
     let location = match &config.blobs.location {
         Some(location) => location.clone(),
         None => {
@@ -826,21 +889,36 @@ impl FlyteServices {
         }
     }
 
-    pub fn runs(&self) -> crate::proto::flyteidl2::workflow::run_service_server::RunServiceServer<FlyteApi> {
-        crate::proto::flyteidl2::workflow::run_service_server::RunServiceServer::new(self.api.clone())
-            .max_decoding_message_size(self.max_message_size)
-            .max_encoding_message_size(self.max_message_size)
+    pub fn runs(
+        &self,
+    ) -> crate::proto::flyteidl2::workflow::run_service_server::RunServiceServer<FlyteApi> {
+        crate::proto::flyteidl2::workflow::run_service_server::RunServiceServer::new(
+            self.api.clone(),
+        )
+        .max_decoding_message_size(self.max_message_size)
+        .max_encoding_message_size(self.max_message_size)
     }
 
-    pub fn data(&self) -> crate::proto::flyteidl2::dataproxy::data_proxy_service_server::DataProxyServiceServer<FlyteApi> {
-        crate::proto::flyteidl2::dataproxy::data_proxy_service_server::DataProxyServiceServer::new(self.api.clone())
-            .max_decoding_message_size(self.max_message_size)
-            .max_encoding_message_size(self.max_message_size)
+    pub fn data(
+        &self,
+    ) -> crate::proto::flyteidl2::dataproxy::data_proxy_service_server::DataProxyServiceServer<
+        FlyteApi,
+    > {
+        crate::proto::flyteidl2::dataproxy::data_proxy_service_server::DataProxyServiceServer::new(
+            self.api.clone(),
+        )
+        .max_decoding_message_size(self.max_message_size)
+        .max_encoding_message_size(self.max_message_size)
     }
 
-    pub fn clusters(&self) -> crate::proto::flyteidl2::cluster::cluster_service_server::ClusterServiceServer<FlyteApi> {
-        crate::proto::flyteidl2::cluster::cluster_service_server::ClusterServiceServer::new(self.api.clone())
-            .max_decoding_message_size(self.max_message_size)
-            .max_encoding_message_size(self.max_message_size)
+    pub fn clusters(
+        &self,
+    ) -> crate::proto::flyteidl2::cluster::cluster_service_server::ClusterServiceServer<FlyteApi>
+    {
+        crate::proto::flyteidl2::cluster::cluster_service_server::ClusterServiceServer::new(
+            self.api.clone(),
+        )
+        .max_decoding_message_size(self.max_message_size)
+        .max_encoding_message_size(self.max_message_size)
     }
 }

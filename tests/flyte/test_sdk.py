@@ -173,3 +173,74 @@ def sdk(target):
         project="flytesnacks", domain="development", root_dir=PROGRAMS,
     )
     return flyte
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A local S3-compatible server (moto) with an empty bucket."""
+    import socket
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    scratch = tmp_path_factory.mktemp("s3")
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=open(scratch / "moto.log", "w"), stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1",
+        aws_access_key_id="test", aws_secret_access_key="test",
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.create_bucket(Bucket="actionsd")
+            break
+        except Exception:
+            assert proc.poll() is None and time.monotonic() < deadline, (scratch / "moto.log").read_text()
+            time.sleep(0.2)
+    yield endpoint, client
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(bool(os.environ.get("ACTIONSD_STORE")), reason="run once, in the SQLite pass")
+def test_a_run_on_the_s3_compatible_store(s3, tmp_path):
+    endpoint, client = s3
+    config = tmp_path / "actionsd.toml"
+    config.write_text(
+        '[blobs]\nurl = "s3://actionsd/blobs"\n'
+        f's3_endpoint = "{endpoint}"\ns3_region = "us-east-1"\n'
+        's3_access_key_id = "test"\ns3_secret_access_key = "test"\n'
+        's3_allow_http = true\nsigning_key = "a-test-signing-key"\n'
+    )
+    log = tmp_path / "dev.log"
+    flyte_config = tmp_path / "flyte.yaml"
+    proc = subprocess.Popen(
+        [str(BIN), "dev", "--config", str(config), "--listen", "127.0.0.1:0",
+         "--log-format", "json", "--database-url", f"sqlite://{tmp_path}/actionsd.db",
+         "--flyte-bin", str(VENV_BIN), "--flyte-config", str(flyte_config)],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        address = wait_for_address(proc, log)
+        cli = Target(address, write_config(tmp_path / "cli.yaml", address))
+        out = cli.flyte("run", "--follow", "logged.py", "main", "--n", "3")
+        name = run_name(out)
+        assert "the total is 5" in out, out
+        io = cli.flyte("get", "io", name)
+        assert "o0=5" in io, io
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    # Everything went to the bucket: the code bundle, the inputs, the
+    # outputs the tasks wrote and the shipped logs; nothing to local disk.
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="actionsd").get("Contents", [])]
+    for prefix in ("blobs/uploads/", "blobs/inputs/", f"blobs/logs/127/flytesnacks/development/{name}/a0/1/"):
+        assert any(k.startswith(prefix) for k in keys), (prefix, keys)
+    assert f"blobs/runs/127/flytesnacks/development/{name}/a0/1/outputs.pb" in keys, keys
+    assert not (tmp_path / "blobs").exists()
