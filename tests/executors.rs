@@ -23,6 +23,8 @@ conformance!(
     finish_reports_outputs_and_errors_to_watchers,
     a_new_lease_stream_resends_unfinished_leases,
     a_run_at_its_limit_does_not_hide_other_work,
+    a_retrying_finish_queues_the_next_attempt,
+    a_parent_waiting_on_children_frees_its_slot_up_to_max_leases,
 );
 
 const DEFAULT_QUEUE: &str = "default";
@@ -32,12 +34,21 @@ async fn lease(
     id: &str,
     capacity: u32,
 ) -> Streaming<actionsd::proto::actionsd::executor::v1::LeaseResponse> {
+    lease_bounded(executor, id, capacity, 0).await
+}
+
+async fn lease_bounded(
+    executor: &mut ExecutorClient,
+    id: &str,
+    capacity: u32,
+    max_leases: u32,
+) -> Streaming<actionsd::proto::actionsd::executor::v1::LeaseResponse> {
     executor
         .lease(LeaseRequest {
             executor_id: id.into(),
             queue: DEFAULT_QUEUE.into(),
             capacity,
-            max_leases: 0,
+            max_leases,
         })
         .await
         .expect("lease stream opens")
@@ -488,5 +499,103 @@ async fn a_run_at_its_limit_does_not_hide_other_work(db: TestDb) {
     }
     got.sort();
     assert_eq!(got, vec!["r1/a0", "r2/a0", "r2/c0"]);
+    daemon.stop().await;
+}
+
+async fn a_retrying_finish_queues_the_next_attempt(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
+    let mut client = daemon.client().await;
+    client.enqueue(task("r1", "a0", None)).await.unwrap();
+    client.enqueue(task("r1", "a1", Some("a0"))).await.unwrap();
+    let mut watcher = Watcher::open(&mut client, "r1", "a0").await;
+    let mut executor = daemon.executor_client().await;
+    let mut stream = lease(&mut executor, "e", 2).await;
+    let mut child = next_lease(&mut stream).await;
+    if name(&child) != "a1" {
+        child = next_lease(&mut stream).await;
+    }
+    assert_eq!(child.attempt, 1);
+    watcher.until_phase("a1", INITIALIZING).await;
+
+    // Retry is only for FAILED.
+    let mut wrong = finish("e", &child, SUCCEEDED);
+    wrong.retry = true;
+    let status = executor.finish(wrong).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("retry"), "{}", status.message());
+
+    let mut failed = finish("e", &child, FAILED);
+    failed.retry = true;
+    failed.error = Some(core::ExecutionError {
+        code: "ValueError".into(),
+        message: "first attempt fails".into(),
+        kind: core::execution_error::ErrorKind::User as i32,
+        ..Default::default()
+    });
+    executor.finish(failed).await.unwrap();
+    let queued = watcher.until_phase("a1", QUEUED).await;
+    assert_eq!(
+        queued.error.map(|e| e.message).as_deref(),
+        Some("first attempt fails")
+    );
+
+    // The next attempt is leased and finishes the action.
+    let again = next_lease(&mut stream).await;
+    assert_eq!((name(&again).as_str(), again.attempt), ("a1", 2));
+    executor
+        .finish(finish("e", &again, SUCCEEDED))
+        .await
+        .unwrap();
+    let done = watcher.until_phase("a1", SUCCEEDED).await;
+    assert!(done.error.is_none());
+    // The first attempt is stale now.
+    let stale = executor
+        .finish(finish("e", &child, FAILED))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
+    daemon.stop().await;
+}
+
+async fn a_parent_waiting_on_children_frees_its_slot_up_to_max_leases(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
+    let mut client = daemon.client().await;
+    let mut executor = daemon.executor_client().await;
+    // Capacity 1, at most 3 leases: a chain a0 -> a1 -> a2 -> a3.
+    let mut stream = lease_bounded(&mut executor, "e", 1, 3).await;
+    client.enqueue(task("r1", "a0", None)).await.unwrap();
+    let root = next_lease(&mut stream).await;
+    assert_eq!(name(&root), "a0");
+    for (parent, child) in [("a0", "a1"), ("a1", "a2")] {
+        client
+            .enqueue(task("r1", child, Some(parent)))
+            .await
+            .unwrap();
+        let leased = next_lease(&mut stream).await;
+        assert_eq!(
+            name(&leased),
+            child,
+            "the waiting parent {parent} frees its slot"
+        );
+    }
+    // Three leases held, all but a2 waiting: the bound holds a3 back.
+    client.enqueue(task("r1", "a3", Some("a2"))).await.unwrap();
+    let held = tokio::time::timeout(Duration::from_millis(700), stream.message()).await;
+    assert!(held.is_err(), "leased past max_leases: {held:?}");
+    // The run ends, so that its queued action does not reach the next
+    // executor.
+    client.abort(abort("r1", "a0", "done")).await.unwrap();
+    daemon.stop().await;
+
+    // Without max_leases a waiting parent keeps its slot.
+    let daemon = Daemon::start(&db).await;
+    let mut client = daemon.client().await;
+    let mut executor = daemon.executor_client().await;
+    let mut stream = lease(&mut executor, "f", 1).await;
+    client.enqueue(task("r2", "a0", None)).await.unwrap();
+    assert_eq!(name(&next_lease(&mut stream).await), "a0");
+    client.enqueue(task("r2", "a1", Some("a0"))).await.unwrap();
+    let held = tokio::time::timeout(Duration::from_millis(700), stream.message()).await;
+    assert!(held.is_err(), "leased past the capacity: {held:?}");
     daemon.stop().await;
 }

@@ -10,8 +10,10 @@ examples/flyte/submit.py, and measures in the same run `n` bare starts of
 
     flyte fan-out n=50 capacity=4: wall 31.2 s; bare import-flyte floor 29.8 s (50 x 2.38 s / 4); overhead 1.05x; lease->spawn p50 0.4 ms p99 1.9 ms
 
-Lease->spawn latency is the executor's own `spawn_latency_us` (from the
-lease's arrival to the process's start) for every task of the run. Run it
+Lease->spawn latency is the executor's own `spawn_latency_us` for every
+task of the run: from the lease's arrival at the executor to the process's
+start, which includes decoding the TaskSpec, the RUNNING Update round trip,
+creating the log file and fork/exec. Run it
 with the Python of an environment where flyte is installed (tests/flyte/.venv).
 """
 
@@ -21,6 +23,7 @@ import argparse
 import concurrent.futures
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,7 +85,7 @@ def main() -> int:
         mean = sum(starts) / len(starts)
 
         latencies = sorted(
-            json.loads(line)["fields"]["spawn_latency_us"] / 1000.0
+            json.loads(line)["spawn_latency_us"] / 1000.0
             for line in executor_log.read_text().splitlines()
             if "spawn_latency_us" in line)
         pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
@@ -99,6 +102,7 @@ def main() -> int:
                     proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

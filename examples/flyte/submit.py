@@ -165,7 +165,15 @@ async def main(argv: list[str]) -> int:
         ),
     )
     client = ActionsServiceClient(args.server)
-    await client.enqueue(actions_pb2.EnqueueRequest(action=action, run_spec=run_spec))
+    # A daemon started a moment ago may not listen yet: try for 10 s.
+    for attempt in range(50):
+        try:
+            await client.enqueue(actions_pb2.EnqueueRequest(action=action, run_spec=run_spec))
+            break
+        except Exception as err:  # noqa: BLE001 - connection errors come in several types
+            if attempt == 49 or "connect" not in repr(err).lower():
+                raise
+            await asyncio.sleep(0.2)
     print(f"run {run_name} enqueued; its data is in {run_base}", file=sys.stderr)
     if args.no_wait:
         print(run_name)

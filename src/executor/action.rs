@@ -200,10 +200,7 @@ impl Prepared {
 
 /// Turns a leased attempt into what to run. An error is how the attempt
 /// finishes without running.
-// The error is built at most once per attempt and reported as is: boxing
-// it would buy nothing.
-#[allow(clippy::result_large_err)]
-fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, ExecutionError> {
+fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, Box<ExecutionError>> {
     let worker = &ctx.settings.executor_id;
     match &ctx.settings.runner {
         Runner::Shell { command } => {
@@ -226,13 +223,15 @@ fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, Execut
             })
         }
         Runner::Flyte(settings) => {
-            let task = flyte::task(action).map_err(|err| ExecutionError {
-                code: err.code().to_owned(),
-                message: err.to_string(),
-                kind: ErrorKind::User as i32,
-                timestamp: Some(SystemTime::now().into()),
-                worker: worker.clone(),
-                ..ExecutionError::default()
+            let task = flyte::task(action).map_err(|err| {
+                Box::new(ExecutionError {
+                    code: err.code().to_owned(),
+                    message: err.to_string(),
+                    kind: ErrorKind::User as i32,
+                    timestamp: Some(SystemTime::now().into()),
+                    worker: worker.clone(),
+                    ..ExecutionError::default()
+                })
             })?;
             let run = job.id.run.clone().unwrap_or_default();
             let run_settings = flyte::run_settings(&job.run_spec);
@@ -264,7 +263,7 @@ fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, Execut
             let program = flyte::program(&program, settings.flyte_bin.as_deref());
             let args: Vec<String> = argv.collect();
             let system = |code: &str, message: String| {
-                system_error(code, message, worker, SystemTime::now())
+                Box::new(system_error(code, message, worker, SystemTime::now()))
             };
             let unique = format!("{}-{}-{}", run.name, job.id.name, job.attempt).replace('/', "_");
             let (cwd, scratch) = match &settings.workdir {
@@ -349,7 +348,7 @@ async fn run_inner(ctx: &Context, job: &Job, cancel: &CancellationToken) {
         Ok(prepared) => prepared,
         Err(error) => {
             tracing::warn!(code = %error.code, message = %error.message, "cannot run the attempt");
-            finish(ctx, job, ActionPhase::Failed, Some(error), false).await;
+            finish(ctx, job, ActionPhase::Failed, Some(*error), false).await;
             return;
         }
     };
@@ -362,14 +361,7 @@ async fn run_inner(ctx: &Context, job: &Job, cancel: &CancellationToken) {
 }
 
 async fn run_prepared(ctx: &Context, job: &Job, cancel: &CancellationToken, prepared: &Prepared) {
-    let spec = process::Spec {
-        program: prepared.spec.program.clone(),
-        args: prepared.spec.args.clone(),
-        env: prepared.spec.env.clone(),
-        cwd: prepared.spec.cwd.clone(),
-        log: prepared.spec.log.clone(),
-    };
-    let mut command = match process::Command::spawn(spec) {
+    let mut command = match process::Command::spawn(prepared.spec.clone()) {
         Ok(command) => command,
         Err(err) => {
             tracing::error!(error = %err, program = %prepared.spec.program.display(), "cannot start the process");

@@ -1,5 +1,9 @@
 //! The reference executor: leases task actions from actionsd and runs a
-//! shell command for each (`actionsd executor --exec '<command>'`).
+//! shell command for each (`actionsd executor --exec '<command>'`), or the
+//! task itself as a Flyte task process (`actionsd executor --flyte`, see
+//! `flyte.rs` and `docs/flyte-executor.md`). The two differ only in what an
+//! attempt runs and how its end is judged ([`Runner`]); what follows holds
+//! for both, with the Flyte runner's differences described in `flyte.rs`.
 //!
 //! # What it does
 //!

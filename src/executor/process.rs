@@ -111,6 +111,7 @@ pub(super) struct Command {
 }
 
 /// What to run for one attempt.
+#[derive(Clone)]
 pub(super) struct Spec {
     pub(super) program: PathBuf,
     pub(super) args: Vec<String>,

@@ -26,7 +26,7 @@ BIN = Path(os.environ.get("ACTIONSD_BIN", ROOT / "target" / "debug" / "actionsd"
 VENV_BIN = Path(sys.executable).parent
 
 # Bound of every wait, in seconds.
-TIMEOUT = 120.0
+TIMEOUT = 240.0
 
 
 def wait_for_address(proc: subprocess.Popen, log: Path) -> str:
@@ -48,8 +48,9 @@ class Daemon:
         self.executors: list[subprocess.Popen] = []
         store = os.environ.get("ACTIONSD_STORE") or f"sqlite://{scratch}/actionsd.db"
         config = scratch / "actionsd.toml"
-        # Short leases, so that a killed executor's actions come back fast.
-        config.write_text('[executor]\nlease_ttl = "2s"\nreaper_interval = "200ms"\n')
+        # Short leases, so that a killed executor's actions come back soon (but
+        # long enough for heartbeats on a busy machine).
+        config.write_text('[executor]\nlease_ttl = "8s"\nreaper_interval = "200ms"\n')
         self.log = scratch / "actionsd.log"
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--listen", "127.0.0.1:0", "--config", str(config),
@@ -77,7 +78,7 @@ class Daemon:
              "--capacity", str(capacity), "--executor-id", name,
              "--flyte-bin", str(VENV_BIN), "--workdir", str(PROGRAMS),
              "--scratch-dir", str(self.scratch / name), "--kill-grace", "500ms",
-             "--heartbeat-interval", "500ms", *extra],
+             "--heartbeat-interval", "1s", *extra],
             stdout=log, stderr=subprocess.STDOUT,
         )
         self.executors.append(proc)

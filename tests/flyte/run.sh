@@ -20,13 +20,34 @@ fi
 "$here/.venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt"
 
 export ACTIONSD_BIN="$root/target/debug/actionsd"
-status=0
-echo "== Flyte programs on SQLite"
-(cd "$here" && ACTIONSD_STORE="" "$here/.venv/bin/python" -m pytest -q) || status=1
+# The stores' suites run side by side (each has its own daemon and
+# executors); each one's output is printed when it ends.
+scratch="$(mktemp -d)"
+database="actionsd_flyte_$$"
+cleanup() {
+    if [ -n "${DATABASE_URL:-}" ]; then
+        psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$database\"" >/dev/null 2>&1 || true
+    fi
+    rm -rf "$scratch"
+}
+trap cleanup EXIT
+
+suite() { # name store
+    (cd "$here" && ACTIONSD_STORE="$2" "$here/.venv/bin/python" -m pytest -q -p no:cacheprovider) \
+        >"$scratch/$1.log" 2>&1
+}
+echo "== Flyte programs on SQLite${DATABASE_URL:+ and Postgres}"
+suite sqlite "" &
+sqlite_suite=$!
 if [ -n "${DATABASE_URL:-}" ]; then
-    database="actionsd_flyte_$$"
-    trap 'psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$database\"" >/dev/null 2>&1 || true' EXIT
-    echo "== Flyte programs on Postgres"
-    (cd "$here" && ACTIONSD_STORE="${DATABASE_URL%/*}/$database" "$here/.venv/bin/python" -m pytest -q) || status=1
+    suite postgres "${DATABASE_URL%/*}/$database" &
+    postgres_suite=$!
+fi
+status=0
+wait "$sqlite_suite" || status=1
+echo "-- SQLite"; cat "$scratch/sqlite.log"
+if [ -n "${DATABASE_URL:-}" ]; then
+    wait "$postgres_suite" || status=1
+    echo "-- Postgres"; cat "$scratch/postgres.log"
 fi
 exit "$status"

@@ -1,8 +1,8 @@
 """Flyte v2 programs, run whole by the Flyte SDK on actionsd.
 
 Each program runs under the SDK's Python controller and its Rust
-controller (`_F_USE_RUST_CONTROLLER=1`). The programs of one controller are
-submitted together and checked one by one.
+controller (`_F_USE_RUST_CONTROLLER=1`). All of them are submitted
+together and checked one by one.
 """
 
 from __future__ import annotations
@@ -22,20 +22,29 @@ from conftest import TIMEOUT, alive, submit
 CONTROLLERS = {"python": {}, "rust": {"_F_USE_RUST_CONTROLLER": "1"}}
 
 
-@pytest.fixture(scope="session", params=list(CONTROLLERS))
-def runs(request, daemon):
-    env = CONTROLLERS[request.param]
-    marker = daemon.scratch / f"flaky-{uuid.uuid4().hex}"
-    started = {
-        "fanout": submit(daemon, "fanout.py", "main", "--input", "n=10", env=env),
-        # Three levels deep on the queue whose executor runs one task at a time.
-        "nested": submit(daemon, "nested.py", "main", "--input", "x=4", "--queue", "narrow", env=env),
-        "failing": submit(daemon, "failing.py", "main", "--input", "x=7", env=env),
-        "flaky": submit(daemon, "flaky.py", "main", "--input", f"marker={marker}", env=env),
-        "timeout": submit(daemon, "slow.py", "too_slow", "--input", "x=1", env=env),
-        "io": submit(daemon, "files.py", "main", "--input", "x=21", env=env),
-    }
-    return {name: s.result() for name, s in started.items()}
+@pytest.fixture(scope="session")
+def all_runs(daemon):
+    """Every program under both controllers, submitted at once."""
+    started = {}
+    for controller, env in CONTROLLERS.items():
+        marker = daemon.scratch / f"flaky-{uuid.uuid4().hex}"
+        programs = {
+            "fanout": ("fanout.py", "main", "--input", "n=10"),
+            # Three levels deep on the queue whose executor runs one task at a time.
+            "nested": ("nested.py", "main", "--input", "x=4", "--queue", "narrow"),
+            "failing": ("failing.py", "main", "--input", "x=7"),
+            "flaky": ("flaky.py", "main", "--input", f"marker={marker}"),
+            "timeout": ("slow.py", "too_slow", "--input", "x=1"),
+            "io": ("files.py", "main", "--input", "x=21"),
+        }
+        for name, args in programs.items():
+            started[(controller, name)] = submit(daemon, *args, env=env)
+    return {key: s.result() for key, s in started.items()}
+
+
+@pytest.fixture(params=list(CONTROLLERS))
+def runs(request, all_runs):
+    return {name: result for (controller, name), result in all_runs.items() if controller == request.param}
 
 
 def test_fan_out_sums_ten_squares(runs):
@@ -108,8 +117,13 @@ def test_a_run_survives_kill_9_of_its_executor(daemon):
     first = daemon.executor("fragile", 4)
     submitted = submit(daemon, "slow.py", "survivor", "--input", "n=2", "--input", "seconds=3.0",
                        "--queue", "fragile")
-    # Let the parent and its children start, then kill the executor outright.
-    time.sleep(4)
+    # Once the parent and both children run, kill the executor outright.
+    log = daemon.scratch / f"executor-fragile-{len(daemon.executors) - 1}.log"
+    deadline = time.monotonic() + TIMEOUT
+    while log.read_text().count("process started") < 3:
+        assert time.monotonic() < deadline, "the tasks did not start"
+        assert submitted.proc.poll() is None, submitted.result()
+        time.sleep(0.1)
     first.kill()
     first.wait()
     daemon.executor("fragile", 4)

@@ -80,4 +80,9 @@ if [ "$status" -ne 0 ]; then
     echo "== daemon log" >&2
     tail -n 50 "$log" >&2
 fi
+
+# Real Flyte programs on their own daemons and executors, on SQLite and
+# (with DATABASE_URL) Postgres.
+echo "== Flyte programs (tests/flyte/run.sh)"
+"$root/tests/flyte/run.sh" || status=1
 exit "$status"
