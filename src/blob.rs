@@ -489,6 +489,10 @@ mod tests {
         assert_eq!(blobs.key_of(&uri), Some(key.clone()));
         assert_eq!(blobs.key_of(&format!("file://{uri}")), Some(key));
         assert_eq!(blobs.key_of("/elsewhere/x"), None);
+        // Client-chosen segments cannot leave their place in the tree.
+        let upload = keys::upload("", "p", "d", "..", "a/b");
+        assert_eq!(upload.parts().count(), 6, "{upload}");
+        assert!(!blobs.uri(&upload).contains("/../"), "{upload}");
         assert_eq!(blobs.key_of("s3://bucket/x"), None);
     }
 
