@@ -39,6 +39,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // is compared byte for byte on idempotent re-enqueue.
         .btree_map(".")
         .bytes(".")
+        // Undecodable messages are INVALID_ARGUMENT, like Connect's (see
+        // rpc::codec).
+        .codec_path("crate::rpc::codec::Codec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -12,12 +12,12 @@ use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tonic::codec::CompressionEncoding;
+use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tonic_web::GrpcWebLayer;
-use tower::util::MapResponseLayer;
+use tower::ServiceBuilder;
 use tracing::{info, warn};
 
 use crate::blob::Blobs;
@@ -31,32 +31,13 @@ use crate::proto::flyteidl2::actions::actions_service_server::ActionsServiceServ
 use crate::proto::flyteidl2::core::{execution_error::ErrorKind, ExecutionError};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::rpc::connect::ConnectLayer;
+use crate::rpc::edge::{EdgeLayer, EdgeSettings, SizeStatusLayer};
 use crate::rpc::executor::ExecutorApi;
 use crate::rpc::{ActionsApi, ReadApi};
+use crate::server::ListenerSettings;
 use crate::store::postgres::{PgStore, PoolSettings};
 use crate::store::sqlite::{SqliteSettings, SqliteStore};
 use crate::store::{Detached, GroupCommit, Store};
-
-/// tonic answers a request over the message size limit with OUT_OF_RANGE;
-/// gRPC specifies RESOURCE_EXHAUSTED. actionsd never answers OUT_OF_RANGE
-/// itself (see `rpc::status`), so every such status is rewritten.
-fn size_limit_status(
-    mut response: http::Response<tonic::body::Body>,
-) -> http::Response<tonic::body::Body> {
-    let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
-    if response
-        .headers()
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == out_of_range.as_bytes())
-    {
-        let exhausted = (tonic::Code::ResourceExhausted as i32).to_string();
-        response.headers_mut().insert(
-            "grpc-status",
-            http::HeaderValue::from_str(&exhausted).expect("a number is a valid header"),
-        );
-    }
-    response
-}
 
 pub struct Application {
     config: Arc<Config>,
@@ -200,6 +181,7 @@ impl Application {
             pipeline.waker(),
             writes.clone(),
             config.executor.lease_ttl,
+            shutdown.clone(),
         );
         let read_api = ReadApi::new(store.clone(), pipeline.registry());
         let flyte = crate::rpc::flyte::FlyteServices::new(
@@ -220,9 +202,13 @@ impl Application {
         )
         .with_flyte(flyte.api.clone());
         let reads = ReadServiceServer::new(read_api)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(server_config.max_message_size)
             .max_encoding_message_size(server_config.max_message_size);
         let executors = ExecutorServiceServer::new(executor_api)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(server_config.max_message_size)
             .max_encoding_message_size(server_config.max_message_size);
         let reaper = tokio::spawn(reap(
@@ -232,16 +218,27 @@ impl Application {
             shutdown.clone(),
         ));
         let actions = ActionsServiceServer::new(api)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(server_config.max_message_size)
             .max_encoding_message_size(server_config.max_message_size);
         let (health, health_service) = tonic_health::server::health_reporter();
+        let health_service = health_service
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip);
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        let reflection_v1 = reflection().build_v1()?;
-        let reflection_v1alpha = reflection().build_v1alpha()?;
+        let reflection_v1 = reflection()
+            .build_v1()?
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip);
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()?
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip);
         // Serving from the first request: `build` has just reached the
         // database. The monitor keeps it up to date from then on.
         for service in HEALTH_SERVICES {
@@ -254,32 +251,44 @@ impl Application {
             health.clone(),
             shutdown.clone(),
         ));
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(server_config.tcp_keepalive));
-        let stop_accepting = shutdown.clone();
-        let mut server = tokio::spawn(
-            Server::builder()
-                // HTTP/1.1 and HTTP/2 (h2c) on one listener: Connect and
-                // gRPC-Web clients may use either.
-                .accept_http1(true)
-                .http2_keepalive_interval(Some(server_config.http2_keepalive_interval))
-                .http2_keepalive_timeout(Some(server_config.http2_keepalive_timeout))
-                .layer(MapResponseLayer::new(size_limit_status))
-                .layer(flyte.http.clone())
-                .layer(connect)
-                .layer(GrpcWebLayer::new())
-                .add_service(actions)
-                .add_service(executors)
-                .add_service(reads)
-                .add_service(flyte.runs())
-                .add_service(flyte.data())
-                .add_service(flyte.clusters())
-                .add_service(health_service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
-                .serve_with_incoming_shutdown(incoming, stop_accepting.cancelled_owned()),
-        );
+        let routes = Routes::new(actions)
+            .add_service(executors)
+            .add_service(reads)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(flyte.runs())
+            .add_service(flyte.data())
+            .add_service(flyte.clusters())
+            .prepare();
+        // HTTP/1.1 and HTTP/2 (h2c) on one listener: Connect and gRPC-Web
+        // clients may use either. Signed uploads have their own bounds.
+        let service = ServiceBuilder::new()
+            .layer(flyte.http.clone())
+            .layer(EdgeLayer::new(EdgeSettings {
+                request_timeout: server_config.request_timeout,
+                body_read_timeout: server_config.body_read_timeout,
+                max_buffered_request_bytes: server_config.max_buffered_request_bytes,
+            }))
+            .layer(connect)
+            .layer(GrpcWebLayer::new())
+            .layer(SizeStatusLayer)
+            .service(routes);
+        let listener_settings = ListenerSettings {
+            max_connections: server_config.max_connections,
+            max_concurrent_streams: server_config.max_concurrent_streams,
+            header_read_timeout: server_config.header_read_timeout,
+            idle_timeout: server_config.idle_timeout,
+            http2_keepalive_interval: server_config.http2_keepalive_interval,
+            http2_keepalive_timeout: server_config.http2_keepalive_timeout,
+            tcp_keepalive: server_config.tcp_keepalive,
+        };
+        let mut server = tokio::spawn(crate::server::serve(
+            listener,
+            service,
+            listener_settings,
+            shutdown.clone(),
+        ));
         info!(address = %local_addr, "actionsd listening");
 
         tokio::select! {
@@ -291,29 +300,44 @@ impl Application {
                 pipeline.shutdown(server_config.shutdown_timeout).await;
                 store.close().await;
                 return match result {
-                    Ok(Ok(())) => Err(anyhow::anyhow!("server stopped unexpectedly")),
-                    Ok(Err(err)) => Err(err).context("server failed"),
+                    Ok(()) => Err(anyhow::anyhow!("server stopped unexpectedly")),
                     Err(err) => Err(err).context("server task failed"),
                 };
             }
         }
 
+        // One deadline for the whole shutdown: every step gets what is left
+        // of `shutdown_timeout`, so stopping never takes longer than that
+        // (plus the moment it takes to abort what is left).
         info!("shutting down: no new requests; finishing in-flight writes");
-        let _ = monitor.await;
-        let _ = reaper.await;
-        let deadline = server_config.shutdown_timeout;
+        let deadline = tokio::time::Instant::now() + server_config.shutdown_timeout;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        for (name, mut task) in [("health monitor", monitor), ("reaper", reaper)] {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                warn!(task = name, "did not stop before the shutdown deadline");
+                task.abort();
+            }
+        }
         writes.close();
-        if tokio::time::timeout(deadline, writes.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, writes.wait())
+            .await
+            .is_err()
+        {
             warn!("in-flight writes did not finish before the shutdown deadline");
         }
-        pipeline.shutdown(deadline).await;
-        match tokio::time::timeout(deadline, server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(err))) => warn!(error = %err, "server ended with an error"),
+        pipeline.shutdown(left()).await;
+        match tokio::time::timeout_at(deadline, &mut server).await {
+            Ok(Ok(())) => {}
             Ok(Err(err)) => warn!(error = %err, "server task failed"),
-            Err(_) => warn!("connections did not close before the shutdown deadline"),
+            Err(_) => {
+                warn!("connections did not close before the shutdown deadline; closing them");
+                server.abort();
+            }
         }
-        if tokio::time::timeout(deadline, store.close()).await.is_err() {
+        if tokio::time::timeout_at(deadline, store.close())
+            .await
+            .is_err()
+        {
             warn!("database connections did not close before the shutdown deadline");
         }
         info!("shut down");

@@ -59,11 +59,10 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    /// The parser's message and position only: toml's own rendering
+    /// quotes the offending line, which may hold the database password.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
     #[error("invalid setting {setting}: {message}")]
     Invalid {
         setting: &'static str,
@@ -144,6 +143,20 @@ pub struct ServerConfig {
     pub http2_keepalive_interval: Duration,
     pub http2_keepalive_timeout: Duration,
     pub tcp_keepalive: Duration,
+    /// Open connections at most; more are answered RESOURCE_EXHAUSTED.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams (calls) per connection.
+    pub max_concurrent_streams: u32,
+    /// How long an HTTP/1.1 request's headers may take to arrive.
+    pub header_read_timeout: Duration,
+    /// How long a request body may take to arrive.
+    pub body_read_timeout: Duration,
+    /// A connection with no call in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long a unary call (or the opening of a stream) may take.
+    pub request_timeout: Duration,
+    /// Request body bytes held in memory at once, over all requests.
+    pub max_buffered_request_bytes: usize,
 }
 
 /// Settings given on the command line or in the environment.
@@ -246,6 +259,50 @@ struct FileServer {
     http2_keepalive_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     tcp_keepalive: Option<Duration>,
+    max_connections: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    header_read_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    body_read_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    request_timeout: Option<Duration>,
+    max_buffered_request_bytes: Option<usize>,
+}
+
+/// Describes a config file parse error without echoing the file: its line
+/// and column and the parser's message, except that an error on a line
+/// that mentions `database_url` (or in a message quoting a URL) says only
+/// that the value is invalid, so a password in it is never printed.
+fn parse_error(text: &str, err: &toml::de::Error) -> String {
+    let (line_number, column, line) = match err.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let before = &text[..start];
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+            (
+                before.matches('\n').count() + 1,
+                before[line_start..].chars().count() + 1,
+                &text[line_start..line_end],
+            )
+        }
+        None => (0, 0, ""),
+    };
+    let message = err.message().trim();
+    let secret = line.contains("database_url") || message.contains("://");
+    let message = if secret {
+        "invalid value (not shown: it may hold the database password)"
+    } else {
+        message
+    };
+    if line_number == 0 {
+        message.to_owned()
+    } else {
+        format!("line {line_number}, column {column}: {message}")
+    }
 }
 
 impl Config {
@@ -257,9 +314,9 @@ impl Config {
                     path: path.to_owned(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                toml::from_str(&text).map_err(|err| ConfigError::Parse {
                     path: path.to_owned(),
-                    source,
+                    message: parse_error(&text, &err),
                 })?
             }
             None => FileConfig::default(),
@@ -373,6 +430,25 @@ impl Config {
                     .http2_keepalive_timeout
                     .unwrap_or(Duration::from_secs(20)),
                 tcp_keepalive: file.server.tcp_keepalive.unwrap_or(Duration::from_secs(60)),
+                max_connections: file.server.max_connections.unwrap_or(16_384),
+                max_concurrent_streams: file.server.max_concurrent_streams.unwrap_or(16_384),
+                header_read_timeout: file
+                    .server
+                    .header_read_timeout
+                    .unwrap_or(Duration::from_secs(10)),
+                body_read_timeout: file
+                    .server
+                    .body_read_timeout
+                    .unwrap_or(Duration::from_secs(30)),
+                idle_timeout: file.server.idle_timeout.unwrap_or(Duration::from_secs(120)),
+                request_timeout: file
+                    .server
+                    .request_timeout
+                    .unwrap_or(Duration::from_secs(30)),
+                max_buffered_request_bytes: file
+                    .server
+                    .max_buffered_request_bytes
+                    .unwrap_or(64 * 1024 * 1024),
             },
             executor: ExecutorConfig {
                 lease_ttl: file.executor.lease_ttl.unwrap_or(Duration::from_secs(30)),
@@ -417,6 +493,29 @@ impl Config {
         positive("database.committers", self.database.committers > 0)?;
         positive("database.max_batch", self.database.max_batch > 0)?;
         positive("server.max_message_size", self.server.max_message_size > 0)?;
+        positive("server.max_connections", self.server.max_connections > 0)?;
+        positive(
+            "server.max_concurrent_streams",
+            self.server.max_concurrent_streams > 0,
+        )?;
+        for (setting, value) in [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+            ("server.idle_timeout", self.server.idle_timeout),
+            ("server.request_timeout", self.server.request_timeout),
+            ("server.shutdown_timeout", self.server.shutdown_timeout),
+        ] {
+            positive(setting, !value.is_zero())?;
+        }
+        if self.server.max_buffered_request_bytes < self.server.max_message_size + 5 {
+            return Err(ConfigError::Invalid {
+                setting: "server.max_buffered_request_bytes",
+                message: "must leave room for one message of server.max_message_size".to_owned(),
+            });
+        }
         positive("executor.lease_ttl", !self.executor.lease_ttl.is_zero())?;
         positive(
             "blobs.max_upload_bytes",
@@ -551,6 +650,33 @@ mod tests {
         assert!(
             matches!(config.store, StoreLocation::Sqlite(p) if p.ends_with("actionsd/actionsd.db"))
         );
+    }
+
+    /// A database_url line that does not parse is reported by position,
+    /// never echoed: the password in it stays out of the error.
+    #[test]
+    fn a_config_file_that_fails_to_parse_never_echoes_the_database_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("actionsd.toml");
+        for text in [
+            // An unterminated string.
+            "listen = \"127.0.0.1:8091\"\ndatabase_url = \"postgres://u:hunter2@db/actionsd\n",
+            // An unquoted URL.
+            "database_url = postgres://u:hunter2@db/actionsd\n",
+            // A URL where a number belongs.
+            "[database]\nmax_connections = \"postgres://u:hunter2@db/actionsd\"\n",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load(Some(&path), Overrides::default()).unwrap_err();
+            let shown = format!("{err} {err:?} {err:#}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("line "), "{shown}");
+        }
+        // Other errors keep the parser's message.
+        std::fs::write(&path, "[server]\nmax_message_size = \"big\"\n").unwrap();
+        let err = Config::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+        assert!(err.to_string().contains("invalid type"), "{err}");
     }
 
     #[test]

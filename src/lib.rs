@@ -12,5 +12,6 @@ pub mod pipeline;
 pub mod proto;
 pub mod rpc;
 pub mod schema;
+pub mod server;
 pub mod store;
 pub mod telemetry;

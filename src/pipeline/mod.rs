@@ -136,8 +136,9 @@ impl Pipeline {
     /// Reads what is left in the event log, delivers it, then ends every
     /// stream with UNAVAILABLE. Call after in-flight writes have finished.
     pub async fn shutdown(mut self, deadline: Duration) {
+        let until = tokio::time::Instant::now() + deadline;
         self.stop_feed.cancel();
-        if tokio::time::timeout(deadline, async {
+        if tokio::time::timeout_at(until, async {
             while self.feed.join_next().await.is_some() {}
         })
         .await
@@ -147,6 +148,16 @@ impl Pipeline {
         }
         self.registry.close_all("actionsd is shutting down");
         self.stop_aux.cancel();
-        while self.aux.join_next().await.is_some() {}
+        // The listener and notifier may be stuck on a silent database:
+        // whatever has not stopped by the deadline is aborted.
+        if tokio::time::timeout_at(until, async {
+            while self.aux.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            warn!("the event listener did not stop before the shutdown deadline");
+            self.aux.abort_all();
+        }
     }
 }

@@ -6,7 +6,8 @@
 //! expired, the body is no larger than the signed size limit and its MD5
 //! equals the signed one (and the `Content-MD5` header, when sent). Bodies
 //! are held in memory up to that limit; at most [`MAX_UPLOADS`] uploads run
-//! at once, so memory is bounded by their product.
+//! at once, so memory is bounded by their product, and a body must arrive
+//! within [`UPLOAD_TIMEOUT`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,6 +31,8 @@ use crate::blob::{Blobs, UploadGrant};
 
 /// Uploads handled at once; more wait.
 pub const MAX_UPLOADS: usize = 4;
+/// How long an upload's body may take to arrive.
+pub const UPLOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 #[derive(Clone)]
 pub struct BlobHttpLayer {
@@ -172,7 +175,14 @@ async fn upload(blobs: Blobs, permits: Arc<Semaphore>, request: Request<Body>) -
         return reply(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     };
     let limit = usize::try_from(grant.max_bytes).unwrap_or(usize::MAX);
-    let body = match Limited::new(request.into_body(), limit).collect().await {
+    let read = Limited::new(request.into_body(), limit).collect();
+    let Ok(read) = tokio::time::timeout(UPLOAD_TIMEOUT, read).await else {
+        return reply(
+            StatusCode::REQUEST_TIMEOUT,
+            "the body did not arrive in time",
+        );
+    };
+    let body = match read {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => {
             return reply(

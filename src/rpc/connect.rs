@@ -46,6 +46,16 @@ use crate::proto::flyteidl2::dataproxy::data_proxy_service_server::DataProxyServ
 use crate::proto::flyteidl2::workflow::run_service_server::RunService;
 use crate::schema;
 
+/// The services served over Connect (and whose calls all carry exactly one
+/// request message, on every protocol).
+pub(crate) const SERVICES: [&str; 6] = [
+    "/flyteidl2.actions.ActionsService/",
+    "/actionsd.executor.v1.ExecutorService/",
+    "/actionsd.read.v1.ReadService/",
+    "/flyteidl2.workflow.RunService/",
+    "/flyteidl2.dataproxy.DataProxyService/",
+    "/flyteidl2.cluster.ClusterService/",
+];
 const TIMEOUT_HEADER: &str = "connect-timeout-ms";
 const STREAM_ENCODING: &str = "connect-content-encoding";
 const STREAM_ACCEPT_ENCODING: &str = "connect-accept-encoding";
@@ -210,8 +220,9 @@ where
             let future = self.inner.call(request);
             return Box::pin(future);
         }
-        // Every Connect request is answered as Connect: a method actionsd
-        // does not serve gets UNIMPLEMENTED naming it.
+        // Every Connect request is answered here: a method of a service
+        // actionsd does not serve is 404 `unimplemented`, as for an
+        // unknown method of a known service.
         if kind(request.headers()).is_some() {
             let handler = self.handler.clone();
             return Box::pin(async move { Ok(handler.handle(request).await) });
@@ -415,7 +426,9 @@ impl Handler {
                 message,
             );
             let response = with_timeout(timeout, call(request)).await?;
-            codec.encode(&types.response, response.get_ref())
+            let body = codec.encode(&types.response, response.get_ref())?;
+            self.check_response_size(body.len())?;
+            Ok::<_, Status>(body)
         }
         .await;
         match result {
@@ -456,14 +469,26 @@ impl Handler {
     {
         let (parts, body) = request.into_parts();
         let compress = accepts_gzip(&parts.headers, STREAM_ACCEPT_ENCODING);
+        let max_message_size = self.max_message_size;
         let opened = async {
             let timeout = timeout(&parts.headers)?;
             let bytes = self.read_body(body).await?;
             let (flags, payload) = unenvelope(bytes)?;
-            let payload = if flags & FLAG_COMPRESSED != 0 {
-                self.decompress(encoding(&parts.headers, STREAM_ENCODING)?, payload)?
-            } else {
-                payload
+            let encoding = encoding(&parts.headers, STREAM_ENCODING)?;
+            let payload = match (flags, encoding) {
+                (0, _) => payload,
+                (FLAG_COMPRESSED, Encoding::Gzip) => self.decompress(encoding, payload)?,
+                (FLAG_COMPRESSED, Encoding::Identity) => {
+                    return Err(Status::invalid_argument(format!(
+                        "the request message is flagged compressed but no \
+                         {STREAM_ENCODING} was negotiated"
+                    )))
+                }
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "invalid request envelope flags {flags:#04x}"
+                    )))
+                }
             };
             let message: Req = codec.decode(&types.request, &payload)?;
             let request = tonic::Request::from_parts(
@@ -497,6 +522,10 @@ impl Handler {
                         };
                         match next {
                             Some(Ok(message)) => match codec.encode(&types.response, &message) {
+                                Ok(bytes) if bytes.len() > max_message_size => {
+                                    yield end_stream(Some(&response_too_large(bytes.len(), max_message_size)));
+                                    break;
+                                }
                                 Ok(bytes) => yield message_frame(bytes, compress),
                                 Err(status) => {
                                     yield end_stream(Some(&status));
@@ -540,8 +569,20 @@ impl Handler {
                     self.max_message_size
                 )))
             }
-            Err(_) => Err(Status::invalid_argument("cannot read the request body")),
+            // The listener's limits (body read timeout, buffered bytes)
+            // end a body with their own status.
+            Err(err) => Err(match err.downcast::<Status>() {
+                Ok(status) => *status,
+                Err(_) => Status::invalid_argument("cannot read the request body"),
+            }),
         }
+    }
+
+    fn check_response_size(&self, size: usize) -> Result<(), Status> {
+        if size > self.max_message_size {
+            return Err(response_too_large(size, self.max_message_size));
+        }
+        Ok(())
     }
 
     fn decompress(&self, encoding: Encoding, bytes: Bytes) -> Result<Bytes, Status> {
@@ -562,6 +603,41 @@ impl Handler {
                 }
             }
         }
+    }
+}
+
+/// A response over the message limit: RESOURCE_EXHAUSTED, as on gRPC.
+fn response_too_large(size: usize, limit: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "the response ({size} bytes) is larger than the limit of {limit} bytes"
+    ))
+}
+
+/// An error response in the protocol a request spoke, for refusals made
+/// before a call reaches its service (the listener's limits): gRPC and
+/// gRPC-Web get a trailers-only response, Connect unary calls a JSON error
+/// with its HTTP status, Connect streams an end-of-stream message.
+pub(crate) fn error_response(headers: &HeaderMap, status: &Status) -> Response<Body> {
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if content_type.starts_with("application/grpc") {
+        let (mut parts, ()) = status.clone().into_http::<()>().into_parts();
+        if let Ok(value) = HeaderValue::from_str(content_type) {
+            parts.headers.insert(CONTENT_TYPE, value);
+        }
+        return Response::from_parts(parts, Body::empty());
+    }
+    match kind(headers) {
+        Some(Kind::Unary(_)) | None => unary_error(status, connect_code(status.code()).1),
+        Some(Kind::Stream(codec)) => Response::builder()
+            .status(StatusCode::OK)
+            .header(CONTENT_TYPE, codec.stream_content_type())
+            .body(Body::new(http_body_util::Full::new(end_stream(Some(
+                status,
+            )))))
+            .expect("valid response"),
     }
 }
 

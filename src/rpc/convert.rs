@@ -303,6 +303,9 @@ pub fn update(request: actions::UpdateRequest) -> Result<UpdateStatus, Error> {
     })
 }
 
+/// The reason of an Abort that gave none.
+pub const DEFAULT_ABORT_REASON: &str = "aborted";
+
 pub fn abort(request: actions::AbortRequest) -> Result<AbortAction, Error> {
     let id = action_id("action_id", request.action_id.as_ref())?;
     let reason = request.reason.unwrap_or_default();
@@ -310,7 +313,7 @@ pub fn abort(request: actions::AbortRequest) -> Result<AbortAction, Error> {
     let error = core::ExecutionError {
         code: "Aborted".to_owned(),
         message: if reason.is_empty() {
-            "aborted".to_owned()
+            DEFAULT_ABORT_REASON.to_owned()
         } else {
             reason.clone()
         },

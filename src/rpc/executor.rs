@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use prost::Message;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::{field, info_span, Instrument, Span};
@@ -36,6 +37,8 @@ pub struct ExecutorApi {
     lease_ttl: Duration,
     /// Where AppendLogs writes; without it AppendLogs is UNIMPLEMENTED.
     logs: Option<LogStore>,
+    /// Lease streams end with UNAVAILABLE when it fires.
+    shutdown: CancellationToken,
 }
 
 impl ExecutorApi {
@@ -45,6 +48,7 @@ impl ExecutorApi {
         waker: Waker,
         writes: TaskTracker,
         lease_ttl: Duration,
+        shutdown: CancellationToken,
     ) -> Self {
         Self {
             store,
@@ -53,6 +57,7 @@ impl ExecutorApi {
             writes,
             lease_ttl,
             logs: None,
+            shutdown,
         }
     }
 
@@ -86,12 +91,25 @@ fn cancellation(id: &crate::domain::ActionId, attempt: u32, reason: String) -> p
 
 /// The reason an aborted action carries in its event's error.
 fn abort_reason(event: &ActionState) -> String {
-    event
-        .error
-        .as_ref()
-        .and_then(|bytes| ExecutionError::decode(bytes.clone()).ok())
-        .map(|e| e.message)
-        .unwrap_or_default()
+    cancellation_reason(
+        event
+            .error
+            .as_ref()
+            .and_then(|bytes| ExecutionError::decode(bytes.clone()).ok())
+            .map(|e| e.message)
+            .unwrap_or_default(),
+    )
+}
+
+/// The reason a cancellation carries, the same whether it arrives on the
+/// lease stream or in a heartbeat: the Abort's reason, or "aborted" when
+/// it gave none (as in the action's ExecutionError).
+pub fn cancellation_reason(reason: String) -> String {
+    if reason.is_empty() {
+        crate::rpc::convert::DEFAULT_ABORT_REASON.to_owned()
+    } else {
+        reason
+    }
 }
 
 #[tonic::async_trait]
@@ -113,6 +131,7 @@ impl ExecutorService for ExecutorApi {
         let waiter = self.executors.register(&request.queue, &request.executor);
         let store = self.store.clone();
         let waker = self.waker.clone();
+        let shutdown = self.shutdown.clone();
         let stream = async_stream::stream! {
             // Leases this executor holds but may never have received (a
             // stream that broke mid-send) come first; executors ignore an
@@ -158,6 +177,13 @@ impl ExecutorService for ExecutorApi {
                 tokio::select! {
                     () = waiter.woken() => {}
                     () = tokio::time::sleep(SAFETY_RECHECK) => {}
+                    // Like watch streams: the executor reconnects (to
+                    // another daemon, or to this one once it is back) and
+                    // is sent the leases it holds again.
+                    () = shutdown.cancelled() => {
+                        yield Err(Status::unavailable("actionsd is shutting down"));
+                        break;
+                    }
                 }
             }
         };
@@ -182,7 +208,7 @@ impl ExecutorService for ExecutorApi {
             cancelled: outcome
                 .cancelled
                 .into_iter()
-                .map(|c| cancellation(&c.id, c.attempt, c.reason))
+                .map(|c| cancellation(&c.id, c.attempt, cancellation_reason(c.reason)))
                 .collect(),
         }))
     }

@@ -20,6 +20,7 @@ use md5::Digest as _;
 use prost::Message;
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 use tracing::{field, info_span, Instrument, Span};
 
@@ -895,6 +896,8 @@ impl FlyteServices {
         crate::proto::flyteidl2::workflow::run_service_server::RunServiceServer::new(
             self.api.clone(),
         )
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(self.max_message_size)
         .max_encoding_message_size(self.max_message_size)
     }
@@ -907,6 +910,8 @@ impl FlyteServices {
         crate::proto::flyteidl2::dataproxy::data_proxy_service_server::DataProxyServiceServer::new(
             self.api.clone(),
         )
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(self.max_message_size)
         .max_encoding_message_size(self.max_message_size)
     }
@@ -918,6 +923,8 @@ impl FlyteServices {
         crate::proto::flyteidl2::cluster::cluster_service_server::ClusterServiceServer::new(
             self.api.clone(),
         )
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(self.max_message_size)
         .max_encoding_message_size(self.max_message_size)
     }

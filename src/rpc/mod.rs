@@ -2,8 +2,10 @@
 //! commands, call the store and pipeline, convert results back.
 
 pub mod actions;
+pub mod codec;
 pub mod connect;
 pub mod convert;
+pub mod edge;
 pub mod executor;
 pub mod read;
 pub mod status;

@@ -22,8 +22,12 @@
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::domain::{Command, Error};
 
@@ -52,25 +56,56 @@ pub(crate) type Batch =
 
 type Request = (Command, oneshot::Sender<Result<usize, Error>>);
 
+/// How long a write waits for room in a full committer queue before it is
+/// shed with RESOURCE_EXHAUSTED (clients retry those with backoff).
+pub(crate) const QUEUE_WAIT: Duration = Duration::from_secs(1);
+
 /// The queues of a store's committer tasks. The tasks end when this is
-/// dropped (after finishing the batch in hand).
+/// dropped or closed (after finishing the batch in hand).
 pub(crate) struct Committers {
     queues: Vec<mpsc::Sender<Request>>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+    queue_wait: Duration,
 }
 
 impl Committers {
     /// Spawns the committer tasks on the current tokio runtime.
     pub(crate) fn spawn(settings: GroupCommit, batch: Batch) -> Self {
+        Self::spawn_with_wait(settings, batch, QUEUE_WAIT)
+    }
+
+    pub(crate) fn spawn_with_wait(
+        settings: GroupCommit,
+        batch: Batch,
+        queue_wait: Duration,
+    ) -> Self {
         let max_batch = settings.max_batch.max(1);
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
         let queues = (0..settings.committers.max(1))
             .map(|_| {
-                // Room for a few batches; further writers wait for room.
+                // Room for a few batches; further writers wait for room, up
+                // to `queue_wait`.
                 let (sender, receiver) = mpsc::channel(max_batch * 4);
-                tokio::spawn(run(receiver, max_batch, batch.clone()));
+                tasks.spawn(run(receiver, max_batch, batch.clone(), stop.clone()));
                 sender
             })
             .collect();
-        Self { queues }
+        tasks.close();
+        Self {
+            queues,
+            tasks,
+            stop,
+            queue_wait,
+        }
+    }
+
+    /// Stops taking commands and waits until every committer has finished
+    /// the batch in hand.
+    pub(crate) async fn close(&self) {
+        self.stop.cancel();
+        self.tasks.wait().await;
     }
 
     /// Queues the command and waits until its transaction has ended.
@@ -79,10 +114,19 @@ impl Committers {
         command.action_id().run.hash(&mut hasher);
         let index = usize::try_from(hasher.finish() % self.queues.len() as u64).unwrap_or(0);
         let (reply, answer) = oneshot::channel();
-        self.queues[index]
-            .send((command, reply))
+        match self.queues[index]
+            .send_timeout((command, reply), self.queue_wait)
             .await
-            .map_err(|_| closed())?;
+        {
+            Ok(()) => {}
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                tracing::warn!("write shed: the committer queue stayed full");
+                return Err(Error::ResourceExhausted(
+                    "too many writes queued; retry with backoff".to_owned(),
+                ));
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(closed()),
+        }
         answer.await.map_err(|_| closed())?
     }
 }
@@ -92,9 +136,22 @@ fn closed() -> Error {
     Error::Unavailable("the store is shutting down".to_owned())
 }
 
-async fn run(mut receiver: mpsc::Receiver<Request>, max_batch: usize, batch: Batch) {
+async fn run(
+    mut receiver: mpsc::Receiver<Request>,
+    max_batch: usize,
+    batch: Batch,
+    stop: CancellationToken,
+) {
     let mut requests: Vec<Request> = Vec::with_capacity(max_batch);
-    while let Some(first) = receiver.recv().await {
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            first = receiver.recv() => match first {
+                Some(first) => first,
+                None => break,
+            },
+        };
         requests.push(first);
         while requests.len() < max_batch {
             match receiver.try_recv() {
@@ -110,6 +167,67 @@ async fn run(mut receiver: mpsc::Receiver<Request>, max_batch: usize, batch: Bat
             // The caller may have gone away; its write is done either way.
             let _ = reply.send(result);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::domain::Phase;
+
+    /// With the one committer stuck in a transaction and its queue full, a
+    /// further write is shed with RESOURCE_EXHAUSTED after the queue wait
+    /// instead of waiting as long as the transaction does; once the
+    /// committer moves on, writes are taken again.
+    #[tokio::test]
+    async fn a_full_write_queue_sheds_with_resource_exhausted() {
+        let gate = Arc::new(Semaphore::new(0));
+        let batch_gate = gate.clone();
+        let batch: Batch = Arc::new(move |commands: Vec<Command>| {
+            let gate = batch_gate.clone();
+            Box::pin(async move {
+                gate.acquire().await.expect("gate open").forget();
+                commands.iter().map(|_| Ok(1)).collect()
+            })
+        });
+        let settings = GroupCommit {
+            committers: 1,
+            max_batch: 1,
+        };
+        let wait = Duration::from_millis(200);
+        let committers = Arc::new(Committers::spawn_with_wait(settings, batch, wait));
+        // One command in the stuck transaction, four filling the queue.
+        let mut queued = Vec::new();
+        for i in 0..5 {
+            let committers = committers.clone();
+            queued.push(tokio::spawn(async move {
+                committers
+                    .execute(checks::update("r", &format!("a{i}"), Phase::Running))
+                    .await
+            }));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let started = std::time::Instant::now();
+        let shed = committers
+            .execute(checks::update("r", "late", Phase::Running))
+            .await;
+        assert!(matches!(shed, Err(Error::ResourceExhausted(_))), "{shed:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        gate.add_permits(100);
+        for task in queued {
+            assert_eq!(task.await.unwrap().unwrap(), 1);
+        }
+        committers
+            .execute(checks::update("r", "after", Phase::Running))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), committers.close())
+            .await
+            .expect("committers stop when closed");
     }
 }
 
@@ -163,7 +281,7 @@ pub(crate) mod checks {
         })
     }
 
-    fn update(run: &str, name: &str, phase: Phase) -> Command {
+    pub(crate) fn update(run: &str, name: &str, phase: Phase) -> Command {
         Command::Update(UpdateStatus {
             id: id(run, name),
             attempt: 1,

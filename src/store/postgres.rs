@@ -244,6 +244,9 @@ impl Store for PgStore {
     }
 
     async fn close(&self) {
+        if let Some(committers) = self.committers.get() {
+            committers.close().await;
+        }
         self.pool.close().await;
     }
 
@@ -1149,9 +1152,12 @@ fn db_error(err: sqlx::Error) -> Error {
         Error::Unavailable("database unavailable; retry later".to_owned())
     };
     match &err {
+        // A connection reset or cut mid-conversation surfaces as Io or,
+        // when the server's bytes stop making sense, as Protocol.
         sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::Io(_)
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::WorkerCrashed => unavailable(&err),
         sqlx::Error::Database(db) => match db.code().as_deref() {
@@ -1211,6 +1217,40 @@ mod tests {
             commit_batch(pool.clone(), commands)
         })
         .await;
+    }
+
+    /// A server that accepts the connection and then answers nonsense (a
+    /// proxy cut mid-handshake, a wrong port) fails sqlx with a Protocol
+    /// error: the database is unavailable, not an internal failure.
+    #[tokio::test]
+    async fn a_connection_answering_nonsense_is_unavailable() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut request = [0u8; 64];
+                let _ = socket.read(&mut request).await;
+                let _ = socket.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            }
+        });
+        let options: sqlx::postgres::PgConnectOptions =
+            format!("postgres://actionsd@{addr}/actionsd")
+                .parse()
+                .unwrap();
+        let store = PgStore::connect(
+            options,
+            &PoolSettings {
+                max_connections: 1,
+                acquire_timeout: Duration::from_secs(5),
+            },
+        );
+        let err = store.ping().await.unwrap_err();
+        assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+        server.abort();
     }
 
     #[sqlx::test(migrations = "./migrations/postgres")]

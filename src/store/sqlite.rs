@@ -628,6 +628,9 @@ impl Store for SqliteStore {
     /// Closes every connection, then releases the file lock, so another
     /// daemon may open the file.
     async fn close(&self) {
+        if let Some(committers) = self.committers.get() {
+            committers.close().await;
+        }
         self.pool.close().await;
         self.lock
             .lock()
@@ -1233,6 +1236,7 @@ fn db_error(err: sqlx::Error) -> Error {
         sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::Io(_)
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::WorkerCrashed => unavailable(&err),
         sqlx::Error::Database(db) => match primary_code(db.as_ref()) {
             // Another connection holds a lock past the busy timeout.

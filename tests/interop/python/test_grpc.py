@@ -383,3 +383,22 @@ def test_oversized_request_is_resource_exhausted(actions):
     assert info.value.code() == Code.NOT_FOUND
     actions.enqueue(enqueue_task(run, "a0"))
     assert list(actions.snapshot(run, "a0")) == ["a0"]
+
+
+def test_gzip_compressed_calls_are_accepted_and_answered(address):
+    """grpcio with gzip on the channel (as connect-python in gRPC mode
+    always sends): requests are compressed, and the daemon answers in
+    kind."""
+    with grpc.insecure_channel(address, compression=grpc.Compression.Gzip) as channel:
+        grpc.channel_ready_future(channel).result(timeout=TIMEOUT)
+        gzipped = Actions(channel)
+        run = new_run()
+        gzipped.enqueue(enqueue_task(run, "a0"))
+        gzipped.enqueue(enqueue_task(run, "a1", "a0"))
+        gzipped.update(update_request(run, "a1", RUNNING))
+        # A single call compressed on its own, on a plain channel's stub.
+        gzipped.stub.Update(
+            update_request(run, "a1", SUCCEEDED), timeout=TIMEOUT, compression=grpc.Compression.Gzip
+        )
+        snapshot = gzipped.snapshot(run, "a0")
+        assert {n: u.phase for n, u in snapshot.items()} == {"a0": QUEUED, "a1": SUCCEEDED}
