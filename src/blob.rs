@@ -254,6 +254,22 @@ impl Blobs {
             .map_err(|_| store_error("read", "timed out"))?
     }
 
+    /// Opens `key` for streaming: its size and its bytes; `None` when there
+    /// is no such object. Opening is bounded by the store call timeout; the
+    /// stream by the reader's.
+    pub async fn read_stream(
+        &self,
+        key: &Path,
+    ) -> Result<Option<(u64, futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>)>, Error>
+    {
+        match tokio::time::timeout(CALL_TIMEOUT, self.store.get(key)).await {
+            Err(_) => Err(store_error("read", "timed out")),
+            Ok(Ok(result)) => Ok(Some((result.meta.size, result.into_stream()))),
+            Ok(Err(object_store::Error::NotFound { .. })) => Ok(None),
+            Ok(Err(e)) => Err(store_error("read", e)),
+        }
+    }
+
     /// Whether `key` exists.
     pub async fn exists(&self, key: &Path) -> Result<bool, Error> {
         match tokio::time::timeout(CALL_TIMEOUT, self.store.head(key)).await {
@@ -363,6 +379,14 @@ pub struct UploadGrant {
     pub max_bytes: u64,
 }
 
+/// What a signed download URL allows: reading one object until it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownloadGrant {
+    pub key: String,
+    /// Unix seconds.
+    pub expires: i64,
+}
+
 impl Signer {
     pub fn new(key: &SecretString) -> Self {
         Self {
@@ -370,30 +394,53 @@ impl Signer {
         }
     }
 
-    fn mac(&self, grant: &UploadGrant) -> Hmac<Sha256> {
+    /// The MAC of a verb and its fields, each line-terminated; the verb
+    /// keeps an upload signature from being valid as a download one.
+    fn mac(&self, fields: &[&str]) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
-        for field in [
-            "PUT",
-            &grant.key,
-            &grant.expires.to_string(),
-            &grant.content_md5,
-            &grant.max_bytes.to_string(),
-        ] {
+        for field in fields {
             mac.update(field.as_bytes());
             mac.update(b"\n");
         }
         mac
     }
 
+    fn upload_mac(&self, grant: &UploadGrant) -> Hmac<Sha256> {
+        self.mac(&[
+            "PUT",
+            &grant.key,
+            &grant.expires.to_string(),
+            &grant.content_md5,
+            &grant.max_bytes.to_string(),
+        ])
+    }
+
+    fn download_mac(&self, grant: &DownloadGrant) -> Hmac<Sha256> {
+        self.mac(&["GET", &grant.key, &grant.expires.to_string()])
+    }
+
     /// The signature (hex) of `grant`.
     pub fn sign(&self, grant: &UploadGrant) -> String {
-        hex::encode(self.mac(grant).finalize().into_bytes())
+        hex::encode(self.upload_mac(grant).finalize().into_bytes())
     }
 
     /// Checks `signature` in constant time.
     pub fn verify(&self, grant: &UploadGrant, signature: &str) -> bool {
         match hex::decode(signature) {
-            Ok(bytes) => self.mac(grant).verify_slice(&bytes).is_ok(),
+            Ok(bytes) => self.upload_mac(grant).verify_slice(&bytes).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// The signature (hex) of a download grant.
+    pub fn sign_download(&self, grant: &DownloadGrant) -> String {
+        hex::encode(self.download_mac(grant).finalize().into_bytes())
+    }
+
+    /// Checks a download signature in constant time.
+    pub fn verify_download(&self, grant: &DownloadGrant, signature: &str) -> bool {
+        match hex::decode(signature) {
+            Ok(bytes) => self.download_mac(grant).verify_slice(&bytes).is_ok(),
             Err(_) => false,
         }
     }
@@ -469,6 +516,30 @@ mod tests {
         }
         assert!(!Signer::new(&SecretString::from("k2")).verify(&grant(), &signature));
         assert!(!signer.verify(&grant(), "not hex"));
+    }
+
+    #[test]
+    fn download_signatures_bind_key_and_expiry_and_differ_from_uploads() {
+        let signer = Signer::new(&SecretString::from("k1"));
+        let download = DownloadGrant {
+            key: "uploads/x".into(),
+            expires: 1_900_000_000,
+        };
+        let signature = signer.sign_download(&download);
+        assert!(signer.verify_download(&download, &signature));
+        for changed in [
+            DownloadGrant {
+                key: "uploads/y".into(),
+                ..download.clone()
+            },
+            DownloadGrant {
+                expires: 1_900_000_001,
+                ..download.clone()
+            },
+        ] {
+            assert!(!signer.verify_download(&changed, &signature), "{changed:?}");
+        }
+        assert!(!signer.verify(&grant(), &signature));
     }
 
     #[test]

@@ -14,13 +14,13 @@ use actionsd::proto::actionsd::executor::v1::{
 use actionsd::proto::flyteidl2::cluster::cluster_service_client::ClusterServiceClient;
 use actionsd::proto::flyteidl2::cluster::SelectClusterRequest;
 use actionsd::proto::flyteidl2::common::{
-    ActionIdentifier, ListRequest, OffloadedInputData, ProjectIdentifier, RunIdentifier,
+    ActionAttemptIdentifier, ActionIdentifier, ListRequest, OffloadedInputData, ProjectIdentifier, RunIdentifier,
 };
 use actionsd::proto::flyteidl2::core::{execution_error, ExecutionError, Identifier, TaskTemplate};
 use actionsd::proto::flyteidl2::dataproxy::data_proxy_service_client::DataProxyServiceClient;
 use actionsd::proto::flyteidl2::dataproxy::{
-    upload_inputs_request, CreateUploadLocationRequest, GetActionDataRequest, TailLogsRequest,
-    UploadInputsRequest,
+    create_download_link_request, upload_inputs_request, ArtifactType, CreateDownloadLinkRequest,
+    CreateUploadLocationRequest, GetActionDataRequest, TailLogsRequest, UploadInputsRequest,
 };
 use actionsd::proto::flyteidl2::logs::dataplane::LogLine;
 use actionsd::proto::flyteidl2::task::TaskSpec;
@@ -42,6 +42,29 @@ use tonic::Code;
 struct RunSpecQueue {
     #[prost(string, tag = "6")]
     queue: String,
+}
+
+/// A TaskSpec whose container unpacks a code bundle: the fields of
+/// TaskSpec.task_template (1), TaskTemplate.type (2) and .container (6),
+/// and Container.args (3) of the official protos.
+#[derive(Clone, PartialEq, Message)]
+struct BundleTaskSpec {
+    #[prost(message, optional, tag = "1")]
+    template: Option<BundleTemplate>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct BundleTemplate {
+    #[prost(string, tag = "2")]
+    r#type: String,
+    #[prost(message, optional, tag = "6")]
+    container: Option<BundleContainer>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct BundleContainer {
+    #[prost(string, repeated, tag = "3")]
+    args: Vec<String>,
 }
 
 struct Clients {
@@ -105,6 +128,10 @@ fn task_spec() -> Bytes {
 }
 
 async fn create_run(c: &mut Clients, queue: &str, inputs: Bytes) -> RunIdentifier {
+    create_run_of(c, queue, inputs, task_spec()).await
+}
+
+async fn create_run_of(c: &mut Clients, queue: &str, inputs: Bytes, spec: Bytes) -> RunIdentifier {
     let offloaded = c
         .data
         .upload_inputs(UploadInputsRequest {
@@ -121,7 +148,7 @@ async fn create_run(c: &mut Clients, queue: &str, inputs: Bytes) -> RunIdentifie
         .runs
         .create_run(CreateRunRequest {
             id: Some(create_run_request::Id::ProjectId(project())),
-            task: Some(create_run_request::Task::TaskSpec(task_spec())),
+            task: Some(create_run_request::Task::TaskSpec(spec)),
             input_wrapper: Some(create_run_request::InputWrapper::OffloadedInputData(
                 offloaded,
             )),
@@ -641,7 +668,219 @@ async fn shipped_output_is_tailed(db: TestDb) {
     daemon.stop().await;
 }
 
+/// A signed download link for an action attempt's `artifact`, expiring in
+/// `expires_in` seconds (0: the default); `None` when there is none.
+async fn download_link(
+    c: &mut Clients,
+    action: &ActionIdentifier,
+    attempt: u32,
+    artifact: ArtifactType,
+    expires_in: i64,
+) -> Option<String> {
+    let links = c
+        .data
+        .create_download_link(CreateDownloadLinkRequest {
+            artifact_type: artifact as i32,
+            expires_in: (expires_in > 0).then_some(prost_types::Duration {
+                seconds: expires_in,
+                nanos: 0,
+            }),
+            source: Some(
+                create_download_link_request::Source::ActionAttemptId(ActionAttemptIdentifier {
+                    action_id: Some(action.clone()),
+                    attempt,
+                }),
+            ),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pre_signed_urls
+        .unwrap();
+    assert!(links.signed_url.len() <= 1, "{links:?}");
+    assert!(links.expires_at.is_some());
+    links.signed_url.into_iter().next()
+}
+
+async fn signed_links_read_reports_and_bundles_and_expire(db: TestDb) {
+    let blob_dir = tempfile::tempdir().unwrap();
+    let daemon = start(&db, blob_dir.path(), None).await;
+    let mut c = clients(&daemon).await;
+    let http = reqwest::Client::new();
+
+    // A code bundle, uploaded; a short-lived upload URL for another object.
+    let bundle = b"bundle bytes".to_vec();
+    let md5 = md5::Md5::digest(&bundle).to_vec();
+    let location = |filename: &str, expires: i64| CreateUploadLocationRequest {
+        project: "flytesnacks".into(),
+        domain: "development".into(),
+        filename: filename.into(),
+        content_md5: md5.clone().into(),
+        expires_in: (expires > 0).then_some(prost_types::Duration {
+            seconds: expires,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let upload = c
+        .data
+        .create_upload_location(location("fast.tar.gz", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let short_upload = c
+        .data
+        .create_upload_location(location("late.tar.gz", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = http
+        .put(&upload.signed_url)
+        .body(bundle.clone())
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+
+    // A run whose task unpacks that bundle; its attempt writes a report.
+    let spec = BundleTaskSpec {
+        template: Some(BundleTemplate {
+            r#type: "python".into(),
+            container: Some(BundleContainer {
+                args: vec![
+                    "a0".into(),
+                    "--tgz".into(),
+                    upload.native_url.clone(),
+                    "--dest".into(),
+                    ".".into(),
+                ],
+            }),
+        }),
+    };
+    let inputs = Bytes::from_static(b"\x0a\x05\x0a\x01n\x12\x00");
+    let run = create_run_of(&mut c, "links", inputs, Bytes::from(spec.encode_to_vec())).await;
+    let action = root(&run);
+    let leased = lease(&mut c, "exec-links", "links").await;
+    // No report yet: no link, as the SDK expects.
+    assert_eq!(
+        download_link(&mut c, &action, leased.attempt, ArtifactType::Report, 0).await,
+        None
+    );
+    let report = b"<html>report</html>".to_vec();
+    let out_dir = PathBuf::from(&leased.output_uri);
+    std::fs::create_dir_all(&out_dir).unwrap();
+    std::fs::write(out_dir.join("report.html"), &report).unwrap();
+    finish(&mut c, "exec-links", &leased, SUCCEEDED, None).await;
+
+    let get = |url: String| {
+        let http = http.clone();
+        async move {
+            let response = http.get(url).send().await.unwrap();
+            (response.status().as_u16(), response.bytes().await.unwrap())
+        }
+    };
+    let report_url = download_link(&mut c, &action, leased.attempt, ArtifactType::Report, 0)
+        .await
+        .expect("a report link");
+    assert!(
+        report_url.starts_with(&format!("http://{}/blobs/v1/download?", daemon.addr)),
+        "{report_url}"
+    );
+    assert_eq!(get(report_url.clone()).await, (200, Bytes::from(report)));
+    // Attempt 0 means the latest.
+    assert!(download_link(&mut c, &action, 0, ArtifactType::Report, 0).await.is_some());
+    let bundle_url = download_link(&mut c, &action, 0, ArtifactType::CodeBundle, 0)
+        .await
+        .expect("a code bundle link");
+    assert_eq!(get(bundle_url.clone()).await, (200, Bytes::from(bundle.clone())));
+
+    // A link names one object until it expires: another key, another
+    // expiry or another signature is refused, as is an upload signature.
+    let swapped = {
+        let (head, tail) = report_url.split_once("k=").unwrap();
+        let (_, rest) = tail.split_once('&').unwrap();
+        let bundle_key = bundle_url.split_once("k=").unwrap().1.split_once('&').unwrap().0;
+        format!("{head}k={bundle_key}&{rest}")
+    };
+    assert_eq!(get(swapped).await.0, 403);
+    let later = {
+        let (head, tail) = report_url.split_once("&e=").unwrap();
+        let (expires, rest) = tail.split_once('&').unwrap();
+        format!("{head}&e={}&{rest}", expires.parse::<i64>().unwrap() + 60)
+    };
+    assert_eq!(get(later).await.0, 403);
+    let (head, signature) = report_url.rsplit_once("&s=").unwrap();
+    let flipped = if signature.starts_with('0') { "1" } else { "0" };
+    assert_eq!(get(format!("{head}&s={flipped}{}", &signature[1..])).await.0, 403);
+    let upload_signature = upload.signed_url.rsplit_once("&s=").unwrap().1;
+    assert_eq!(get(format!("{head}&s={upload_signature}")).await.0, 403);
+    // PUT on a download URL is not an upload.
+    let status = http.put(&report_url).body("x").send().await.unwrap().status();
+    assert_eq!(status, 405);
+
+    // Short-lived links: good now, refused once their second has passed.
+    let short_report = download_link(&mut c, &action, 0, ArtifactType::Report, 1)
+        .await
+        .unwrap();
+    let expires: i64 = short_report
+        .split_once("&e=")
+        .unwrap()
+        .1
+        .split_once('&')
+        .unwrap()
+        .0
+        .parse()
+        .unwrap();
+    assert!(expires <= chrono::Utc::now().timestamp() + 1, "{expires}");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while chrono::Utc::now().timestamp() <= expires {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(short_report).await.0, 403);
+    let status = http
+        .put(&short_upload.signed_url)
+        .body(bundle.clone())
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 403);
+    assert!(!PathBuf::from(&short_upload.native_url).exists());
+
+    // Bad requests name the problem.
+    let refused = c
+        .data
+        .create_download_link(CreateDownloadLinkRequest {
+            artifact_type: ArtifactType::Report as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("source"), "{}", refused.message());
+    let refused = c
+        .data
+        .create_download_link(CreateDownloadLinkRequest {
+            artifact_type: ArtifactType::Unspecified as i32,
+            source: Some(create_download_link_request::Source::ActionAttemptId(
+                ActionAttemptIdentifier {
+                    action_id: Some(action.clone()),
+                    attempt: 1,
+                },
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("artifact_type"), "{}", refused.message());
+    daemon.stop().await;
+}
+
 conformance!(
+    signed_links_read_reports_and_bundles_and_expire,
     shipped_output_is_tailed,
     flyte_run_lifecycle,
     failing_and_aborted_runs,

@@ -57,7 +57,7 @@
 //! deadline; channels between the executor's tasks are bounded.
 
 mod action;
-mod flyte;
+pub(crate) mod flyte;
 mod heartbeat;
 mod lease;
 mod log;

@@ -1,6 +1,11 @@
-//! Signed uploads served on the daemon's own port: `PUT /blobs/v1/upload`
-//! with the query parameters `CreateUploadLocation` signed (see
-//! `blob::Signer`). Everything else passes to the inner service.
+//! Signed uploads and downloads served on the daemon's own port:
+//! `PUT /blobs/v1/upload` with the query parameters `CreateUploadLocation`
+//! signed, and `GET /blobs/v1/download` with those `CreateDownloadLink`
+//! signed (see `blob::Signer`). Everything else passes to the inner service.
+//!
+//! A download is served if the signature matches and the URL has not
+//! expired; the object is streamed from the store, not held in memory, and
+//! shares the [`MAX_UPLOADS`] permits with uploads.
 //!
 //! A body is accepted only if the signature matches, the URL has not
 //! expired, the body is no larger than the signed size limit and its MD5
@@ -26,8 +31,8 @@ use tokio::sync::Semaphore;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use super::flyte::UPLOAD_PATH;
-use crate::blob::{Blobs, UploadGrant};
+use super::flyte::{DOWNLOAD_PATH, UPLOAD_PATH};
+use crate::blob::{Blobs, DownloadGrant, UploadGrant};
 
 /// Uploads handled at once; more wait.
 pub const MAX_UPLOADS: usize = 4;
@@ -88,6 +93,10 @@ where
                 let (blobs, permits) = (blobs.clone(), self.layer.permits.clone());
                 Box::pin(async move { Ok(upload(blobs, permits, request).await) })
             }
+            Some(blobs) if request.uri().path() == DOWNLOAD_PATH => {
+                let (blobs, permits) = (blobs.clone(), self.layer.permits.clone());
+                Box::pin(async move { Ok(download(blobs, permits, request).await) })
+            }
             _ => Box::pin(self.inner.call(request)),
         }
     }
@@ -95,7 +104,7 @@ where
 
 fn reply(status: StatusCode, message: &str) -> Response<Body> {
     if !status.is_success() {
-        tracing::info!(%status, message, "upload refused");
+        tracing::info!(%status, message, "blob request refused");
     }
     Response::builder()
         .status(status)
@@ -131,6 +140,74 @@ fn grant_of(query: &str) -> Option<(UploadGrant, String)> {
         },
         signature?,
     ))
+}
+
+/// The signed grant a download URL's query carries, and its signature.
+fn download_grant_of(query: &str) -> Option<(DownloadGrant, String)> {
+    let mut key = None;
+    let mut expires = None;
+    let mut signature = None;
+    for pair in query.split('&') {
+        let (name, value) = pair.split_once('=')?;
+        match name {
+            "k" => key = String::from_utf8(URL_SAFE_NO_PAD.decode(value).ok()?).ok(),
+            "e" => expires = value.parse::<i64>().ok(),
+            "s" => signature = Some(value.to_owned()),
+            _ => {}
+        }
+    }
+    Some((
+        DownloadGrant {
+            key: key?,
+            expires: expires?,
+        },
+        signature?,
+    ))
+}
+
+async fn download(blobs: Blobs, permits: Arc<Semaphore>, request: Request<Body>) -> Response<Body> {
+    if request.method() != Method::GET {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "use GET");
+    }
+    let Some((grant, signature)) = request.uri().query().and_then(download_grant_of) else {
+        return reply(
+            StatusCode::FORBIDDEN,
+            "missing or malformed signature parameters",
+        );
+    };
+    if !blobs.signer().verify_download(&grant, &signature) {
+        return reply(StatusCode::FORBIDDEN, "invalid signature");
+    }
+    if grant.expires < chrono::Utc::now().timestamp() {
+        return reply(StatusCode::FORBIDDEN, "the download URL has expired");
+    }
+    let Ok(key) = Path::parse(&grant.key) else {
+        return reply(StatusCode::BAD_REQUEST, "invalid key");
+    };
+    let Ok(permit) = permits.acquire_owned().await else {
+        return reply(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    };
+    let (size, stream) = match blobs.read_stream(&key).await {
+        Ok(Some(found)) => found,
+        Ok(None) => return reply(StatusCode::NOT_FOUND, "no such object"),
+        Err(_) => {
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the blob store is unavailable",
+            )
+        }
+    };
+    // The permit is held until the body has been sent (or dropped).
+    let frames = futures_util::StreamExt::map(stream, move |chunk| {
+        let _held = &permit;
+        chunk.map(http_body::Frame::data)
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, "application/octet-stream")
+        .header(http::header::CONTENT_LENGTH, size)
+        .body(Body::new(http_body_util::StreamBody::new(frames)))
+        .expect("valid response")
 }
 
 async fn upload(blobs: Blobs, permits: Arc<Semaphore>, request: Request<Body>) -> Response<Body> {
@@ -229,5 +306,10 @@ mod tests {
         );
         assert!(grant_of("k=&e=1").is_none());
         assert!(grant_of("garbage").is_none());
+        let (download, signature) =
+            download_grant_of(&format!("k={}&e=7&s=cd", URL_SAFE_NO_PAD.encode("a/b"))).unwrap();
+        assert_eq!((download.key.as_str(), download.expires), ("a/b", 7));
+        assert_eq!(signature, "cd");
+        assert!(download_grant_of("k=&e=1").is_none());
     }
 }

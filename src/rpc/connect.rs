@@ -360,6 +360,10 @@ impl Handler {
                 self.unary(request, codec, types, |r| flyte.create_upload_location(r))
                     .await
             }
+            ("/flyteidl2.dataproxy.DataProxyService/CreateDownloadLink", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| flyte.create_download_link(r))
+                    .await
+            }
             ("/flyteidl2.dataproxy.DataProxyService/UploadInputs", Kind::Unary(codec)) => {
                 self.unary(request, codec, types, |r| flyte.upload_inputs(r))
                     .await

@@ -27,9 +27,10 @@ use tracing::{field, info_span, Instrument, Span};
 use super::convert::{self, action_id_to_proto, decode_stored, timestamp_to_proto};
 use super::watch::MessageStream;
 use super::ActionsApi;
-use crate::blob::{keys, Blobs, UploadGrant};
+use crate::blob::{keys, Blobs, DownloadGrant, UploadGrant};
 use crate::domain::{
-    ActionId, ActionKind, ActionRecord, Error, PageRequest, Phase, RunFilter, RunId, RunPosition,
+    default_output_uri, ActionId, ActionKind, ActionRecord, Error, PageRequest, Phase, RunFilter, RunId,
+    RunPosition,
 };
 use crate::logs::LogStore;
 use crate::pipeline::Registry;
@@ -52,6 +53,10 @@ use crate::store::Store;
 pub const ROOT: &str = "a0";
 /// Path of signed uploads, served on the daemon's own port.
 pub const UPLOAD_PATH: &str = "/blobs/v1/upload";
+/// Path of signed downloads, served on the daemon's own port.
+pub const DOWNLOAD_PATH: &str = "/blobs/v1/download";
+/// The file a task's report is written to, in its attempt's output location.
+const REPORT_FILE: &str = "report.html";
 /// Page size of ListRuns when none is given, and the largest.
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 100;
@@ -405,6 +410,102 @@ impl DataProxyService for FlyteApi {
             }))
         }
         .instrument(span("CreateUploadLocation"))
+        .await
+    }
+
+    async fn create_download_link(
+        &self,
+        request: Request<dp::CreateDownloadLinkRequest>,
+    ) -> Result<Response<dp::CreateDownloadLinkResponse>, Status> {
+        async {
+            let base = self.base_url(&request);
+            let r = request.into_inner();
+            let artifact = dp::ArtifactType::try_from(r.artifact_type)
+                .ok()
+                .filter(|t| *t != dp::ArtifactType::Unspecified)
+                .ok_or_else(|| {
+                    Error::invalid("artifact_type", "must be REPORT or CODE_BUNDLE")
+                })?;
+            let attempt_id = match r.source {
+                Some(dp::create_download_link_request::Source::ActionAttemptId(a)) => a,
+                Some(dp::create_download_link_request::Source::TaskId(_)) => {
+                    return Err(Error::invalid(
+                        "task_id",
+                        "links by task are not supported: actionsd keeps no task registry; \
+                         name an action attempt",
+                    )
+                    .into())
+                }
+                None => {
+                    return Err(Error::invalid("source", "name an action_attempt_id").into())
+                }
+            };
+            let id = convert::action_id("action_attempt_id.action_id", attempt_id.action_id.as_ref())?;
+            Span::current().record("action", field::display(&id));
+            let record = self.store.get_action(&id).await?;
+            let spec = decode_stored::<actions_pb::Action>("spec", &id, &record.spec)
+                .unwrap_or_default();
+            let attempt = match attempt_id.attempt {
+                0 => record.state.attempt,
+                n => n,
+            };
+            if attempt > record.state.attempt {
+                return Err(Error::invalid(
+                    "action_attempt_id.attempt",
+                    format!("action {id} has no attempt {attempt} yet"),
+                )
+                .into());
+            }
+            let uri = match artifact {
+                dp::ArtifactType::Report => {
+                    let dir = if attempt == record.state.attempt
+                        && !record.state.output_uri.is_empty()
+                    {
+                        record.state.output_uri.clone()
+                    } else {
+                        default_output_uri(&spec.run_output_base, &id.name, attempt)
+                    };
+                    Some(format!("{}/{REPORT_FILE}", dir.trim_end_matches('/')))
+                }
+                _ => crate::executor::flyte::code_bundle(&spec),
+            };
+            // No such object (or one outside this store): no link, as the
+            // SDK expects when an action has no report.
+            let key = match uri.as_deref().and_then(|u| self.blobs.key_of(u)) {
+                Some(key) if self.blobs.exists(&key).await? => Some(key),
+                _ => None,
+            };
+            let ttl = r
+                .expires_in
+                .and_then(|d| Duration::try_from(d).ok())
+                .filter(|d| !d.is_zero())
+                .map_or(self.blobs.limits.max_url_ttl, |d| {
+                    d.min(self.blobs.limits.max_url_ttl)
+                });
+            let expires_at = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or_default();
+            let signed_url = key
+                .map(|key| {
+                    let grant = DownloadGrant {
+                        key: key.to_string(),
+                        expires: expires_at.timestamp(),
+                    };
+                    let signature = self.blobs.signer().sign_download(&grant);
+                    format!(
+                        "{base}{DOWNLOAD_PATH}?k={}&e={}&s={signature}",
+                        URL_SAFE_NO_PAD.encode(grant.key.as_bytes()),
+                        grant.expires,
+                    )
+                })
+                .into_iter()
+                .collect();
+            Ok(Response::new(dp::CreateDownloadLinkResponse {
+                pre_signed_urls: Some(dp::PreSignedUrLs {
+                    signed_url,
+                    expires_at: Some(timestamp_to_proto(expires_at)),
+                }),
+            }))
+        }
+        .instrument(span("CreateDownloadLink"))
         .await
     }
 
