@@ -63,6 +63,21 @@ async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dyn St
     match &config.store {
         StoreLocation::Postgres(url) => Ok(Arc::new(open_postgres(config, url, migrate).await?)),
         StoreLocation::Sqlite(path) => {
+            if !migrate {
+                warn!(
+                    "database.migrate_on_start = false is ignored on SQLite: \
+                     the file belongs to this daemon, which always applies its migrations"
+                );
+            }
+            // The per-user default directory is created on first use; a
+            // configured path's directory must exist (see SqliteStore::open).
+            if Some(path) == SqliteStore::default_path().as_ref() {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).with_context(|| {
+                        format!("cannot create the data directory {}", dir.display())
+                    })?;
+                }
+            }
             let settings = SqliteSettings {
                 max_batch: config.database.max_batch,
                 ..SqliteSettings::default()
@@ -88,6 +103,7 @@ async fn open_postgres(
         &PoolSettings {
             max_connections: config.database.max_connections,
             acquire_timeout: config.database.acquire_timeout,
+            statement_timeout: config.database.statement_timeout,
         },
     )
     .with_group_commit(GroupCommit {
@@ -106,7 +122,7 @@ async fn open_postgres(
         }
         store.migrate().await.context("cannot apply migrations")?;
     } else {
-        store.check_migrations().await.map_err(anyhow::Error::msg)?;
+        store.check_migrations().await?;
     }
     info!("store: Postgres");
     Ok(store)

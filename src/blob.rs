@@ -260,8 +260,13 @@ impl Blobs {
     pub async fn read_stream(
         &self,
         key: &Path,
-    ) -> Result<Option<(u64, futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>)>, Error>
-    {
+    ) -> Result<
+        Option<(
+            u64,
+            futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>,
+        )>,
+        Error,
+    > {
         match tokio::time::timeout(CALL_TIMEOUT, self.store.get(key)).await {
             Err(_) => Err(store_error("read", "timed out")),
             Ok(Ok(result)) => Ok(Some((result.meta.size, result.into_stream()))),

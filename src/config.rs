@@ -15,6 +15,30 @@ use crate::store::GroupCommit;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8091";
 
+/// The address to listen on, from `IP:PORT` or `HOST:PORT`. A host name is
+/// resolved once, at start-up; the daemon listens on its first IPv4
+/// address, else its first address (`localhost:8092` → `127.0.0.1:8092`).
+pub fn resolve_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let invalid = || format!("{text:?} is not HOST:PORT or IP:PORT, e.g. 127.0.0.1:8091");
+    // `to_socket_addrs` accepts only HOST:PORT with a numeric port.
+    let (host, port) = text.rsplit_once(':').ok_or_else(invalid)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(invalid());
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(text)
+        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{host:?} resolves to no address"))
+}
+
 /// Where actions are stored, from `database_url`.
 #[derive(Debug, Clone)]
 pub enum StoreLocation {
@@ -125,6 +149,10 @@ pub struct ExecutorConfig {
 pub struct DatabaseConfig {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// Postgres: the server-side bound on each statement and on a
+    /// transaction left idle; each store operation waits at most one second
+    /// longer on the client, then answers UNAVAILABLE.
+    pub statement_timeout: Duration,
     /// Apply migrations (creating the database if needed) at start-up;
     /// when false, start-up only checks that they were applied.
     pub migrate_on_start: bool,
@@ -173,7 +201,7 @@ pub struct Overrides {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    listen: Option<SocketAddr>,
+    listen: Option<String>,
     database_url: Option<SecretString>,
     log_format: Option<LogFormat>,
     #[serde(default)]
@@ -228,6 +256,8 @@ struct FileDatabase {
     max_connections: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     acquire_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    statement_timeout: Option<Duration>,
     migrate_on_start: Option<bool>,
     committers: Option<usize>,
     max_batch: Option<usize>,
@@ -368,10 +398,16 @@ impl Config {
             },
         };
         let config = Self {
-            listen: o
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address")),
+            listen: match (o.listen, file.listen) {
+                (Some(listen), _) => listen,
+                (None, Some(text)) => {
+                    resolve_listen(&text).map_err(|message| ConfigError::Invalid {
+                        setting: "listen",
+                        message,
+                    })?
+                }
+                (None, None) => DEFAULT_LISTEN.parse().expect("valid default address"),
+            },
             store: match o.database_url.or(file.database_url) {
                 Some(url) => StoreLocation::parse(&url)?,
                 None => StoreLocation::default_sqlite().ok_or(ConfigError::Invalid {
@@ -387,6 +423,10 @@ impl Config {
                 acquire_timeout: file
                     .database
                     .acquire_timeout
+                    .unwrap_or(Duration::from_secs(5)),
+                statement_timeout: file
+                    .database
+                    .statement_timeout
                     .unwrap_or(Duration::from_secs(5)),
                 migrate_on_start: file.database.migrate_on_start.unwrap_or(true),
                 committers: file
@@ -490,6 +530,10 @@ impl Config {
             "database.acquire_timeout",
             !self.database.acquire_timeout.is_zero(),
         )?;
+        positive(
+            "database.statement_timeout",
+            self.database.statement_timeout >= Duration::from_millis(1),
+        )?;
         positive("database.committers", self.database.committers > 0)?;
         positive("database.max_batch", self.database.max_batch > 0)?;
         positive("server.max_message_size", self.server.max_message_size > 0)?;
@@ -578,6 +622,38 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "invalid setting pipeline.workers: must be greater than 0"
+        );
+    }
+
+    #[test]
+    fn listen_accepts_host_names() {
+        assert_eq!(
+            resolve_listen("localhost:8092").unwrap(),
+            "127.0.0.1:8092".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            resolve_listen("[::1]:8092").unwrap(),
+            "[::1]:8092".parse::<SocketAddr>().unwrap()
+        );
+        assert!(resolve_listen("localhost").is_err());
+        assert!(resolve_listen("localhost:http").is_err());
+        assert!(resolve_listen(":8092").is_err());
+    }
+
+    #[test]
+    fn a_toml_error_is_one_line_with_its_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[database]\nmax_connections = 4\nlissten = \"x\"\n").unwrap();
+        let err = Config::load(Some(&path), Overrides::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(!text.contains('\n'), "{text}");
+        assert!(
+            text.starts_with(&format!(
+                "invalid config file {}: line 3, column 1: unknown field `lissten`",
+                path.display()
+            )),
+            "{text}"
         );
     }
 

@@ -1,4 +1,5 @@
-//! actionsd: Flyte v2's ActionsService over a Postgres action store.
+//! actionsd: Flyte v2's ActionsService over an action store: an embedded
+//! SQLite file by default, or Postgres.
 
 pub mod app;
 pub mod blob;
@@ -13,5 +14,6 @@ pub mod proto;
 pub mod rpc;
 pub mod schema;
 pub mod server;
+pub mod startup;
 pub mod store;
 pub mod telemetry;

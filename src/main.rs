@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "actionsd",
     version,
-    about = "Flyte v2 ActionsService over Postgres"
+    about = "Flyte v2 ActionsService over an embedded SQLite file (the default) or Postgres"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -61,7 +61,9 @@ struct CommonArgs {
     /// Config file (TOML); see config/actionsd.toml.
     #[arg(long, env = "ACTIONSD_CONFIG")]
     config: Option<PathBuf>,
-    /// Postgres URL, e.g. postgres://postgres@127.0.0.1:5432/actionsd.
+    /// The store: sqlite://PATH, or postgres://user@host:5432/actionsd.
+    /// [default: sqlite, actionsd.db in the per-user data directory,
+    /// e.g. ~/.local/share/actionsd/]
     #[arg(long, env = "ACTIONSD_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     /// Log format.
@@ -77,8 +79,9 @@ struct CommonArgs {
 struct ServeArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Address to listen on [default: 127.0.0.1:8091].
-    #[arg(long, env = "ACTIONSD_LISTEN")]
+    /// Address to listen on, IP:PORT or HOST:PORT (a host name is resolved
+    /// at start-up to its first IPv4 address) [default: 127.0.0.1:8091].
+    #[arg(long, env = "ACTIONSD_LISTEN", value_parser = actionsd::config::resolve_listen)]
     listen: Option<SocketAddr>,
     /// Event pipeline workers [default: 16].
     #[arg(long, env = "ACTIONSD_WORKERS")]
@@ -202,9 +205,21 @@ fn load(
     Ok(Config::load(common.config.as_deref(), overrides)?)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Start-up errors are printed by `main` itself (see `actionsd::startup`):
+/// one or two lines, no repeated causes and no backtrace.
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{}", actionsd::startup::describe(&err));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = load(args.common, args.listen, args.workers)?;

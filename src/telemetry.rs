@@ -1,4 +1,7 @@
-//! Logging: tracing-subscriber, human or JSON, filtered by `RUST_LOG`.
+//! Logging: tracing-subscriber, human or JSON, filtered by `RUST_LOG`;
+//! colour only on a terminal.
+
+use std::io::IsTerminal;
 
 use std::fmt::{self, Write as _};
 
@@ -16,7 +19,9 @@ const DEFAULT_FILTER: &str = "info,sqlx=warn";
 pub fn init(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(use_colour());
     match format {
         LogFormat::Human => builder.fmt_fields(EscapedFields).init(),
         LogFormat::Json => builder
@@ -25,6 +30,13 @@ pub fn init(format: LogFormat) {
             .with_current_span(true)
             .init(),
     }
+}
+
+/// Colour only on a terminal, and never with `NO_COLOR` set to anything
+/// but the empty string (<https://no-color.org>): logs written to a file or
+/// a pipe stay greppable. Logs go to standard output.
+fn use_colour() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// The human format's fields (`message name=value …`, as tracing's default

@@ -383,7 +383,7 @@ async fn update_rules_and_codes(db: TestDb) {
 
     let versions = rows!(
         db,
-        (i64, i16, i32),
+        (i64, i16, i64),
         "SELECT version, phase, attempt FROM events WHERE name = 'a1' ORDER BY version"
     );
     assert_eq!(

@@ -640,7 +640,10 @@ async fn errors_are_one_line_with_documented_exit_codes(db: TestDb) {
     );
     run_ctl(&nowhere, &["health", "--wait", "300ms"])
         .await
-        .fails(6, "error: UNAVAILABLE: ");
+        .fails(
+            6,
+            &format!("error: DEADLINE_EXCEEDED: {nowhere} did not report SERVING within --wait 300ms; last try: UNAVAILABLE: cannot connect"),
+        );
     let out = ctl(&daemon, &["health"]).await.ok();
     assert!(out.stdout.contains("is serving"), "{out:?}");
     daemon.stop().await;
@@ -1199,6 +1202,23 @@ async fn the_readme_walkthrough_runs_as_printed() {
             "no {needle:?} in:\n{stdout}\nstderr:\n{stderr}"
         );
     }
+    // `runs` shows the queue the root went to.
+    let release = stdout
+        .lines()
+        .find(|l| l.starts_with("release "))
+        .unwrap_or_else(|| panic!("no run `release` in:\n{stdout}"));
+    assert!(release.contains(" manual "), "{release}");
+    // The daemon's log, written to a file, is plain text.
+    let log = std::fs::read(dir.path().join("actionsd.log")).unwrap();
+    assert!(
+        log.windows(7).any(|w| w == b"shut do"),
+        "the log is complete"
+    );
+    assert!(
+        !log.contains(&0x1b),
+        "colour codes in actionsd.log:\n{}",
+        String::from_utf8_lossy(&log)
+    );
 }
 
 /// The shell blocks between `<!-- walkthrough:start -->` and

@@ -227,6 +227,7 @@ async fn migrations_apply_to_an_empty_database_once(pool: PgPool) {
         &PoolSettings {
             max_connections: 2,
             acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
         },
     );
     assert!(store.check_migrations().await.is_err());
@@ -250,6 +251,6 @@ async fn migrations_apply_to_an_empty_database_once(pool: PgPool) {
             .unwrap();
     let embedded: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
     assert_eq!(applied, embedded);
-    assert_eq!(embedded.len(), 4);
+    assert_eq!(embedded.len(), 5);
     store.close().await;
 }

@@ -276,8 +276,10 @@ async fn abort_of_a_leased_action_reaches_the_executor(db: TestDb) {
         }
         other => panic!("expected a cancellation, got {other:?}"),
     }
+    // Pushed on the lease stream at once, not at the next heartbeat or
+    // lease expiry; the margin is for a loaded machine.
     assert!(
-        elapsed < Duration::from_secs(1),
+        elapsed < Duration::from_secs(3),
         "cancellation took {elapsed:?}"
     );
 

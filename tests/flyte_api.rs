@@ -14,7 +14,8 @@ use actionsd::proto::actionsd::executor::v1::{
 use actionsd::proto::flyteidl2::cluster::cluster_service_client::ClusterServiceClient;
 use actionsd::proto::flyteidl2::cluster::SelectClusterRequest;
 use actionsd::proto::flyteidl2::common::{
-    ActionAttemptIdentifier, ActionIdentifier, ListRequest, OffloadedInputData, ProjectIdentifier, RunIdentifier,
+    ActionAttemptIdentifier, ActionIdentifier, ListRequest, OffloadedInputData, ProjectIdentifier,
+    RunIdentifier,
 };
 use actionsd::proto::flyteidl2::core::{execution_error, ExecutionError, Identifier, TaskTemplate};
 use actionsd::proto::flyteidl2::dataproxy::data_proxy_service_client::DataProxyServiceClient;
@@ -685,12 +686,12 @@ async fn download_link(
                 seconds: expires_in,
                 nanos: 0,
             }),
-            source: Some(
-                create_download_link_request::Source::ActionAttemptId(ActionAttemptIdentifier {
+            source: Some(create_download_link_request::Source::ActionAttemptId(
+                ActionAttemptIdentifier {
                     action_id: Some(action.clone()),
                     attempt,
-                }),
-            ),
+                },
+            )),
         })
         .await
         .unwrap()
@@ -789,18 +790,29 @@ async fn signed_links_read_reports_and_bundles_and_expire(db: TestDb) {
     );
     assert_eq!(get(report_url.clone()).await, (200, Bytes::from(report)));
     // Attempt 0 means the latest.
-    assert!(download_link(&mut c, &action, 0, ArtifactType::Report, 0).await.is_some());
+    assert!(download_link(&mut c, &action, 0, ArtifactType::Report, 0)
+        .await
+        .is_some());
     let bundle_url = download_link(&mut c, &action, 0, ArtifactType::CodeBundle, 0)
         .await
         .expect("a code bundle link");
-    assert_eq!(get(bundle_url.clone()).await, (200, Bytes::from(bundle.clone())));
+    assert_eq!(
+        get(bundle_url.clone()).await,
+        (200, Bytes::from(bundle.clone()))
+    );
 
     // A link names one object until it expires: another key, another
     // expiry or another signature is refused, as is an upload signature.
     let swapped = {
         let (head, tail) = report_url.split_once("k=").unwrap();
         let (_, rest) = tail.split_once('&').unwrap();
-        let bundle_key = bundle_url.split_once("k=").unwrap().1.split_once('&').unwrap().0;
+        let bundle_key = bundle_url
+            .split_once("k=")
+            .unwrap()
+            .1
+            .split_once('&')
+            .unwrap()
+            .0;
         format!("{head}k={bundle_key}&{rest}")
     };
     assert_eq!(get(swapped).await.0, 403);
@@ -812,11 +824,22 @@ async fn signed_links_read_reports_and_bundles_and_expire(db: TestDb) {
     assert_eq!(get(later).await.0, 403);
     let (head, signature) = report_url.rsplit_once("&s=").unwrap();
     let flipped = if signature.starts_with('0') { "1" } else { "0" };
-    assert_eq!(get(format!("{head}&s={flipped}{}", &signature[1..])).await.0, 403);
+    assert_eq!(
+        get(format!("{head}&s={flipped}{}", &signature[1..]))
+            .await
+            .0,
+        403
+    );
     let upload_signature = upload.signed_url.rsplit_once("&s=").unwrap().1;
     assert_eq!(get(format!("{head}&s={upload_signature}")).await.0, 403);
     // PUT on a download URL is not an upload.
-    let status = http.put(&report_url).body("x").send().await.unwrap().status();
+    let status = http
+        .put(&report_url)
+        .body("x")
+        .send()
+        .await
+        .unwrap()
+        .status();
     assert_eq!(status, 405);
 
     // Short-lived links: good now, refused once their second has passed.
@@ -859,7 +882,11 @@ async fn signed_links_read_reports_and_bundles_and_expire(db: TestDb) {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument);
-    assert!(refused.message().contains("source"), "{}", refused.message());
+    assert!(
+        refused.message().contains("source"),
+        "{}",
+        refused.message()
+    );
     let refused = c
         .data
         .create_download_link(CreateDownloadLinkRequest {
@@ -875,7 +902,11 @@ async fn signed_links_read_reports_and_bundles_and_expire(db: TestDb) {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument);
-    assert!(refused.message().contains("artifact_type"), "{}", refused.message());
+    assert!(
+        refused.message().contains("artifact_type"),
+        "{}",
+        refused.message()
+    );
     daemon.stop().await;
 }
 

@@ -87,8 +87,10 @@ fn from_file(path: &Path) -> Result<EnqueueRequest> {
         .map_err(|e| Failure::invalid(format!("{name}: not a valid {ENQUEUE_REQUEST}: {e}")))
 }
 
-/// JSON for `.json` files, YAML for `.yaml`/`.yml`; otherwise JSON when it
-/// parses as JSON, else YAML.
+/// JSON for `.json` files, YAML for `.yaml`/`.yml`; otherwise (stdin, other
+/// names) JSON when it parses as JSON, else YAML. A document that parses as
+/// neither is reported as invalid JSON when it starts with `{` (after
+/// blanks; YAML's flow style is accepted too), else as invalid YAML.
 fn parse_document(name: &str, text: &str) -> Result<serde_json::Value> {
     let lower = name.to_ascii_lowercase();
     let as_json = || {
@@ -104,7 +106,15 @@ fn parse_document(name: &str, text: &str) -> Result<serde_json::Value> {
     } else if lower.ends_with(".yaml") || lower.ends_with(".yml") {
         as_yaml()
     } else {
-        as_json().or_else(|_| as_yaml())
+        as_json().or_else(|json_error| {
+            as_yaml().map_err(|yaml_error| {
+                if text.trim_start().starts_with('{') {
+                    json_error
+                } else {
+                    yaml_error
+                }
+            })
+        })
     }
 }
 
@@ -211,5 +221,15 @@ mod tests {
         assert_eq!(sniffed, yaml);
         let err = parse_document("r.json", "{").unwrap_err();
         assert!(err.message.starts_with("r.json: invalid JSON"), "{err}");
+        // From stdin, malformed JSON is reported as JSON, not as YAML.
+        let err = parse_document("-", "  {\"action\": {\"inputUri\": }").unwrap_err();
+        assert!(err.message.starts_with("-: invalid JSON: "), "{err}");
+        let err = parse_document("-", "action: [unclosed").unwrap_err();
+        assert!(err.message.starts_with("-: invalid YAML: "), "{err}");
+        // YAML's flow style still parses.
+        assert_eq!(
+            parse_document("-", "{action: {inputUri: s3://b/i}}").unwrap(),
+            yaml
+        );
     }
 }

@@ -24,7 +24,7 @@ pub mod exit {
     /// FAILED_PRECONDITION or ABORTED.
     pub const CONFLICT: u8 = 5;
     /// The daemon cannot be reached or did not answer in time: UNAVAILABLE,
-    /// DEADLINE_EXCEEDED, or no connection.
+    /// DEADLINE_EXCEEDED, no connection, or `--timeout` / `--wait` expired.
     pub const UNAVAILABLE: u8 = 6;
     /// RESOURCE_EXHAUSTED (e.g. a request over the daemon's size limit).
     pub const EXHAUSTED: u8 = 7;
@@ -45,7 +45,8 @@ Exit codes:
    3  invalid input: INVALID_ARGUMENT, or a file or value actionsctl rejected
    4  NOT_FOUND
    5  conflict: ALREADY_EXISTS, FAILED_PRECONDITION or ABORTED
-   6  daemon unreachable: UNAVAILABLE, DEADLINE_EXCEEDED, cannot connect
+   6  daemon unreachable: UNAVAILABLE, DEADLINE_EXCEEDED, cannot connect,
+      --timeout or --wait expired
    7  RESOURCE_EXHAUSTED
   10  watch --exit-on-terminal: the action FAILED
   11  watch --exit-on-terminal: the action was ABORTED
@@ -142,8 +143,47 @@ pub fn exit_for(code: Code) -> u8 {
     }
 }
 
+/// The daemon's URL and `--timeout`, to say which timeout expired when a
+/// call runs out of time (tonic reports it as CANCELLED "Timeout expired").
+/// Set once by `ctl::run`, before any call.
+static CALL_TIMEOUT: std::sync::OnceLock<(String, std::time::Duration)> =
+    std::sync::OnceLock::new();
+
+pub(crate) fn set_call_timeout(url: String, timeout: std::time::Duration) {
+    let _ = CALL_TIMEOUT.set((url, timeout));
+}
+
+/// Whether tonic ended the call because its own timeout (`--timeout`,
+/// sent as `grpc-timeout`) expired on the client.
+fn client_timeout_expired(status: &tonic::Status) -> bool {
+    let mut next = std::error::Error::source(status);
+    // Bounded: error chains are short; stop at 16 links regardless.
+    for _ in 0..16 {
+        let Some(err) = next else { break };
+        if err.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 impl From<tonic::Status> for Failure {
     fn from(status: tonic::Status) -> Self {
+        if status.code() == Code::Cancelled && client_timeout_expired(&status) {
+            let message = match CALL_TIMEOUT.get() {
+                Some((url, timeout)) => format!(
+                    "{url} did not answer within --timeout {} (connected; the call timed out)",
+                    humantime_serde::re::humantime::format_duration(*timeout)
+                ),
+                None => "the call timed out (--timeout)".to_owned(),
+            };
+            return Self {
+                code: Some(Code::DeadlineExceeded),
+                message,
+                exit: exit::UNAVAILABLE,
+            };
+        }
         let mut message = status.message().to_owned();
         if message.is_empty() {
             message = status.code().description().to_owned();

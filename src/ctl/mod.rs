@@ -39,6 +39,7 @@ const MAX_PAGES: usize = 1000;
 
 async fn run(cli: Cli) -> Result<u8> {
     let global = cli.global;
+    error::set_call_timeout(server_url(&global.server), global.timeout);
     match cli.command {
         Command::Completions { shell } => {
             let mut out = Vec::new();
@@ -71,6 +72,11 @@ async fn run(cli: Cli) -> Result<u8> {
     }
 }
 
+/// A duration as the flags take it (`2s`, `1m 30s`).
+fn flag_duration(duration: Duration) -> String {
+    humantime_serde::re::humantime::format_duration(duration).to_string()
+}
+
 /// The daemon's URL; `host:port` alone means `http://host:port`.
 fn server_url(server: &str) -> String {
     if server.contains("://") {
@@ -82,6 +88,12 @@ fn server_url(server: &str) -> String {
 
 fn endpoint(global: &Global) -> Result<Endpoint> {
     let url = server_url(&global.server);
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(Failure::usage(format!(
+            "--server {url:?} is not a valid URL: the scheme must be http or https"
+        )));
+    }
     Ok(Endpoint::from_shared(url.clone())
         .map_err(|e| Failure::usage(format!("--server {url:?} is not a valid URL: {e}")))?
         .connect_timeout(global.timeout)
@@ -97,17 +109,42 @@ fn endpoint(global: &Global) -> Result<Endpoint> {
 pub(crate) async fn connect(global: &Global) -> Result<Channel> {
     let endpoint = endpoint(global)?;
     let url = server_url(&global.server);
+    // The endpoint's own connect timeout (the same --timeout) usually
+    // fires first; either way the failure names the connect timeout.
     match tokio::time::timeout(global.timeout, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(err)) => Err(Failure::unavailable(format!(
+        Ok(Err(err)) if !connect_timed_out(&err) => Err(Failure::unavailable(format!(
             "cannot connect to {url}: {}",
             error_chain(&err)
         ))),
-        Err(_) => Err(Failure::unavailable(format!(
-            "cannot connect to {url}: no answer within {}",
-            output::duration(global.timeout)
-        ))),
+        _ => Err(Failure {
+            code: Some(tonic::Code::DeadlineExceeded),
+            message: format!(
+                "cannot connect to {url}: no connection within --timeout {}",
+                flag_duration(global.timeout)
+            ),
+            exit: exit::UNAVAILABLE,
+        }),
     }
+}
+
+/// Whether connecting failed because the connect timeout expired.
+fn connect_timed_out(err: &tonic::transport::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    // Bounded: error chains are short; stop at 16 links regardless.
+    for _ in 0..16 {
+        let Some(cause) = next else { break };
+        // hyper-util reports its connect timeout as an io::Error TimedOut.
+        if cause.is::<tokio::time::error::Elapsed>()
+            || cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
 }
 
 /// A unary request bounded by `--timeout`.
@@ -598,6 +635,7 @@ async fn update(global: &Global, args: cli::UpdateArgs) -> Result<u8> {
         .update(request(
             global,
             actions::UpdateRequest {
+                address: None,
                 action_id: Some(id.clone()),
                 attempt: args.attempt,
                 status: Some(workflow::ActionStatus {
@@ -667,7 +705,23 @@ async fn health(global: &Global, wait: Option<Duration>) -> Result<u8> {
             Err(failure) => failure,
         };
         if tokio::time::Instant::now() + retry > deadline {
-            return Err(failure);
+            return Err(match wait {
+                // Say that --wait ran out, and how the last try ended.
+                Some(wait) => Failure {
+                    code: Some(tonic::Code::DeadlineExceeded),
+                    message: format!(
+                        "{url} did not report SERVING within --wait {}; last try: {}",
+                        flag_duration(wait),
+                        if failure.code == Some(tonic::Code::DeadlineExceeded) {
+                            "no answer in time".to_owned()
+                        } else {
+                            failure.to_string()
+                        }
+                    ),
+                    exit: exit::UNAVAILABLE,
+                },
+                None => failure,
+            });
         }
         tokio::time::sleep(retry).await;
     }

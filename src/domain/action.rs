@@ -104,6 +104,9 @@ pub struct UpdateStatus {
     pub phase: Phase,
     pub start_time: Option<DateTime<Utc>>,
     pub end_time: Option<DateTime<Utc>>,
+    /// The encoded `ActionAddress` the executor reported, when given; the
+    /// latest one is kept.
+    pub address: Option<Bytes>,
 }
 
 /// A validated Abort.
@@ -175,6 +178,8 @@ pub struct ActionState {
     pub queue: Option<String>,
     /// The executor that holds (or last held) a lease on the action.
     pub lease_holder: Option<String>,
+    /// The encoded `ActionAddress` last reported for the action.
+    pub address: Option<Bytes>,
 }
 
 /// A committed change: the state it produced. Events are read back from the

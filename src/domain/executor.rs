@@ -129,8 +129,25 @@ pub fn decide_finish(
     Ok(true)
 }
 
+/// The output location of an attempt of a task action, as every
+/// ActionUpdate, lease and Finish reports it: what an executor reported for
+/// it, else `<run_output_base>/<action name>/<attempt>`. Traces and
+/// conditions keep what they were enqueued or resolved with.
+pub fn output_uri(
+    kind: ActionKind,
+    reported: &str,
+    run_output_base: &str,
+    action: &str,
+    attempt: u32,
+) -> String {
+    if kind != ActionKind::Task || !reported.is_empty() || run_output_base.is_empty() {
+        return reported.to_owned();
+    }
+    default_output_uri(run_output_base, action, attempt)
+}
+
 /// The default output location of an attempt.
-pub fn default_output_uri(run_output_base: &str, action: &str, attempt: u32) -> String {
+fn default_output_uri(run_output_base: &str, action: &str, attempt: u32) -> String {
     format!(
         "{}/{action}/{attempt}",
         run_output_base.trim_end_matches('/')
@@ -168,6 +185,7 @@ mod tests {
             value: None,
             lease_holder: Some("e1".into()),
             run_output_base: "s3://b/r".into(),
+            address: None,
         };
         let running = leased(Phase::Running);
         assert!(decide_finish(&id(), &running, &finish("e1", 2, Phase::Succeeded)).unwrap());
@@ -181,6 +199,16 @@ mod tests {
             &finish("e1", 2, Phase::Failed)
         )
         .is_err());
+    }
+
+    #[test]
+    fn task_output_uris_default_per_attempt_unless_reported() {
+        use ActionKind::*;
+        assert_eq!(output_uri(Task, "", "s3://b/r", "a1", 3), "s3://b/r/a1/3");
+        assert_eq!(output_uri(Task, "s3://x", "s3://b/r", "a1", 3), "s3://x");
+        assert_eq!(output_uri(Trace, "", "s3://b/r", "t", 1), "");
+        assert_eq!(output_uri(Condition, "", "s3://b/r", "c", 1), "");
+        assert_eq!(output_uri(Task, "", "", "a1", 1), "");
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod action;
 mod error;
 mod executor;
 mod ids;
+pub mod limits;
 mod phase;
 mod read;
 mod rules;
@@ -16,13 +17,13 @@ pub use action::{
 };
 pub use error::Error;
 pub use executor::{
-    decide_finish, default_output_uri, Cancellation, ClaimRequest, FinishAction, HeartbeatOutcome,
-    Lease, ReapOutcome, ReapSettings,
+    decide_finish, output_uri, Cancellation, ClaimRequest, FinishAction, HeartbeatOutcome, Lease,
+    ReapOutcome, ReapSettings,
 };
 pub use ids::{ActionId, RunId, WatchKey, EMPTY_ORG_ALIAS};
 pub use phase::Phase;
 pub use read::{
     ActionFilter, ActionPosition, ActionRecord, HistoryEntry, Page, PageRequest, RunFilter,
-    RunPosition, RunRecord,
+    RunPosition, RunRecord, SnapshotPosition, PAGE_BUDGET,
 };
 pub use rules::{decide_enqueue_existing, decide_signal, decide_update, Current, Transition};

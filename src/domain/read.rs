@@ -57,6 +57,24 @@ pub struct ActionPosition {
     pub id: ActionId,
 }
 
+/// Where a watch snapshot continues: after this child in the order
+/// (created_at, name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotPosition {
+    pub created_at: DateTime<Utc>,
+    pub name: String,
+}
+
+impl SnapshotPosition {
+    /// Before every child.
+    pub fn start() -> Self {
+        Self {
+            created_at: super::limits::min_time(),
+            name: String::new(),
+        }
+    }
+}
+
 /// Which runs a listing returns; each filter applies when set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunFilter {
@@ -128,6 +146,67 @@ impl<T, P> Page<T, P> {
             None
         };
         Self { items, next }
+    }
+
+    /// Like [`Page::from_overfetch`], and the page also ends once the items
+    /// kept reach `budget` bytes as `size` counts them (at least one item is
+    /// always kept), with a position to continue from.
+    pub fn from_overfetch_within(
+        mut items: Vec<T>,
+        limit: usize,
+        position: impl Fn(&T) -> P,
+        size: impl Fn(&T) -> usize,
+        budget: usize,
+    ) -> Self {
+        let mut total = 0usize;
+        let mut keep = 0usize;
+        for item in items.iter().take(limit) {
+            if keep > 0 && total.saturating_add(size(item)) > budget {
+                break;
+            }
+            total = total.saturating_add(size(item));
+            keep += 1;
+        }
+        if keep < limit.min(items.len()) {
+            items.truncate(keep);
+            let next = items.last().map(position);
+            return Self { items, next };
+        }
+        Self::from_overfetch(items, limit, position)
+    }
+}
+
+/// The most bytes of action state one page of a listing or of a snapshot
+/// holds (as [`ActionState::approximate_size`] counts them); a page that
+/// reaches it ends early with a token for the rest.
+pub const PAGE_BUDGET: usize = 1024 * 1024;
+
+impl ActionState {
+    /// About how many bytes this state takes on the wire: every variable
+    /// field, plus a fixed allowance for numbers and framing.
+    pub fn approximate_size(&self) -> usize {
+        let id = &self.id;
+        let opt = |b: &Option<bytes::Bytes>| b.as_ref().map_or(0, bytes::Bytes::len);
+        64 + id.run.org.len()
+            + id.run.project.len()
+            + id.run.domain.len()
+            + id.run.name.len()
+            + id.name.len()
+            + self.parent.as_ref().map_or(0, String::len)
+            + self.output_uri.len()
+            + opt(&self.error)
+            + opt(&self.value)
+            + opt(&self.address)
+            + self.queue.as_ref().map_or(0, String::len)
+            + self.lease_holder.as_ref().map_or(0, String::len)
+    }
+}
+
+impl ActionRecord {
+    /// About how many bytes this record's summary takes on the wire (the
+    /// spec excluded: listings do not carry it).
+    pub fn approximate_size(&self) -> usize {
+        self.state.approximate_size() + 64 + self.abort_reason.as_ref().map_or(0, String::len)
     }
 }
 

@@ -17,6 +17,8 @@ pub struct Current {
     pub lease_holder: Option<String>,
     /// Action.run_output_base, for default output locations.
     pub run_output_base: String,
+    /// The encoded `ActionAddress` last reported.
+    pub address: Option<Bytes>,
 }
 
 /// An accepted status change.
@@ -34,7 +36,9 @@ pub struct Transition {
 /// - a terminal phase is final, across attempts: repeating it is a no-op,
 ///   anything else is refused;
 /// - a higher attempt starts a new attempt in the phase it reports;
-/// - within an attempt phases only move forward (PAUSED ranks with RUNNING).
+/// - within an attempt phases only move forward (PAUSED ranks with RUNNING);
+/// - a new address in an otherwise unchanged update of a live action is a
+///   change (the latest address is kept and reaches watchers).
 pub fn decide_update(
     id: &ActionId,
     current: &Current,
@@ -68,7 +72,11 @@ pub fn decide_update(
         return Ok(Some(next));
     }
     if update.phase == current.phase {
-        return Ok(None);
+        let moved = update
+            .address
+            .as_ref()
+            .is_some_and(|a| current.address.as_ref() != Some(a));
+        return Ok(moved.then_some(next));
     }
     if update.phase.rank() < current.phase.rank() {
         return Err(Error::FailedPrecondition(format!(
@@ -178,6 +186,7 @@ mod tests {
             value: None,
             lease_holder: None,
             run_output_base: String::new(),
+            address: None,
         }
     }
 
@@ -188,6 +197,7 @@ mod tests {
             phase,
             start_time: None,
             end_time: None,
+            address: None,
         }
     }
 
@@ -228,6 +238,28 @@ mod tests {
     }
 
     #[test]
+    fn a_new_address_is_a_change_and_the_same_one_is_not() {
+        let at = |a: &'static [u8]| UpdateStatus {
+            address: Some(Bytes::from_static(a)),
+            ..update(Phase::Running, 1)
+        };
+        let mut running = task(Phase::Running, 1);
+        assert!(decide_update(&id(), &running, &at(b"pod-1"))
+            .unwrap()
+            .is_some());
+        running.address = Some(Bytes::from_static(b"pod-1"));
+        assert_eq!(decide_update(&id(), &running, &at(b"pod-1")).unwrap(), None);
+        assert_eq!(
+            decide_update(&id(), &running, &update(Phase::Running, 1)).unwrap(),
+            None
+        );
+        // Above 2^31 the stale-attempt rule holds as below it.
+        let high = task(Phase::Running, u32::MAX);
+        let stale = decide_update(&id(), &high, &update(Phase::Queued, 3_000_000_000));
+        assert!(matches!(stale, Err(Error::FailedPrecondition(m)) if m.contains("stale")));
+    }
+
+    #[test]
     fn signal_rules() {
         let cond = |phase, value: Option<&'static [u8]>| Current {
             kind: ActionKind::Condition,
@@ -238,6 +270,7 @@ mod tests {
             value: value.map(Bytes::from_static),
             lease_holder: None,
             run_output_base: String::new(),
+            address: None,
         };
         let signal = |kind, literal: &'static [u8]| SignalAction {
             id: id(),

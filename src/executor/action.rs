@@ -491,6 +491,7 @@ async fn run_prepared(ctx: &Context, job: &Job, cancel: &CancellationToken, prep
 /// the lease, kept by heartbeats, still holds.
 async fn report_running(ctx: &Context, job: &Job) -> bool {
     let request = UpdateRequest {
+        address: None,
         action_id: Some(job.id.clone()),
         attempt: job.attempt,
         status: Some(ActionStatus {

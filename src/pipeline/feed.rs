@@ -63,6 +63,7 @@ pub(super) async fn run(
     let mut failing_since: Option<Instant> = None;
     let mut final_drain: Option<Instant> = None;
     loop {
+        let started = Instant::now();
         let wait = match store.read_feed(cursor, settings.batch_size).await {
             Ok(batch) => {
                 if failing_since.take().is_some() {
@@ -91,7 +92,9 @@ pub(super) async fn run(
                 }
             }
             Err(err) => {
-                let since = *failing_since.get_or_insert_with(Instant::now);
+                // Counted from the start of the first failed read: a read
+                // that timed out was failing all along.
+                let since = *failing_since.get_or_insert(started);
                 warn!(error = %err, "event feed read failed");
                 if since.elapsed() >= settings.unavailable_after {
                     registry.close_all("event feed unavailable; reconnect to resynchronise");

@@ -278,6 +278,7 @@ mod tests {
             value: None,
             queue: None,
             lease_holder: None,
+            address: None,
         })
     }
 

@@ -64,9 +64,22 @@ impl ActionsApi {
         // Subscribe before reading the snapshot: a change committed after
         // the snapshot was read reaches the subscription.
         let subscription = self.registry.subscribe(parent.clone());
-        let snapshot = self.store.watch_snapshot(&parent).await?;
+        let first = self
+            .store
+            .watch_snapshot(&parent, None, watch::SNAPSHOT_PAGE)
+            .await?;
+        let store = self.store.clone();
         Ok(watch::snapshot_then_live(
-            snapshot,
+            first,
+            move |after| {
+                let store = store.clone();
+                let parent = parent.clone();
+                async move {
+                    store
+                        .watch_snapshot(&parent, Some(&after), watch::SNAPSHOT_PAGE)
+                        .await
+                }
+            },
             |state| state,
             |state| update_message(&state),
             actions::WatchForUpdatesResponse {

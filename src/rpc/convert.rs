@@ -7,6 +7,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use prost::Message;
 
+use crate::domain::limits::{self, check_id_part, check_text};
 use crate::domain::{
     AbortAction, ActionId, ActionKind, ActionState, ClaimRequest, EnqueueAction, Error,
     FinishAction, Phase, RunId, RunSettings, SignalAction, SignalValue, SimpleKind, UpdateStatus,
@@ -14,12 +15,7 @@ use crate::domain::{
 use crate::proto::actionsd::executor::v1 as executor;
 use crate::proto::flyteidl2::{actions, common, core, workflow};
 
-/// Byte limits of the upstream schema.
-const MAX_ORG: usize = 63;
-const MAX_PROJECT: usize = 63;
-const MAX_DOMAIN: usize = 63;
-const MAX_RUN_NAME: usize = 30;
-const MAX_ACTION_NAME: usize = 30;
+use limits::{MAX_ACTION_NAME, MAX_DOMAIN, MAX_ORG, MAX_PROJECT, MAX_RUN_NAME, MAX_URI};
 
 /// The typed view actionsd reads from the opaque RunSpec bytes.
 #[derive(Clone, PartialEq, Message)]
@@ -47,17 +43,17 @@ fn check_len(field: &str, value: &str, max: usize, required: bool) -> Result<(),
 pub fn action_id(field: &str, id: Option<&common::ActionIdentifier>) -> Result<ActionId, Error> {
     let id = id.ok_or_else(|| Error::invalid(field, "is required"))?;
     let run = run_id(&format!("{field}.run"), id.run.as_ref())?;
-    check_len(&format!("{field}.name"), &id.name, MAX_ACTION_NAME, true)?;
+    check_id_part(&format!("{field}.name"), &id.name, MAX_ACTION_NAME, true)?;
     Ok(ActionId::new(run, id.name.clone()))
 }
 
 /// Validates a run identifier; `field` is its path in the request.
 pub fn run_id(field: &str, run: Option<&common::RunIdentifier>) -> Result<RunId, Error> {
     let run = run.ok_or_else(|| Error::invalid(field, "is required"))?;
-    check_len(&format!("{field}.org"), &run.org, MAX_ORG, false)?;
-    check_len(&format!("{field}.project"), &run.project, MAX_PROJECT, true)?;
-    check_len(&format!("{field}.domain"), &run.domain, MAX_DOMAIN, true)?;
-    check_len(&format!("{field}.name"), &run.name, MAX_RUN_NAME, true)?;
+    check_id_part(&format!("{field}.org"), &run.org, MAX_ORG, false)?;
+    check_id_part(&format!("{field}.project"), &run.project, MAX_PROJECT, true)?;
+    check_id_part(&format!("{field}.domain"), &run.domain, MAX_DOMAIN, true)?;
+    check_id_part(&format!("{field}.name"), &run.name, MAX_RUN_NAME, true)?;
     // The alias the Flyte executor hands its task processes for the
     // empty org (see `EMPTY_ORG_ALIAS`).
     let org = if run.org == crate::domain::EMPTY_ORG_ALIAS {
@@ -93,13 +89,8 @@ fn timestamp(
     field: &str,
     ts: Option<&prost_types::Timestamp>,
 ) -> Result<Option<DateTime<Utc>>, Error> {
-    ts.map(|ts| {
-        u32::try_from(ts.nanos)
-            .ok()
-            .and_then(|nanos| DateTime::from_timestamp(ts.seconds, nanos))
-            .ok_or_else(|| Error::invalid(field, "is not a valid timestamp"))
-    })
-    .transpose()
+    ts.map(|ts| limits::check_time(field, ts.seconds, ts.nanos))
+        .transpose()
 }
 
 /// Validates an Enqueue. The stored spec is the `Action` re-encoded with
@@ -121,17 +112,17 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
             "is set by the server only",
         ));
     }
-    check_len("action.input_uri", &action.input_uri, usize::MAX, true)?;
+    check_len("action.input_uri", &action.input_uri, MAX_URI, true)?;
     check_len(
         "action.run_output_base",
         &action.run_output_base,
-        usize::MAX,
+        MAX_URI,
         true,
     )?;
     let parent = match action.parent_action_name.as_deref() {
         None => None,
         Some(name) => {
-            check_len("action.parent_action_name", name, MAX_ACTION_NAME, true)?;
+            check_id_part("action.parent_action_name", name, MAX_ACTION_NAME, true)?;
             if name == id.name {
                 return Err(Error::invalid(
                     "action.parent_action_name",
@@ -154,6 +145,7 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
             ))
         }
         Some(actions::action::Spec::Task(task)) => {
+            check_len("action.task.queue", &task.queue, limits::MAX_QUEUE, false)?;
             if !task.queue.is_empty() {
                 task_queue = Some(task.queue.clone());
             }
@@ -171,6 +163,18 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
                 .as_ref()
                 .map(|o| o.output_uri.clone())
                 .unwrap_or_default();
+            check_len(
+                "action.trace.outputs.output_uri",
+                &output_uri,
+                MAX_URI,
+                false,
+            )?;
+            if let Some(start) = &trace.start_time {
+                limits::check_time("action.trace.start_time", start.seconds, start.nanos)?;
+            }
+            if let Some(end) = &trace.end_time {
+                limits::check_time("action.trace.end_time", end.seconds, end.nanos)?;
+            }
             (ActionKind::Trace, phase)
         }
         Some(actions::action::Spec::Condition(condition)) => {
@@ -179,17 +183,22 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
             {
                 condition_type = Some(*simple);
             }
+            check_text(
+                "action.condition.prompt",
+                &condition.prompt,
+                limits::MAX_PROMPT,
+            )?;
+            check_text(
+                "action.condition.description",
+                &condition.description,
+                limits::MAX_PROMPT,
+            )?;
             if let Some(timeout) = &condition.timeout {
-                let secs = u64::try_from(timeout.seconds).ok();
-                let nanos = u32::try_from(timeout.nanos).ok();
-                let (Some(secs), Some(nanos)) = (secs, nanos) else {
-                    return Err(Error::invalid(
-                        "action.condition.timeout",
-                        "must not be negative",
-                    ));
-                };
-                condition_timeout =
-                    Some(Duration::new(secs, 0) + Duration::from_nanos(nanos.into()));
+                condition_timeout = Some(limits::check_duration(
+                    "action.condition.timeout",
+                    timeout.seconds,
+                    timeout.nanos,
+                )?);
             }
             (ActionKind::Condition, Phase::Paused)
         }
@@ -198,6 +207,7 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
     let run = if parent.is_none() {
         let view = RunSpecView::decode(request.run_spec.clone())
             .map_err(|err| Error::invalid("run_spec", format!("is not a valid RunSpec: {err}")))?;
+        check_len("run_spec.queue", &view.queue, limits::MAX_QUEUE, false)?;
         Some(RunSettings {
             run_spec: request.run_spec,
             queue: (!view.queue.is_empty()).then_some(view.queue),
@@ -229,13 +239,34 @@ pub fn timestamp_to_proto(time: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// Checks an executor's `ExecutionError`: its texts are bounded.
+fn execution_error(field: &str, error: &core::ExecutionError) -> Result<(), Error> {
+    check_text(&format!("{field}.code"), &error.code, 256)?;
+    check_text(
+        &format!("{field}.message"),
+        &error.message,
+        limits::MAX_ERROR_MESSAGE,
+    )?;
+    check_len(
+        &format!("{field}.error_uri"),
+        &error.error_uri,
+        MAX_URI,
+        false,
+    )?;
+    check_text(&format!("{field}.worker"), &error.worker, 256)?;
+    if let Some(ts) = &error.timestamp {
+        limits::check_time(&format!("{field}.timestamp"), ts.seconds, ts.nanos)?;
+    }
+    Ok(())
+}
+
 /// Validates a Lease request.
 pub fn lease_request(
     request: executor::LeaseRequest,
     lease_ttl: Duration,
 ) -> Result<ClaimRequest, Error> {
     check_len("executor_id", &request.executor_id, 256, true)?;
-    check_len("queue", &request.queue, 256, true)?;
+    check_len("queue", &request.queue, limits::MAX_QUEUE, true)?;
     if request.capacity == 0 {
         return Err(Error::invalid("capacity", "must be greater than 0"));
     }
@@ -266,6 +297,10 @@ pub fn finish(request: executor::FinishRequest) -> Result<FinishAction, Error> {
         .ok_or_else(|| {
             Error::invalid("phase", "must be SUCCEEDED, FAILED, TIMED_OUT or ABORTED")
         })?;
+    check_len("output_uri", &request.output_uri, MAX_URI, false)?;
+    if let Some(error) = &request.error {
+        execution_error("error", error)?;
+    }
     if request.retry && phase != Phase::Failed {
         return Err(Error::invalid("retry", "is only valid with phase FAILED"));
     }
@@ -294,12 +329,33 @@ pub fn update(request: actions::UpdateRequest) -> Result<UpdateStatus, Error> {
             format!("{} is not a valid phase", status.phase),
         )
     })?;
+    let address = request
+        .address
+        .map(|address| {
+            let pod = address.pod.as_ref();
+            for (field, value) in [
+                ("address.path", address.path.as_str()),
+                ("address.url", address.url.as_str()),
+                ("address.cluster", address.cluster.as_str()),
+                (
+                    "address.pod.namespace",
+                    pod.map_or("", |p| p.namespace.as_str()),
+                ),
+                ("address.pod.name", pod.map_or("", |p| p.name.as_str())),
+                ("address.pod.ip", pod.map_or("", |p| p.ip.as_str())),
+            ] {
+                check_len(field, value, MAX_URI, false)?;
+            }
+            Ok::<_, Error>(Bytes::from(address.encode_to_vec()))
+        })
+        .transpose()?;
     Ok(UpdateStatus {
         id,
         attempt: request.attempt,
         phase,
         start_time: timestamp("status.start_time", status.start_time.as_ref())?,
         end_time: timestamp("status.end_time", status.end_time.as_ref())?,
+        address,
     })
 }
 
@@ -309,6 +365,7 @@ pub const DEFAULT_ABORT_REASON: &str = "aborted";
 pub fn abort(request: actions::AbortRequest) -> Result<AbortAction, Error> {
     let id = action_id("action_id", request.action_id.as_ref())?;
     let reason = request.reason.unwrap_or_default();
+    check_text("reason", &reason, limits::MAX_ABORT_REASON)?;
     let now = Utc::now();
     let error = core::ExecutionError {
         code: "Aborted".to_owned(),
@@ -333,7 +390,7 @@ pub fn abort(request: actions::AbortRequest) -> Result<AbortAction, Error> {
 
 pub fn signal(request: actions::SignalRequest) -> Result<SignalAction, Error> {
     let id = action_id("action_id", request.action_id.as_ref())?;
-    check_len(
+    check_id_part(
         "parent_action_name",
         &request.parent_action_name,
         MAX_ACTION_NAME,
@@ -348,6 +405,16 @@ pub fn signal(request: actions::SignalRequest) -> Result<SignalAction, Error> {
         })) => p.value.as_ref(),
         _ => None,
     };
+    let encoded = value.encoded_len();
+    if encoded > limits::MAX_SIGNAL_VALUE {
+        return Err(Error::invalid(
+            "value",
+            format!(
+                "is {encoded} bytes encoded; the limit is {}",
+                limits::MAX_SIGNAL_VALUE
+            ),
+        ));
+    }
     let kind = match primitive {
         Some(core::primitive::Value::Boolean(_)) => SimpleKind::Boolean,
         Some(core::primitive::Value::Integer(_)) => SimpleKind::Integer,
@@ -396,6 +463,10 @@ pub fn action_update(state: &ActionState) -> workflow::ActionUpdate {
             .value
             .as_ref()
             .and_then(|b| decode_stored("value", &state.id, b)),
+        address: state
+            .address
+            .as_ref()
+            .and_then(|b| decode_stored("address", &state.id, b)),
     }
 }
 

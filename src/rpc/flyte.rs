@@ -29,8 +29,8 @@ use super::watch::MessageStream;
 use super::ActionsApi;
 use crate::blob::{keys, Blobs, DownloadGrant, UploadGrant};
 use crate::domain::{
-    default_output_uri, ActionId, ActionKind, ActionRecord, Error, PageRequest, Phase, RunFilter, RunId,
-    RunPosition,
+    output_uri, ActionFilter, ActionId, ActionKind, ActionRecord, Error, PageRequest, Phase,
+    RunFilter, RunId, RunPosition,
 };
 use crate::logs::LogStore;
 use crate::pipeline::Registry;
@@ -133,9 +133,23 @@ impl FlyteApi {
             Ok(_) | Err(Error::ActionNotFound(_)) => {}
             Err(err) => return Err(err),
         }
+        // A run's root is created before any of its children, so it is
+        // among the first actions of the run in creation order (a page
+        // rather than one row, in case a child shares its timestamp).
+        let filter = ActionFilter {
+            run: Some(run.clone()),
+            ..Default::default()
+        };
         self.store
-            .run_actions(run)
+            .list_actions(
+                &filter,
+                &PageRequest {
+                    limit: 16,
+                    after: None,
+                },
+            )
             .await?
+            .items
             .into_iter()
             .find(|r| r.state.parent.is_none())
             .ok_or_else(|| Error::RunNotFound(run.clone()))
@@ -423,9 +437,7 @@ impl DataProxyService for FlyteApi {
             let artifact = dp::ArtifactType::try_from(r.artifact_type)
                 .ok()
                 .filter(|t| *t != dp::ArtifactType::Unspecified)
-                .ok_or_else(|| {
-                    Error::invalid("artifact_type", "must be REPORT or CODE_BUNDLE")
-                })?;
+                .ok_or_else(|| Error::invalid("artifact_type", "must be REPORT or CODE_BUNDLE"))?;
             let attempt_id = match r.source {
                 Some(dp::create_download_link_request::Source::ActionAttemptId(a)) => a,
                 Some(dp::create_download_link_request::Source::TaskId(_)) => {
@@ -436,15 +448,14 @@ impl DataProxyService for FlyteApi {
                     )
                     .into())
                 }
-                None => {
-                    return Err(Error::invalid("source", "name an action_attempt_id").into())
-                }
+                None => return Err(Error::invalid("source", "name an action_attempt_id").into()),
             };
-            let id = convert::action_id("action_attempt_id.action_id", attempt_id.action_id.as_ref())?;
+            let id =
+                convert::action_id("action_attempt_id.action_id", attempt_id.action_id.as_ref())?;
             Span::current().record("action", field::display(&id));
             let record = self.store.get_action(&id).await?;
-            let spec = decode_stored::<actions_pb::Action>("spec", &id, &record.spec)
-                .unwrap_or_default();
+            let spec =
+                decode_stored::<actions_pb::Action>("spec", &id, &record.spec).unwrap_or_default();
             let attempt = match attempt_id.attempt {
                 0 => record.state.attempt,
                 n => n,
@@ -458,13 +469,18 @@ impl DataProxyService for FlyteApi {
             }
             let uri = match artifact {
                 dp::ArtifactType::Report => {
-                    let dir = if attempt == record.state.attempt
-                        && !record.state.output_uri.is_empty()
-                    {
-                        record.state.output_uri.clone()
-                    } else {
-                        default_output_uri(&spec.run_output_base, &id.name, attempt)
-                    };
+                    let dir =
+                        if attempt == record.state.attempt && !record.state.output_uri.is_empty() {
+                            record.state.output_uri.clone()
+                        } else {
+                            output_uri(
+                                ActionKind::Task,
+                                "",
+                                &spec.run_output_base,
+                                &id.name,
+                                attempt,
+                            )
+                        };
                     Some(format!("{}/{REPORT_FILE}", dir.trim_end_matches('/')))
                 }
                 _ => crate::executor::flyte::code_bundle(&spec),

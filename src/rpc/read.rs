@@ -267,9 +267,41 @@ impl ReadService for ReadApi {
             Span::current().record("action", field::display(&run));
             // Subscribe first: see `watch::snapshot_then_live`.
             let subscription = self.registry.subscribe_run(run.clone());
-            let snapshot = self.store.run_actions(&run).await?;
+            let filter = ActionFilter {
+                run: Some(run.clone()),
+                ..ActionFilter::default()
+            };
+            let first = self
+                .store
+                .list_actions(
+                    &filter,
+                    &PageRequest {
+                        limit: watch::SNAPSHOT_PAGE,
+                        after: None,
+                    },
+                )
+                .await?;
+            if first.items.is_empty() {
+                return Err(Error::RunNotFound(run).into());
+            }
+            let store = self.store.clone();
             Ok(Response::new(watch::snapshot_then_live(
-                snapshot,
+                first,
+                move |after| {
+                    let store = store.clone();
+                    let filter = filter.clone();
+                    async move {
+                        store
+                            .list_actions(
+                                &filter,
+                                &PageRequest {
+                                    limit: watch::SNAPSHOT_PAGE,
+                                    after: Some(after),
+                                },
+                            )
+                            .await
+                    }
+                },
                 |record| &record.state,
                 |record| run_update(summary(&record)),
                 read::WatchRunResponse {

@@ -111,8 +111,11 @@ where
     T: Encode<'a, DB> + Type<DB> + 'a,
 {
     let mut query = QueryBuilder::new(
-        "WITH page AS (SELECT r.org, r.project, r.domain, r.name, r.root_name, r.queue, \
-         r.created_at, root.phase AS root_phase FROM runs r \
+        // The queue shown is the root's own (TaskAction.queue, else the
+        // RunSpec's, else "default"); the RunSpec's for a root that is not
+        // a task.
+        "WITH page AS (SELECT r.org, r.project, r.domain, r.name, r.root_name, \
+         COALESCE(root.queue, r.queue) AS queue, r.created_at, root.phase AS root_phase FROM runs r \
          JOIN actions root ON root.org = r.org AND root.project = r.project \
          AND root.domain = r.domain AND root.run_name = r.name AND root.name = r.root_name \
          WHERE true",

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use crate::domain::{
     ActionFilter, ActionId, ActionPosition, ActionRecord, ActionState, ClaimRequest, Command,
     Error, Event, HeartbeatOutcome, HistoryEntry, Lease, Page, PageRequest, ReapOutcome,
-    ReapSettings, RunFilter, RunId, RunPosition, RunRecord,
+    ReapSettings, RunFilter, RunId, RunPosition, RunRecord, SnapshotPosition,
 };
 
 /// A position in the event log. Its meaning is the backend's: for
@@ -70,9 +70,6 @@ pub trait ReadStore: Send + Sync + 'static {
         page: &PageRequest<ActionPosition>,
     ) -> Result<Page<ActionRecord, ActionPosition>, Error>;
 
-    /// Every action of a run in listing order, or `RunNotFound`.
-    async fn run_actions(&self, run: &RunId) -> Result<Vec<ActionRecord>, Error>;
-
     /// Runs matching `filter`, newest first, with their phase counts.
     async fn list_runs(
         &self,
@@ -96,8 +93,16 @@ pub trait Store: ReadStore {
     /// Returning `Ok` means committed.
     async fn execute(&self, command: Command) -> Result<usize, Error>;
 
-    /// The action and its direct children, the action first.
-    async fn watch_snapshot(&self, parent: &ActionId) -> Result<Vec<ActionState>, Error>;
+    /// A page of the action and its direct children: the action first
+    /// (`ActionNotFound` when it does not exist), then its children in the
+    /// order (created_at, name), from after `after`. At most `limit` states
+    /// and about [`crate::domain::PAGE_BUDGET`] bytes per page.
+    async fn watch_snapshot(
+        &self,
+        parent: &ActionId,
+        after: Option<&SnapshotPosition>,
+        limit: usize,
+    ) -> Result<Page<ActionState, SnapshotPosition>, Error>;
 
     /// A cursor after every event committed so far.
     async fn feed_start(&self) -> Result<FeedCursor, Error>;
@@ -193,10 +198,6 @@ impl ReadStore for Detached {
         self.inner.list_actions(filter, page).await
     }
 
-    async fn run_actions(&self, run: &RunId) -> Result<Vec<ActionRecord>, Error> {
-        self.inner.run_actions(run).await
-    }
-
     async fn list_runs(
         &self,
         filter: &RunFilter,
@@ -221,8 +222,13 @@ impl Store for Detached {
             .await
     }
 
-    async fn watch_snapshot(&self, parent: &ActionId) -> Result<Vec<ActionState>, Error> {
-        self.inner.watch_snapshot(parent).await
+    async fn watch_snapshot(
+        &self,
+        parent: &ActionId,
+        after: Option<&SnapshotPosition>,
+        limit: usize,
+    ) -> Result<Page<ActionState, SnapshotPosition>, Error> {
+        self.inner.watch_snapshot(parent, after, limit).await
     }
 
     async fn feed_start(&self) -> Result<FeedCursor, Error> {
@@ -274,6 +280,72 @@ impl Store for Detached {
     async fn close(&self) {
         self.inner.close().await;
     }
+}
+
+/// Builds a watch snapshot page from up to `limit + 1` rows read in order
+/// (the parent first on the first page), each with its position.
+pub(crate) fn snapshot_page(
+    parent: &ActionId,
+    first: bool,
+    rows: Vec<(ActionState, SnapshotPosition)>,
+    limit: usize,
+) -> Result<Page<ActionState, SnapshotPosition>, Error> {
+    if first && rows.first().is_none_or(|(s, _)| s.id.name != parent.name) {
+        return Err(Error::ActionNotFound(parent.clone()));
+    }
+    let page = Page::from_overfetch_within(
+        rows,
+        limit.max(1),
+        |(_, position)| position.clone(),
+        |(state, _)| state.approximate_size(),
+        crate::domain::PAGE_BUDGET,
+    );
+    // A page that ends with the parent continues with every child: the
+    // parent's own position could pass over a child created in the same
+    // instant.
+    let ends_with_parent = page
+        .items
+        .last()
+        .is_some_and(|(s, _)| first && s.id.name == parent.name);
+    let next = page.next.map(|position| {
+        if ends_with_parent {
+            SnapshotPosition::start()
+        } else {
+            position
+        }
+    });
+    Ok(Page {
+        items: page.items.into_iter().map(|(state, _)| state).collect(),
+        next,
+    })
+}
+
+/// Reads `rows` until it holds one item more than `limit` or more than
+/// `budget` bytes (as `size` counts them), then stops reading: a page's
+/// memory stays near its budget whatever the rows hold. The caller builds
+/// the page with [`Page::from_overfetch_within`].
+pub(crate) async fn read_bounded<R, T, S>(
+    mut rows: S,
+    convert: impl Fn(&R) -> Result<T, Error>,
+    size: impl Fn(&T) -> usize,
+    limit: usize,
+    db_error: fn(sqlx::Error) -> Error,
+) -> Result<Vec<T>, Error>
+where
+    S: futures_util::Stream<Item = Result<R, sqlx::Error>> + Unpin,
+{
+    use futures_util::TryStreamExt;
+    let mut items = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(row) = rows.try_next().await.map_err(db_error)? {
+        let item = convert(&row)?;
+        bytes = bytes.saturating_add(size(&item));
+        items.push(item);
+        if items.len() > limit || bytes > crate::domain::PAGE_BUDGET {
+            break;
+        }
+    }
+    Ok(items)
 }
 
 /// How many more actions an executor may lease now, from its unfinished

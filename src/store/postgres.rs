@@ -14,12 +14,12 @@ use sqlx::{PgConnection, Row};
 use tracing::{instrument, warn};
 
 use super::commit::{Committers, GroupCommit};
-use super::{FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
+use super::{read_bounded, snapshot_page, FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
 use crate::domain::{
-    decide_enqueue_existing, decide_finish, decide_signal, decide_update, default_output_uri,
-    AbortAction, ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current,
-    EnqueueAction, Error, FinishAction, HeartbeatOutcome, Lease, Phase, ReapOutcome, ReapSettings,
-    RunId, SignalAction, UpdateStatus,
+    decide_enqueue_existing, decide_finish, decide_signal, decide_update, output_uri, AbortAction,
+    ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current, EnqueueAction,
+    Error, FinishAction, HeartbeatOutcome, Lease, Page, Phase, ReapOutcome, ReapSettings, RunId,
+    SignalAction, SnapshotPosition, UpdateStatus,
 };
 use crate::schema;
 
@@ -32,7 +32,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/post
 /// The columns of an action's observable state, in [`state_from_row`] order.
 macro_rules! state_columns {
     () => {
-        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value, queue, lease_holder"
+        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value, queue, lease_holder, kind, run_output_base, address"
     };
 }
 
@@ -52,10 +52,16 @@ macro_rules! insert_events_from_changed {
 const TERMINAL_PHASES: &str = "(5, 6, 7, 8, 10)";
 
 mod read;
+mod time;
 
 pub struct PgStore {
     pool: PgPool,
+    /// Connection options with the session bounds set (see [`PgStore::connect`]).
     options: PgConnectOptions,
+    /// Connection options for migrations, which may run long.
+    migrate_options: PgConnectOptions,
+    /// The client-side bound on each store operation.
+    timeout: Duration,
     group: GroupCommit,
     /// Started on the first write, on the runtime that makes it.
     committers: OnceLock<Committers>,
@@ -66,14 +72,69 @@ pub struct PgStore {
 pub struct PoolSettings {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// The server-side bound on each statement and on a transaction left
+    /// idle; the client gives each operation [`CLIENT_MARGIN`] more.
+    pub statement_timeout: Duration,
+}
+
+/// How much longer than `statement_timeout` the client waits for an
+/// operation, so that a live server's own cancellation reports first and a
+/// silent one is noticed all the same.
+pub const CLIENT_MARGIN: Duration = Duration::from_secs(1);
+
+/// A LISTEN connection that received nothing for this long is probed with
+/// a query (bounded like any other), so a silent network is noticed.
+const LISTEN_PROBE_AFTER: Duration = Duration::from_secs(15);
+
+/// Server-side TCP keepalive of each session, in seconds (idle, interval,
+/// count): Postgres drops the connections of a vanished daemon. sqlx sets
+/// no keepalive on its own sockets; the client side relies on the
+/// operation bound and on the LISTEN probe instead.
+const SERVER_KEEPALIVE: (u32, u32, u32) = (30, 10, 3);
+
+/// Runs a store operation within `timeout`; past it the operation is
+/// dropped (its transaction, if any, never commits unless its COMMIT was
+/// already sent) and the caller gets UNAVAILABLE.
+async fn bounded<T>(
+    timeout: Duration,
+    operation: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(timeout, operation).await {
+        Ok(result) => result,
+        Err(_) => Err(timed_out(timeout)),
+    }
+}
+
+fn timed_out(timeout: Duration) -> Error {
+    warn!(?timeout, "the database did not answer in time");
+    Error::Unavailable(format!(
+        "the database did not answer within {} ms; retry later",
+        timeout.as_millis()
+    ))
 }
 
 impl PgStore {
     /// Creates the connection pool. Connections are made on demand, so a
     /// database that goes away later yields UNAVAILABLE and is reconnected
     /// to when it returns.
+    ///
+    /// Every session gets `statement_timeout` and
+    /// `idle_in_transaction_session_timeout` (so the server ends what a
+    /// vanished or stalled client left running) and server-side TCP
+    /// keepalive; every operation is bounded on the client too, so a
+    /// database that stops answering (a network blackhole) yields
+    /// UNAVAILABLE in bounded time instead of a hang.
     pub fn connect(options: PgConnectOptions, settings: &PoolSettings) -> Self {
-        let options = options.application_name("actionsd");
+        let migrate_options = options.clone().application_name("actionsd-migrate");
+        let millis = settings.statement_timeout.as_millis().max(1).to_string();
+        let (idle, interval, count) = SERVER_KEEPALIVE;
+        let options = options.application_name("actionsd").options([
+            ("statement_timeout", millis.clone()),
+            ("idle_in_transaction_session_timeout", millis),
+            ("tcp_keepalives_idle", idle.to_string()),
+            ("tcp_keepalives_interval", interval.to_string()),
+            ("tcp_keepalives_count", count.to_string()),
+        ]);
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
@@ -81,6 +142,8 @@ impl PgStore {
         Self {
             pool,
             options,
+            migrate_options,
+            timeout: settings.statement_timeout + CLIENT_MARGIN,
             group: GroupCommit::default(),
             committers: OnceLock::new(),
         }
@@ -98,31 +161,51 @@ impl PgStore {
     }
 
     /// Applies pending migrations.
+    ///
+    /// On a connection of its own without the statement bound: building an
+    /// index over a large table may take longer than any request should.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        MIGRATOR.run(&self.pool).await
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(self.migrate_options.clone())
+            .await?;
+        let result = MIGRATOR.run(&pool).await;
+        pool.close().await;
+        result
     }
 
     /// Fails unless every embedded migration has been applied.
-    pub async fn check_migrations(&self) -> Result<(), String> {
-        let applied: Vec<i64> = sqlx::query_scalar(
+    pub async fn check_migrations(&self) -> Result<(), MigrationCheck> {
+        let all = || MIGRATOR.iter().map(|m| m.version).collect::<Vec<_>>();
+        let applied: Vec<i64> = match sqlx::query_scalar(
             "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
         )
         .fetch_all(&self.pool)
         .await
-        .map_err(|e| format!("cannot read applied migrations: {e}"))?;
-        let missing: Vec<i64> = MIGRATOR
-            .iter()
-            .map(|m| m.version)
-            .filter(|v| !applied.contains(v))
-            .collect();
+        {
+            Ok(applied) => applied,
+            // undefined_table: no migration was ever applied.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => {
+                return Err(MigrationCheck::Missing(all()))
+            }
+            Err(err) => return Err(MigrationCheck::Read(err)),
+        };
+        let missing: Vec<i64> = all().into_iter().filter(|v| !applied.contains(v)).collect();
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(format!(
-                "the database lacks migrations {missing:?}; run `actionsd migrate`"
-            ))
+            Err(MigrationCheck::Missing(missing))
         }
     }
+}
+
+/// Why [`PgStore::check_migrations`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationCheck {
+    #[error("cannot read the applied migrations")]
+    Read(#[source] sqlx::Error),
+    #[error("the database lacks migrations {0:?}")]
+    Missing(Vec<i64>),
 }
 
 #[async_trait]
@@ -131,47 +214,80 @@ impl Store for PgStore {
     async fn execute(&self, command: Command) -> Result<usize, Error> {
         let committers = self.committers.get_or_init(|| {
             let pool = self.pool.clone();
+            let timeout = self.timeout;
             Committers::spawn(
                 self.group,
-                Arc::new(move |commands| Box::pin(commit_batch(pool.clone(), commands))),
+                Arc::new(move |commands| {
+                    let count = commands.len();
+                    let batch = commit_batch(pool.clone(), commands);
+                    Box::pin(async move {
+                        match tokio::time::timeout(timeout, batch).await {
+                            Ok(results) => results,
+                            Err(_) => vec![Err(timed_out(timeout)); count],
+                        }
+                    })
+                }),
             )
         });
         committers.execute(command).await
     }
 
     #[instrument(skip_all, fields(action = %parent))]
-    async fn watch_snapshot(&self, parent: &ActionId) -> Result<Vec<ActionState>, Error> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            state_columns!(),
-            " FROM actions WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4",
-            " AND (name = $5 OR parent_name = $5)",
-            " ORDER BY name = $5 DESC, created_at, name"
-        ))
-        .bind_id(parent)
-        .fetch_all(&self.pool)
+    async fn watch_snapshot(
+        &self,
+        parent: &ActionId,
+        after: Option<&SnapshotPosition>,
+        limit: usize,
+    ) -> Result<Page<ActionState, SnapshotPosition>, Error> {
+        bounded(self.timeout, async move {
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                state_columns!(),
+                ", created_at FROM actions",
+                " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4",
+                " AND ((NOT $6 AND name = $5) OR (parent_name = $5",
+                "   AND ($7::timestamptz IS NULL OR (created_at, name) > ($7, $8))))",
+                " ORDER BY name = $5 DESC, created_at, name LIMIT $9"
+            ))
+            .bind_id(parent)
+            .bind(after.is_some())
+            .bind(after.map(|a| a.created_at))
+            .bind(after.map(|a| a.name.as_str()))
+            .bind(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX))
+            .fetch(&self.pool);
+            let rows = read_bounded(
+                rows,
+                |row| {
+                    let state = state_from_row(row)?;
+                    let position = SnapshotPosition {
+                        created_at: time::get(row, "created_at")?,
+                        name: state.id.name.clone(),
+                    };
+                    Ok((state, position))
+                },
+                |(state, _)| state.approximate_size(),
+                limit,
+                db_error,
+            )
+            .await?;
+            snapshot_page(parent, after.is_none(), rows, limit)
+        })
         .await
-        .map_err(db_error)?;
-        let states = rows
-            .iter()
-            .map(state_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        match states.first() {
-            Some(first) if first.id.name == parent.name => Ok(states),
-            _ => Err(Error::ActionNotFound(parent.clone())),
-        }
     }
 
     async fn feed_start(&self) -> Result<FeedCursor, Error> {
-        let horizon: String =
-            sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(db_error)?;
-        Ok(FeedCursor {
-            major: parse_xid(&horizon)?,
-            minor: 0,
+        bounded(self.timeout, async move {
+            let horizon: String =
+                sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+            Ok(FeedCursor {
+                major: parse_xid(&horizon)?,
+                minor: 0,
+            })
         })
+        .await
     }
 
     /// Reads events in (xid, seq) order, only from transactions older than
@@ -184,63 +300,69 @@ impl Store for PgStore {
     /// of rows below xmin is final: walking it in (xid, seq) order never
     /// skips a row. Rows above xmin are read once xmin passes them.
     async fn read_feed(&self, cursor: FeedCursor, limit: usize) -> Result<FeedBatch, Error> {
-        // The horizon is computed once (MATERIALIZED) and reaches the
-        // pending check as a parameter, and ORDER BY … LIMIT 1 makes that
-        // check one probe of events_feed_idx. Written as EXISTS over the
-        // inlined snapshot function it was a scan of the whole events
-        // table on every read.
-        let row = sqlx::query(
-            "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x) \
-             SELECT h.x::text AS horizon, \
-               (SELECT xid FROM events WHERE xid >= (SELECT x FROM h) ORDER BY xid LIMIT 1) \
-                 IS NOT NULL AS pending \
-             FROM h",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db_error)?;
-        let horizon: String = row.try_get("horizon").map_err(db_error)?;
-        let pending: bool = row.try_get("pending").map_err(db_error)?;
+        bounded(self.timeout, async move {
+            // The horizon is computed once (MATERIALIZED) and reaches the
+            // pending check as a parameter, and ORDER BY … LIMIT 1 makes that
+            // check one probe of events_feed_idx. Written as EXISTS over the
+            // inlined snapshot function it was a scan of the whole events
+            // table on every read.
+            let row = sqlx::query(
+                "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x) \
+                 SELECT h.x::text AS horizon, \
+                   (SELECT xid FROM events WHERE xid >= (SELECT x FROM h) ORDER BY xid LIMIT 1) \
+                     IS NOT NULL AS pending \
+                 FROM h",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)?;
+            let horizon: String = row.try_get("horizon").map_err(db_error)?;
+            let pending: bool = row.try_get("pending").map_err(db_error)?;
 
-        let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = sqlx::query(concat!(
-            "SELECT xid::text AS xid_text, seq, ",
-            state_columns!(),
-            " FROM events WHERE (xid, seq) > ($1::text::xid8, $2) AND xid < $3::text::xid8",
-            " ORDER BY xid, seq LIMIT $4"
-        ))
-        .bind(cursor.major.to_string())
-        .bind(cursor.minor)
-        .bind(&horizon)
-        .bind(limit_i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
+            let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = sqlx::query(concat!(
+                "SELECT xid::text AS xid_text, seq, ",
+                state_columns!(),
+                " FROM events WHERE (xid, seq) > ($1::text::xid8, $2) AND xid < $3::text::xid8",
+                " ORDER BY xid, seq LIMIT $4"
+            ))
+            .bind(cursor.major.to_string())
+            .bind(cursor.minor)
+            .bind(&horizon)
+            .bind(limit_i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
 
-        let mut batch = FeedBatch {
-            cursor,
-            more: rows.len() >= limit,
-            pending,
-            events: Vec::with_capacity(rows.len()),
-        };
-        for row in &rows {
-            let xid: String = row.try_get("xid_text").map_err(db_error)?;
-            batch.cursor = FeedCursor {
-                major: parse_xid(&xid)?,
-                minor: row.try_get("seq").map_err(db_error)?,
+            let mut batch = FeedBatch {
+                cursor,
+                more: rows.len() >= limit,
+                pending,
+                events: Vec::with_capacity(rows.len()),
             };
-            batch.events.push(state_from_row(row)?);
-        }
-        Ok(batch)
+            for row in &rows {
+                let xid: String = row.try_get("xid_text").map_err(db_error)?;
+                batch.cursor = FeedCursor {
+                    major: parse_xid(&xid)?,
+                    minor: row.try_get("seq").map_err(db_error)?,
+                };
+                batch.events.push(state_from_row(row)?);
+            }
+            Ok(batch)
+        })
+        .await
     }
 
     async fn notify_peers(&self) -> Result<(), Error> {
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(CHANNEL)
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
-        Ok(())
+        bounded(self.timeout, async move {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(CHANNEL)
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?;
+            Ok(())
+        })
+        .await
     }
 
     async fn close(&self) {
@@ -252,249 +374,260 @@ impl Store for PgStore {
 
     #[instrument(skip_all, fields(executor = %request.executor, queue = %request.queue))]
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Lease>, Error> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let (held, waiting): (i64, i64) = sqlx::query_as(&format!(
-            "SELECT count(*), count(*) FILTER (WHERE $2 AND EXISTS ( \
-               SELECT 1 FROM actions c \
-               WHERE (c.org, c.project, c.domain, c.run_name, c.parent_name) \
-                   = (a.org, a.project, a.domain, a.run_name, a.name) \
-                 AND c.phase NOT IN {TERMINAL_PHASES})) \
-             FROM actions a WHERE a.lease_holder = $1 AND a.lease_deadline IS NOT NULL \
-             AND a.phase NOT IN {TERMINAL_PHASES}"
-        ))
-        .bind(&request.executor)
-        .bind(request.max_leases > 0)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        let free = super::free_leases(request, held, waiting);
-        if free <= 0 {
-            tx.commit().await.map_err(db_error)?;
-            return Ok(Vec::new());
-        }
-        // Oldest first, a page at a time; rows locked by another claimer
-        // are skipped, so claimers never wait for each other and never
-        // lease one attempt twice. Paging goes on past runs that are at
-        // their concurrency limit, which are remembered so that their
-        // backlog costs no further queries.
-        let page_size = free * 2 + 16;
-        let mut leases = Vec::new();
-        let mut full_runs: std::collections::HashSet<RunId> = std::collections::HashSet::new();
-        let mut after: Option<(chrono::DateTime<chrono::Utc>, ActionId)> = None;
-        'pages: loop {
-            let (after_time, after_id) = match &after {
-                Some((time, id)) => (Some(*time), Some(id.clone())),
-                None => (None, None),
-            };
-            let after_id = after_id.as_ref();
-            let page = sqlx::query(
-                "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.created_at, \
-                        r.max_action_concurrency \
-                 FROM actions a JOIN runs r \
-                   ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
-                 WHERE a.queue = $1 AND a.phase = 1 AND a.kind = 1 \
-                   AND ($3::timestamptz IS NULL \
-                        OR (a.created_at, a.org, a.project, a.domain, a.run_name, a.name) \
-                           > ($3, $4, $5, $6, $7, $8)) \
-                 ORDER BY a.created_at, a.org, a.project, a.domain, a.run_name, a.name \
-                 LIMIT $2 FOR UPDATE OF a SKIP LOCKED",
-            )
-            .bind(&request.queue)
-            .bind(page_size)
-            .bind(after_time)
-            .bind(after_id.map(|id| id.run.org.as_str()))
-            .bind(after_id.map(|id| id.run.project.as_str()))
-            .bind(after_id.map(|id| id.run.domain.as_str()))
-            .bind(after_id.map(|id| id.run.name.as_str()))
-            .bind(after_id.map(|id| id.name.as_str()))
-            .fetch_all(&mut *tx)
+        bounded(self.timeout, async move {
+            let mut tx = self.pool.begin().await.map_err(db_error)?;
+            let (held, waiting): (i64, i64) = sqlx::query_as(&format!(
+                "SELECT count(*), count(*) FILTER (WHERE $2 AND EXISTS ( \
+                   SELECT 1 FROM actions c \
+                   WHERE (c.org, c.project, c.domain, c.run_name, c.parent_name) \
+                       = (a.org, a.project, a.domain, a.run_name, a.name) \
+                     AND c.phase NOT IN {TERMINAL_PHASES})) \
+                 FROM actions a WHERE a.lease_holder = $1 AND a.lease_deadline IS NOT NULL \
+                 AND a.phase NOT IN {TERMINAL_PHASES}"
+            ))
+            .bind(&request.executor)
+            .bind(request.max_leases > 0)
+            .fetch_one(&mut *tx)
             .await
             .map_err(db_error)?;
-            let last_page = i64::try_from(page.len()).unwrap_or(i64::MAX) < page_size;
-            // Candidates of unlimited runs are leased together, one
-            // statement per page. A run with a concurrency limit counts its
-            // live leases, so what is pending is leased before it counts.
-            let mut chosen: Vec<ActionId> = Vec::new();
-            for candidate in &page {
-                let taken = leases.len() + chosen.len();
-                if i64::try_from(taken).unwrap_or(i64::MAX) >= free {
+            let free = super::free_leases(request, held, waiting);
+            if free <= 0 {
+                tx.commit().await.map_err(db_error)?;
+                return Ok(Vec::new());
+            }
+            // Oldest first, a page at a time; rows locked by another claimer
+            // are skipped, so claimers never wait for each other and never
+            // lease one attempt twice. Paging goes on past runs that are at
+            // their concurrency limit, which are remembered so that their
+            // backlog costs no further queries.
+            let page_size = free * 2 + 16;
+            let mut leases = Vec::new();
+            let mut full_runs: std::collections::HashSet<RunId> = std::collections::HashSet::new();
+            let mut after: Option<(chrono::DateTime<chrono::Utc>, ActionId)> = None;
+            'pages: loop {
+                let (after_time, after_id) = match &after {
+                    Some((time, id)) => (Some(*time), Some(id.clone())),
+                    None => (None, None),
+                };
+                let after_id = after_id.as_ref();
+                let page = sqlx::query(
+                    "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.created_at, \
+                            r.max_action_concurrency \
+                     FROM actions a JOIN runs r \
+                       ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+                     WHERE a.queue = $1 AND a.phase = 1 AND a.kind = 1 \
+                       AND ($3::timestamptz IS NULL \
+                            OR (a.created_at, a.org, a.project, a.domain, a.run_name, a.name) \
+                               > ($3, $4, $5, $6, $7, $8)) \
+                     ORDER BY a.created_at, a.org, a.project, a.domain, a.run_name, a.name \
+                     LIMIT $2 FOR UPDATE OF a SKIP LOCKED",
+                )
+                .bind(&request.queue)
+                .bind(page_size)
+                .bind(after_time)
+                .bind(after_id.map(|id| id.run.org.as_str()))
+                .bind(after_id.map(|id| id.run.project.as_str()))
+                .bind(after_id.map(|id| id.run.domain.as_str()))
+                .bind(after_id.map(|id| id.run.name.as_str()))
+                .bind(after_id.map(|id| id.name.as_str()))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                let last_page = i64::try_from(page.len()).unwrap_or(i64::MAX) < page_size;
+                // Candidates of unlimited runs are leased together, one
+                // statement per page. A run with a concurrency limit counts its
+                // live leases, so what is pending is leased before it counts.
+                let mut chosen: Vec<ActionId> = Vec::new();
+                for candidate in &page {
+                    let taken = leases.len() + chosen.len();
+                    if i64::try_from(taken).unwrap_or(i64::MAX) >= free {
+                        break;
+                    }
+                    let id = action_id_from_row(candidate)?;
+                    after = Some((time::get(candidate, "created_at")?, id.clone()));
+                    let limit: i32 = candidate
+                        .try_get("max_action_concurrency")
+                        .map_err(db_error)?;
+                    if limit > 0 {
+                        if full_runs.contains(&id.run) {
+                            continue;
+                        }
+                        leases.extend(lease_all(&mut tx, &chosen, request).await?);
+                        chosen.clear();
+                        if !run_has_room(&mut tx, &id.run, limit).await? {
+                            full_runs.insert(id.run.clone());
+                            continue;
+                        }
+                    }
+                    chosen.push(id);
+                }
+                leases.extend(lease_all(&mut tx, &chosen, request).await?);
+                if i64::try_from(leases.len()).unwrap_or(i64::MAX) >= free {
+                    break 'pages;
+                }
+                if last_page || page.is_empty() {
                     break;
                 }
-                let id = action_id_from_row(candidate)?;
-                after = Some((
-                    candidate.try_get("created_at").map_err(db_error)?,
-                    id.clone(),
-                ));
-                let limit: i32 = candidate
-                    .try_get("max_action_concurrency")
-                    .map_err(db_error)?;
-                if limit > 0 {
-                    if full_runs.contains(&id.run) {
-                        continue;
-                    }
-                    leases.extend(lease_all(&mut tx, &chosen, request).await?);
-                    chosen.clear();
-                    if !run_has_room(&mut tx, &id.run, limit).await? {
-                        full_runs.insert(id.run.clone());
-                        continue;
-                    }
-                }
-                chosen.push(id);
             }
-            leases.extend(lease_all(&mut tx, &chosen, request).await?);
-            if i64::try_from(leases.len()).unwrap_or(i64::MAX) >= free {
-                break 'pages;
-            }
-            if last_page || page.is_empty() {
-                break;
-            }
-        }
-        tx.commit().await.map_err(db_error)?;
-        Ok(leases)
+            tx.commit().await.map_err(db_error)?;
+            Ok(leases)
+            })
+        .await
     }
 
     async fn leases_of(&self, executor: &str) -> Result<Vec<Lease>, Error> {
-        let rows = sqlx::query(&format!(
-            "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.spec, a.attempt, \
-                    a.lease_deadline, a.run_output_base, r.run_spec \
-             FROM actions a JOIN runs r \
-               ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
-             WHERE a.lease_holder = $1 AND a.lease_deadline IS NOT NULL \
-               AND a.phase NOT IN {TERMINAL_PHASES} \
-             ORDER BY a.created_at, a.name"
-        ))
-        .bind(executor)
-        .fetch_all(&self.pool)
+        bounded(self.timeout, async move {
+            let rows = sqlx::query(&format!(
+                "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.spec, a.attempt, \
+                        a.lease_deadline, a.run_output_base, r.run_spec \
+                 FROM actions a JOIN runs r \
+                   ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+                 WHERE a.lease_holder = $1 AND a.lease_deadline IS NOT NULL \
+                   AND a.phase NOT IN {TERMINAL_PHASES} \
+                 ORDER BY a.created_at, a.name"
+            ))
+            .bind(executor)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+            rows.iter().map(lease_from_row).collect()
+            })
         .await
-        .map_err(db_error)?;
-        rows.iter().map(lease_from_row).collect()
     }
 
     #[instrument(skip_all, fields(executor = %executor))]
     async fn heartbeat(&self, executor: &str, ttl: Duration) -> Result<HeartbeatOutcome, Error> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let released = sqlx::query(&format!(
-            "UPDATE actions SET lease_deadline = NULL \
-             WHERE lease_holder = $1 AND lease_deadline IS NOT NULL AND phase IN {TERMINAL_PHASES} \
-             RETURNING org, project, domain, run_name, name, attempt, phase, abort_reason"
-        ))
-        .bind(executor)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        let mut cancelled = Vec::new();
-        for row in &released {
-            if phase_from_db(row.try_get("phase").map_err(db_error)?)? != Phase::Aborted {
-                continue;
+        bounded(self.timeout, async move {
+            let mut tx = self.pool.begin().await.map_err(db_error)?;
+            let released = sqlx::query(&format!(
+                "UPDATE actions SET lease_deadline = NULL \
+                 WHERE lease_holder = $1 AND lease_deadline IS NOT NULL AND phase IN {TERMINAL_PHASES} \
+                 RETURNING org, project, domain, run_name, name, attempt, phase, abort_reason"
+            ))
+            .bind(executor)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            let mut cancelled = Vec::new();
+            for row in &released {
+                if phase_from_db(row.try_get("phase").map_err(db_error)?)? != Phase::Aborted {
+                    continue;
+                }
+                cancelled.push(Cancellation {
+                    id: action_id_from_row(row)?,
+                    attempt: attempt_from_db(row.try_get("attempt").map_err(db_error)?)?,
+                    reason: row
+                        .try_get::<Option<String>, _>("abort_reason")
+                        .map_err(db_error)?
+                        .unwrap_or_default(),
+                });
             }
-            cancelled.push(Cancellation {
-                id: action_id_from_row(row)?,
-                attempt: u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?)
-                    .unwrap_or(0),
-                reason: row
-                    .try_get::<Option<String>, _>("abort_reason")
-                    .map_err(db_error)?
-                    .unwrap_or_default(),
-            });
-        }
-        let deadline = sqlx::query_scalar(&format!(
-            "WITH extended AS (UPDATE actions SET lease_deadline = now() + make_interval(secs => $2) \
-               WHERE lease_holder = $1 AND lease_deadline IS NOT NULL AND phase NOT IN {TERMINAL_PHASES}) \
-             SELECT now() + make_interval(secs => $2)"
-        ))
-        .bind(executor)
-        .bind(ttl.as_secs_f64())
-        .fetch_one(&mut *tx)
+            let deadline = sqlx::query_scalar(&format!(
+                "WITH extended AS (UPDATE actions SET lease_deadline = now() + make_interval(secs => $2) \
+                   WHERE lease_holder = $1 AND lease_deadline IS NOT NULL AND phase NOT IN {TERMINAL_PHASES}) \
+                 SELECT now() + make_interval(secs => $2)"
+            ))
+            .bind(executor)
+            .bind(ttl.as_secs_f64())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            tx.commit().await.map_err(db_error)?;
+            Ok(HeartbeatOutcome {
+                deadline,
+                cancelled,
+            })
+            })
         .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        Ok(HeartbeatOutcome {
-            deadline,
-            cancelled,
-        })
     }
 
     async fn reap(&self, settings: &ReapSettings) -> Result<ReapOutcome, Error> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let max = i32::try_from(settings.max_system_retries).unwrap_or(i32::MAX);
-        // Expired leases: requeue with the next attempt while retries are
-        // left, else fail with a SYSTEM error. Rows another reaper is
-        // handling are skipped.
-        let phases: Vec<i16> = sqlx::query_scalar(&format!(
-            concat!(
-                "WITH expired AS (",
+        bounded(self.timeout, async move {
+            let mut tx = self.pool.begin().await.map_err(db_error)?;
+            let max = i64::from(settings.max_system_retries);
+            // Expired leases: requeue with the next attempt while retries are
+            // left, else fail with a SYSTEM error. Rows another reaper is
+            // handling are skipped.
+            let phases: Vec<i16> = sqlx::query_scalar(&format!(
+                concat!(
+                    "WITH expired AS (",
+                    "  SELECT org, project, domain, run_name, name FROM actions",
+                    "  WHERE lease_deadline < now() AND phase NOT IN {terminal} FOR UPDATE SKIP LOCKED",
+                    "), changed AS (",
+                    "  UPDATE actions a SET",
+                    "    phase = CASE WHEN a.attempt <= $1 THEN 1 ELSE 6 END,",
+                    "    attempt = CASE WHEN a.attempt <= $1 THEN a.attempt + 1 ELSE a.attempt END,",
+                    "    error = CASE WHEN a.attempt <= $1 THEN a.error ELSE $2 END,",
+                    "    end_time = CASE WHEN a.attempt <= $1 THEN a.end_time ELSE now() END,",
+                    "    lease_holder = NULL, lease_deadline = NULL,",
+                    "    version = a.version + 1, updated_at = now()",
+                    "  FROM expired e",
+                    "  WHERE (a.org, a.project, a.domain, a.run_name, a.name)",
+                    "      = (e.org, e.project, e.domain, e.run_name, e.name)",
+                    "  RETURNING a.*",
+                    ")",
+                    insert_events_from_changed!(),
+                    " RETURNING phase"
+                ),
+                terminal = TERMINAL_PHASES
+            ))
+            .bind(max)
+            .bind(settings.lease_error.as_ref())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            // Terminal actions whose lease was never released (their executor
+            // vanished before a heartbeat reported the end).
+            sqlx::query(&format!(
+                "UPDATE actions SET lease_deadline = NULL \
+                 WHERE lease_deadline < now() AND phase IN {TERMINAL_PHASES}"
+            ))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            // Conditions nobody signalled in time.
+            let timed_out = sqlx::query(concat!(
+                "WITH due AS (",
                 "  SELECT org, project, domain, run_name, name FROM actions",
-                "  WHERE lease_deadline < now() AND phase NOT IN {terminal} FOR UPDATE SKIP LOCKED",
+                "  WHERE kind = 3 AND phase = 9 AND deadline < now() FOR UPDATE SKIP LOCKED",
                 "), changed AS (",
-                "  UPDATE actions a SET",
-                "    phase = CASE WHEN a.attempt <= $1 THEN 1 ELSE 6 END,",
-                "    attempt = CASE WHEN a.attempt <= $1 THEN a.attempt + 1 ELSE a.attempt END,",
-                "    error = CASE WHEN a.attempt <= $1 THEN a.error ELSE $2 END,",
-                "    end_time = CASE WHEN a.attempt <= $1 THEN a.end_time ELSE now() END,",
-                "    lease_holder = NULL, lease_deadline = NULL,",
+                "  UPDATE actions a SET phase = 8, error = $1, end_time = now(),",
                 "    version = a.version + 1, updated_at = now()",
-                "  FROM expired e",
+                "  FROM due d",
                 "  WHERE (a.org, a.project, a.domain, a.run_name, a.name)",
-                "      = (e.org, e.project, e.domain, e.run_name, e.name)",
+                "      = (d.org, d.project, d.domain, d.run_name, d.name)",
                 "  RETURNING a.*",
                 ")",
-                insert_events_from_changed!(),
-                " RETURNING phase"
-            ),
-            terminal = TERMINAL_PHASES
-        ))
-        .bind(max)
-        .bind(settings.lease_error.as_ref())
-        .fetch_all(&mut *tx)
+                insert_events_from_changed!()
+            ))
+            .bind(settings.timeout_error.as_ref())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+            tx.commit().await.map_err(db_error)?;
+            Ok(ReapOutcome {
+                requeued: phases.iter().filter(|p| **p == 1).count(),
+                failed: phases.iter().filter(|p| **p == 6).count(),
+                timed_out: usize::try_from(timed_out).unwrap_or(usize::MAX),
+            })
+            })
         .await
-        .map_err(db_error)?;
-        // Terminal actions whose lease was never released (their executor
-        // vanished before a heartbeat reported the end).
-        sqlx::query(&format!(
-            "UPDATE actions SET lease_deadline = NULL \
-             WHERE lease_deadline < now() AND phase IN {TERMINAL_PHASES}"
-        ))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        // Conditions nobody signalled in time.
-        let timed_out = sqlx::query(concat!(
-            "WITH due AS (",
-            "  SELECT org, project, domain, run_name, name FROM actions",
-            "  WHERE kind = 3 AND phase = 9 AND deadline < now() FOR UPDATE SKIP LOCKED",
-            "), changed AS (",
-            "  UPDATE actions a SET phase = 8, error = $1, end_time = now(),",
-            "    version = a.version + 1, updated_at = now()",
-            "  FROM due d",
-            "  WHERE (a.org, a.project, a.domain, a.run_name, a.name)",
-            "      = (d.org, d.project, d.domain, d.run_name, d.name)",
-            "  RETURNING a.*",
-            ")",
-            insert_events_from_changed!()
-        ))
-        .bind(settings.timeout_error.as_ref())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?
-        .rows_affected();
-        tx.commit().await.map_err(db_error)?;
-        Ok(ReapOutcome {
-            requeued: phases.iter().filter(|p| **p == 1).count(),
-            failed: phases.iter().filter(|p| **p == 6).count(),
-            timed_out: usize::try_from(timed_out).unwrap_or(usize::MAX),
-        })
     }
 
     async fn ping(&self) -> Result<(), Error> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
-        Ok(())
+        bounded(self.timeout, async move {
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?;
+            Ok(())
+        })
+        .await
     }
 
     async fn listen(&self) -> Result<Option<Box<dyn PeerListener>>, Error> {
-        let listener = PgPeerListener::connect(self.options.clone()).await?;
+        let listener = PgPeerListener::connect(self.options.clone(), self.timeout).await?;
         Ok(Some(Box::new(listener)))
     }
 }
@@ -502,39 +635,67 @@ impl Store for PgStore {
 /// The daemon's one LISTEN connection, kept outside the pool.
 struct PgPeerListener {
     options: PgConnectOptions,
+    timeout: Duration,
     listener: PgListener,
 }
 
 impl PgPeerListener {
-    async fn connect(options: PgConnectOptions) -> Result<Self, Error> {
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(options.clone().application_name("actionsd-listener"));
-        let mut listener = PgListener::connect_with(&pool).await.map_err(db_error)?;
-        listener.listen(CHANNEL).await.map_err(db_error)?;
-        Ok(Self { options, listener })
+    async fn connect(options: PgConnectOptions, timeout: Duration) -> Result<Self, Error> {
+        bounded(timeout, async {
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(timeout)
+                .connect_lazy_with(options.clone().application_name("actionsd-listener"));
+            let mut listener = PgListener::connect_with(&pool).await.map_err(db_error)?;
+            listener.listen(CHANNEL).await.map_err(db_error)?;
+            Ok(Self {
+                options,
+                timeout,
+                listener,
+            })
+        })
+        .await
+    }
+
+    /// Replaces the connection with a fresh one.
+    async fn reconnect(&mut self) -> Result<PeerSignal, Error> {
+        *self = Self::connect(self.options.clone(), self.timeout).await?;
+        Ok(PeerSignal::Reconnected)
     }
 }
 
 #[async_trait]
 impl PeerListener for PgPeerListener {
     async fn next(&mut self) -> Result<PeerSignal, Error> {
-        match self.listener.try_recv().await {
-            Ok(Some(_)) => Ok(PeerSignal::Notified),
-            Ok(None) => {
-                warn!("event feed connection lost; reconnecting");
-                *self = Self::connect(self.options.clone()).await?;
-                Ok(PeerSignal::Reconnected)
-            }
-            Err(err) => {
-                let err = db_error(err);
-                // Reconnect on the next call whatever the failure was.
-                if let Ok(fresh) = Self::connect(self.options.clone()).await {
-                    *self = fresh;
-                    return Ok(PeerSignal::Reconnected);
+        loop {
+            let received = tokio::time::timeout(LISTEN_PROBE_AFTER, self.listener.try_recv()).await;
+            match received {
+                Ok(Ok(Some(_))) => return Ok(PeerSignal::Notified),
+                Ok(Ok(None)) => {
+                    warn!("event feed connection lost; reconnecting");
+                    return self.reconnect().await;
                 }
-                Err(err)
+                Ok(Err(err)) => {
+                    let err = db_error(err);
+                    // Reconnect on the next call whatever the failure was.
+                    return self.reconnect().await.map_err(|_| err);
+                }
+                Err(_) => {
+                    // Quiet for a while: make sure the connection still
+                    // answers (a notification arriving meanwhile is
+                    // buffered by the listener and read next).
+                    let probe = bounded(self.timeout, async {
+                        sqlx::query("SELECT 1")
+                            .execute(&mut self.listener)
+                            .await
+                            .map_err(db_error)
+                    })
+                    .await;
+                    if let Err(err) = probe {
+                        warn!(error = %err, "event feed connection does not answer; reconnecting");
+                        return self.reconnect().await.map_err(|_| err);
+                    }
+                }
             }
         }
     }
@@ -813,7 +974,7 @@ async fn compare_existing(
 async fn lock_current(conn: &mut PgConnection, id: &ActionId) -> Result<Current, Error> {
     let row = sqlx::query(
         "SELECT kind, phase, attempt, parent_name, condition_type, value, lease_holder, \
-                run_output_base FROM actions \
+                run_output_base, address FROM actions \
          WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5 FOR UPDATE",
     )
     .bind_id(id)
@@ -822,12 +983,11 @@ async fn lock_current(conn: &mut PgConnection, id: &ActionId) -> Result<Current,
     .map_err(db_error)?
     .ok_or_else(|| Error::ActionNotFound(id.clone()))?;
     let kind: i16 = row.try_get("kind").map_err(db_error)?;
-    let attempt: i32 = row.try_get("attempt").map_err(db_error)?;
     Ok(Current {
         kind: ActionKind::from_db(kind)
             .ok_or_else(|| Error::Internal(format!("unknown action kind {kind}")))?,
         phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
-        attempt: u32::try_from(attempt).unwrap_or(0),
+        attempt: attempt_from_db(row.try_get("attempt").map_err(db_error)?)?,
         parent: row.try_get("parent_name").map_err(db_error)?,
         condition_type: row.try_get("condition_type").map_err(db_error)?,
         value: row
@@ -836,6 +996,10 @@ async fn lock_current(conn: &mut PgConnection, id: &ActionId) -> Result<Current,
             .map(Bytes::from),
         lease_holder: row.try_get("lease_holder").map_err(db_error)?,
         run_output_base: row.try_get("run_output_base").map_err(db_error)?,
+        address: row
+            .try_get::<Option<Vec<u8>>, _>("address")
+            .map_err(db_error)?
+            .map(Bytes::from),
     })
 }
 
@@ -849,7 +1013,8 @@ async fn update(conn: &mut PgConnection, update: &UpdateStatus) -> Result<usize,
         "WITH changed AS (",
         " UPDATE actions SET phase = $6, attempt = $7, version = version + 1, updated_at = now(),",
         "   start_time = COALESCE($8, start_time),",
-        "   end_time = CASE WHEN $9 THEN COALESCE($10, end_time, now()) ELSE end_time END",
+        "   end_time = CASE WHEN $9 THEN COALESCE($10, end_time, now()) ELSE end_time END,",
+        "   address = COALESCE($11, address)",
         " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5",
         " RETURNING ",
         state_columns!(),
@@ -858,10 +1023,11 @@ async fn update(conn: &mut PgConnection, update: &UpdateStatus) -> Result<usize,
     ))
     .bind_id(id)
     .bind(next.phase as i16)
-    .bind(i32::try_from(next.attempt).unwrap_or(i32::MAX))
+    .bind(i64::from(next.attempt))
     .bind(update.start_time)
     .bind(next.phase.is_terminal())
     .bind(update.end_time)
+    .bind(update.address.as_deref())
     .execute(&mut *conn)
     .await
     .map_err(db_error)?;
@@ -894,7 +1060,8 @@ async fn abort(conn: &mut PgConnection, abort: &AbortAction) -> Result<usize, Er
             "  WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4",
             "    AND a.name = s.name AND a.phase NOT IN {terminal}",
             "  RETURNING a.org, a.project, a.domain, a.run_name, a.name, a.parent_name, a.version,",
-            "    a.phase, a.attempt, a.output_uri, a.error, a.value, a.queue, a.lease_holder",
+            "    a.phase, a.attempt, a.output_uri, a.error, a.value, a.queue, a.lease_holder,",
+            "    a.kind, a.run_output_base, a.address",
             ")",
             insert_events_from_changed!()
         ),
@@ -1038,11 +1205,13 @@ async fn finish(conn: &mut PgConnection, finish: &FinishAction) -> Result<usize,
     if !decide_finish(id, &current, finish)? {
         return Ok(0);
     }
-    let base = &current.run_output_base;
-    let output_uri = finish
-        .output_uri
-        .clone()
-        .unwrap_or_else(|| default_output_uri(base, &id.name, finish.attempt));
+    let output_uri = output_uri(
+        ActionKind::Task,
+        finish.output_uri.as_deref().unwrap_or_default(),
+        &current.run_output_base,
+        &id.name,
+        finish.attempt,
+    );
     if finish.retry {
         // A retrying Finish: the next attempt is queued, as after a lost
         // lease; the error stays for watchers until that attempt reports.
@@ -1100,27 +1269,37 @@ fn action_id_from_row(row: &PgRow) -> Result<ActionId, Error> {
 /// `lease_deadline`, `run_output_base` and the run's `run_spec`.
 fn lease_from_row(row: &PgRow) -> Result<Lease, Error> {
     let id = action_id_from_row(row)?;
-    let attempt = u32::try_from(row.try_get::<i32, _>("attempt").map_err(db_error)?).unwrap_or(0);
+    let attempt = attempt_from_db(row.try_get("attempt").map_err(db_error)?)?;
     let base: String = row.try_get("run_output_base").map_err(db_error)?;
     Ok(Lease {
-        output_uri: default_output_uri(&base, &id.name, attempt),
+        output_uri: output_uri(ActionKind::Task, "", &base, &id.name, attempt),
         id,
         spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
         run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
         attempt,
-        deadline: row.try_get("lease_deadline").map_err(db_error)?,
+        deadline: time::get(row, "lease_deadline")?,
     })
 }
 
+/// An action's observable state from a row of [`state_columns!`] (of
+/// `actions` or of `events`).
 fn state_from_row(row: &PgRow) -> Result<ActionState, Error> {
-    let attempt: i32 = row.try_get("attempt").map_err(db_error)?;
+    let id = action_id_from_row(row)?;
+    let attempt = attempt_from_db(row.try_get("attempt").map_err(db_error)?)?;
+    // Events written before they carried the kind hold 0: no default.
+    let kind = ActionKind::from_db(row.try_get("kind").map_err(db_error)?);
+    let reported: String = row.try_get("output_uri").map_err(db_error)?;
+    let base: String = row.try_get("run_output_base").map_err(db_error)?;
     Ok(ActionState {
-        id: action_id_from_row(row)?,
+        output_uri: match kind {
+            Some(kind) => output_uri(kind, &reported, &base, &id.name, attempt),
+            None => reported,
+        },
+        id,
         parent: row.try_get("parent_name").map_err(db_error)?,
         version: row.try_get("version").map_err(db_error)?,
         phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
-        attempt: u32::try_from(attempt).unwrap_or(0),
-        output_uri: row.try_get("output_uri").map_err(db_error)?,
+        attempt,
         error: row
             .try_get::<Option<Vec<u8>>, _>("error")
             .map_err(db_error)?
@@ -1131,7 +1310,16 @@ fn state_from_row(row: &PgRow) -> Result<ActionState, Error> {
             .map(Bytes::from),
         queue: row.try_get("queue").map_err(db_error)?,
         lease_holder: row.try_get("lease_holder").map_err(db_error)?,
+        address: row
+            .try_get::<Option<Vec<u8>>, _>("address")
+            .map_err(db_error)?
+            .map(Bytes::from),
     })
+}
+
+fn attempt_from_db(value: i64) -> Result<u32, Error> {
+    u32::try_from(value)
+        .map_err(|_| Error::Internal(format!("attempt {value} in the store is out of range")))
 }
 
 fn phase_from_db(value: i16) -> Result<Phase, Error> {
@@ -1202,6 +1390,7 @@ mod tests {
             &PoolSettings {
                 max_connections: 8,
                 acquire_timeout: Duration::from_secs(5),
+                statement_timeout: Duration::from_secs(30),
             },
         )
     }
@@ -1246,6 +1435,7 @@ mod tests {
             &PoolSettings {
                 max_connections: 1,
                 acquire_timeout: Duration::from_secs(5),
+                statement_timeout: Duration::from_secs(5),
             },
         );
         let err = store.ping().await.unwrap_err();

@@ -30,12 +30,12 @@ use sqlx::{Row, SqliteConnection};
 use tracing::{instrument, warn};
 
 use super::commit::{Committers, GroupCommit};
-use super::{FeedBatch, FeedCursor, PeerListener, Store};
+use super::{read_bounded, snapshot_page, FeedBatch, FeedCursor, PeerListener, Store};
 use crate::domain::{
-    decide_enqueue_existing, decide_finish, decide_signal, decide_update, default_output_uri,
-    AbortAction, ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current,
-    EnqueueAction, Error, FinishAction, HeartbeatOutcome, Lease, Phase, ReapOutcome, ReapSettings,
-    RunId, SignalAction, UpdateStatus,
+    decide_enqueue_existing, decide_finish, decide_signal, decide_update, output_uri, AbortAction,
+    ActionId, ActionKind, ActionState, Cancellation, ClaimRequest, Command, Current, EnqueueAction,
+    Error, FinishAction, HeartbeatOutcome, Lease, Page, Phase, ReapOutcome, ReapSettings, RunId,
+    SignalAction, SnapshotPosition, UpdateStatus,
 };
 use crate::schema;
 
@@ -45,7 +45,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqli
 /// The columns of an action's observable state, in [`state_from_row`] order.
 macro_rules! state_columns {
     () => {
-        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value, queue, lease_holder"
+        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value, queue, lease_holder, kind, run_output_base, address"
     };
 }
 
@@ -94,8 +94,8 @@ impl Default for SqliteSettings {
 /// cause, when there is one, is its `source`.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot create the directory {}", path.display())]
-    CreateDir { path: PathBuf, source: io::Error },
+    #[error("the directory {} does not exist", path.display())]
+    MissingDir { path: PathBuf },
 
     #[error("cannot lock {}", path.display())]
     LockFile { path: PathBuf, source: io::Error },
@@ -137,11 +137,14 @@ impl SqliteStore {
     /// pending migrations. Fails if another process, or another store in
     /// this process, has the file open.
     pub async fn open(path: &Path, settings: &SqliteSettings) -> Result<Self, OpenError> {
+        // Only the file is created: a directory that does not exist is
+        // more likely a typo in the path than a wish for new directories.
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
-                path: dir.to_owned(),
-                source,
-            })?;
+            if !dir.is_dir() {
+                return Err(OpenError::MissingDir {
+                    path: dir.to_owned(),
+                });
+            }
         }
         let lock = lock_file(path)?;
 
@@ -258,26 +261,43 @@ impl Store for SqliteStore {
     }
 
     #[instrument(skip_all, fields(action = %parent))]
-    async fn watch_snapshot(&self, parent: &ActionId) -> Result<Vec<ActionState>, Error> {
+    async fn watch_snapshot(
+        &self,
+        parent: &ActionId,
+        after: Option<&SnapshotPosition>,
+        limit: usize,
+    ) -> Result<Page<ActionState, SnapshotPosition>, Error> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             state_columns!(),
-            " FROM actions WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4",
-            " AND (name = ?5 OR parent_name = ?5)",
-            " ORDER BY name = ?5 DESC, created_at, name"
+            ", created_at FROM actions",
+            " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4",
+            " AND ((NOT ?6 AND name = ?5) OR (parent_name = ?5",
+            "   AND (?7 IS NULL OR (created_at, name) > (?7, ?8))))",
+            " ORDER BY name = ?5 DESC, created_at, name LIMIT ?9"
         ))
         .bind_id(parent)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
-        let states = rows
-            .iter()
-            .map(state_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        match states.first() {
-            Some(first) if first.id.name == parent.name => Ok(states),
-            _ => Err(Error::ActionNotFound(parent.clone())),
-        }
+        .bind(after.is_some())
+        .bind(after.map(|a| a.created_at.timestamp_micros()))
+        .bind(after.map(|a| a.name.as_str()))
+        .bind(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX))
+        .fetch(&self.pool);
+        let rows = read_bounded(
+            rows,
+            |row| {
+                let state = state_from_row(row)?;
+                let position = SnapshotPosition {
+                    created_at: time_from_micros(row.try_get("created_at").map_err(db_error)?)?,
+                    name: state.id.name.clone(),
+                };
+                Ok((state, position))
+            },
+            |(state, _)| state.approximate_size(),
+            limit,
+            db_error,
+        )
+        .await?;
+        snapshot_page(parent, after.is_none(), rows, limit)
     }
 
     async fn feed_start(&self) -> Result<FeedCursor, Error> {
@@ -431,7 +451,7 @@ impl Store for SqliteStore {
                     " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
                     " RETURNING ",
                     state_columns!(),
-                    ", spec, run_output_base"
+                    ", spec"
                 ))
                 .bind_id(&id)
                 .bind(&request.executor)
@@ -442,9 +462,8 @@ impl Store for SqliteStore {
                 .map_err(db_error)?;
                 let state = state_from_row(&row)?;
                 append_event(&mut tx, &state, now).await?;
-                let base: String = row.try_get("run_output_base").map_err(db_error)?;
                 leases.push(Lease {
-                    output_uri: default_output_uri(&base, &id.name, state.attempt),
+                    output_uri: state.output_uri.clone(),
                     id,
                     spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
                     run_spec,
@@ -479,11 +498,10 @@ impl Store for SqliteStore {
         rows.iter()
             .map(|row| {
                 let id = action_id_from_row(row)?;
-                let attempt =
-                    u32::try_from(row.try_get::<i64, _>("attempt").map_err(db_error)?).unwrap_or(0);
+                let attempt = attempt_from_db(row.try_get("attempt").map_err(db_error)?)?;
                 let base: String = row.try_get("run_output_base").map_err(db_error)?;
                 Ok(Lease {
-                    output_uri: default_output_uri(&base, &id.name, attempt),
+                    output_uri: output_uri(ActionKind::Task, "", &base, &id.name, attempt),
                     id,
                     spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
                     run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
@@ -519,8 +537,7 @@ impl Store for SqliteStore {
             }
             cancelled.push(Cancellation {
                 id: action_id_from_row(row)?,
-                attempt: u32::try_from(row.try_get::<i64, _>("attempt").map_err(db_error)?)
-                    .unwrap_or(0),
+                attempt: attempt_from_db(row.try_get("attempt").map_err(db_error)?)?,
                 reason: row
                     .try_get::<Option<String>, _>("abort_reason")
                     .map_err(db_error)?
@@ -897,7 +914,7 @@ async fn compare_existing(
 async fn read_current(conn: &mut SqliteConnection, id: &ActionId) -> Result<Current, Error> {
     let row = sqlx::query(
         "SELECT kind, phase, attempt, parent_name, condition_type, value, lease_holder, \
-                run_output_base FROM actions \
+                run_output_base, address FROM actions \
          WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
     )
     .bind_id(id)
@@ -906,14 +923,13 @@ async fn read_current(conn: &mut SqliteConnection, id: &ActionId) -> Result<Curr
     .map_err(db_error)?
     .ok_or_else(|| Error::ActionNotFound(id.clone()))?;
     let kind: i64 = row.try_get("kind").map_err(db_error)?;
-    let attempt: i64 = row.try_get("attempt").map_err(db_error)?;
     Ok(Current {
         kind: i16::try_from(kind)
             .ok()
             .and_then(ActionKind::from_db)
             .ok_or_else(|| Error::Internal(format!("unknown action kind {kind}")))?,
         phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
-        attempt: u32::try_from(attempt).unwrap_or(0),
+        attempt: attempt_from_db(row.try_get("attempt").map_err(db_error)?)?,
         parent: row.try_get("parent_name").map_err(db_error)?,
         condition_type: row.try_get("condition_type").map_err(db_error)?,
         value: row
@@ -922,6 +938,10 @@ async fn read_current(conn: &mut SqliteConnection, id: &ActionId) -> Result<Curr
             .map(Bytes::from),
         lease_holder: row.try_get("lease_holder").map_err(db_error)?,
         run_output_base: row.try_get("run_output_base").map_err(db_error)?,
+        address: row
+            .try_get::<Option<Vec<u8>>, _>("address")
+            .map_err(db_error)?
+            .map(Bytes::from),
     })
 }
 
@@ -938,18 +958,20 @@ async fn update(
     let row = sqlx::query(concat!(
         "UPDATE actions SET phase = ?6, attempt = ?7, version = version + 1, updated_at = ?11,",
         "   start_time = COALESCE(?8, start_time),",
-        "   end_time = CASE WHEN ?9 THEN COALESCE(?10, end_time, ?11) ELSE end_time END",
+        "   end_time = CASE WHEN ?9 THEN COALESCE(?10, end_time, ?11) ELSE end_time END,",
+        "   address = COALESCE(?12, address)",
         " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5",
         " RETURNING ",
         state_columns!()
     ))
     .bind_id(id)
     .bind(next.phase as i16)
-    .bind(i32::try_from(next.attempt).unwrap_or(i32::MAX))
+    .bind(i64::from(next.attempt))
     .bind(update.start_time.as_ref().map(DateTime::timestamp_micros))
     .bind(next.phase.is_terminal())
     .bind(update.end_time.as_ref().map(DateTime::timestamp_micros))
     .bind(now)
+    .bind(update.address.as_deref())
     .fetch_one(&mut *conn)
     .await
     .map_err(db_error)?;
@@ -1067,11 +1089,13 @@ async fn finish(
     if !decide_finish(id, &current, finish)? {
         return Ok(0);
     }
-    let base = &current.run_output_base;
-    let output_uri = finish
-        .output_uri
-        .clone()
-        .unwrap_or_else(|| default_output_uri(base, &id.name, finish.attempt));
+    let output_uri = output_uri(
+        ActionKind::Task,
+        finish.output_uri.as_deref().unwrap_or_default(),
+        &current.run_output_base,
+        &id.name,
+        finish.attempt,
+    );
     let row = if finish.retry {
         // A retrying Finish: the next attempt is queued, as after a lost
         // lease; the error stays for watchers until that attempt reports.
@@ -1123,31 +1147,22 @@ fn action_id_from_row(row: &SqliteRow) -> Result<ActionId, Error> {
 }
 
 /// Appends the state a change produced to the event log, in the change's
-/// transaction.
+/// transaction: a copy of the action's row as the change left it.
 async fn append_event(
     conn: &mut SqliteConnection,
     state: &ActionState,
     now: i64,
 ) -> Result<(), Error> {
+    let id = &state.id;
     sqlx::query(concat!(
         "INSERT INTO events (",
         state_columns!(),
-        ", created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+        ", created_at) SELECT ",
+        state_columns!(),
+        ", ?6 FROM actions",
+        " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5"
     ))
-    .bind(&state.id.run.org)
-    .bind(&state.id.run.project)
-    .bind(&state.id.run.domain)
-    .bind(&state.id.run.name)
-    .bind(&state.id.name)
-    .bind(&state.parent)
-    .bind(state.version)
-    .bind(state.phase as i16)
-    .bind(i64::from(state.attempt))
-    .bind(&state.output_uri)
-    .bind(state.error.as_deref())
-    .bind(state.value.as_deref())
-    .bind(&state.queue)
-    .bind(&state.lease_holder)
+    .bind_id(id)
     .bind(now)
     .execute(&mut *conn)
     .await
@@ -1155,23 +1170,27 @@ async fn append_event(
     Ok(())
 }
 
+/// An action's observable state from a row of [`state_columns!`] (of
+/// `actions` or of `events`).
 fn state_from_row(row: &SqliteRow) -> Result<ActionState, Error> {
-    let attempt: i64 = row.try_get("attempt").map_err(db_error)?;
+    let id = action_id_from_row(row)?;
+    let attempt = attempt_from_db(row.try_get("attempt").map_err(db_error)?)?;
+    // Events written before they carried the kind hold 0: no default.
+    let kind = i16::try_from(row.try_get::<i64, _>("kind").map_err(db_error)?)
+        .ok()
+        .and_then(ActionKind::from_db);
+    let reported: String = row.try_get("output_uri").map_err(db_error)?;
+    let base: String = row.try_get("run_output_base").map_err(db_error)?;
     Ok(ActionState {
-        id: ActionId::new(
-            RunId {
-                org: row.try_get("org").map_err(db_error)?,
-                project: row.try_get("project").map_err(db_error)?,
-                domain: row.try_get("domain").map_err(db_error)?,
-                name: row.try_get("run_name").map_err(db_error)?,
-            },
-            row.try_get::<String, _>("name").map_err(db_error)?,
-        ),
+        output_uri: match kind {
+            Some(kind) => output_uri(kind, &reported, &base, &id.name, attempt),
+            None => reported,
+        },
+        id,
         parent: row.try_get("parent_name").map_err(db_error)?,
         version: row.try_get("version").map_err(db_error)?,
         phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
-        attempt: u32::try_from(attempt).unwrap_or(0),
-        output_uri: row.try_get("output_uri").map_err(db_error)?,
+        attempt,
         error: row
             .try_get::<Option<Vec<u8>>, _>("error")
             .map_err(db_error)?
@@ -1182,7 +1201,16 @@ fn state_from_row(row: &SqliteRow) -> Result<ActionState, Error> {
             .map(Bytes::from),
         queue: row.try_get("queue").map_err(db_error)?,
         lease_holder: row.try_get("lease_holder").map_err(db_error)?,
+        address: row
+            .try_get::<Option<Vec<u8>>, _>("address")
+            .map_err(db_error)?
+            .map(Bytes::from),
     })
+}
+
+fn attempt_from_db(value: i64) -> Result<u32, Error> {
+    u32::try_from(value)
+        .map_err(|_| Error::Internal(format!("attempt {value} in the store is out of range")))
 }
 
 fn phase_from_db(value: i64) -> Result<Phase, Error> {
@@ -1329,6 +1357,7 @@ mod tests {
             phase,
             start_time: None,
             end_time: None,
+            address: None,
         })
     }
 
@@ -1354,7 +1383,7 @@ mod tests {
     }
 
     async fn open(dir: &tempfile::TempDir) -> SqliteStore {
-        SqliteStore::open(&dir.path().join("db").join("actionsd.db"), &settings())
+        SqliteStore::open(&dir.path().join("actionsd.db"), &settings())
             .await
             .expect("open")
     }
@@ -1377,6 +1406,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = std::sync::Arc::new(open(&dir).await);
         crate::store::commit::checks::concurrent_enqueues_all_land(store).await;
+    }
+
+    #[tokio::test]
+    async fn a_missing_directory_is_an_error_and_nothing_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let typo = dir
+            .path()
+            .join("no-such-dir")
+            .join("sub")
+            .join("actionsd.db");
+        let Err(err) = SqliteStore::open(&typo, &settings()).await else {
+            panic!("opened a file in a directory that does not exist");
+        };
+        assert!(matches!(err, OpenError::MissingDir { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the directory {} does not exist",
+                dir.path().join("no-such-dir").join("sub").display()
+            )
+        );
+        assert!(!dir.path().join("no-such-dir").exists());
+        // The file itself is created when its directory exists.
+        let store = SqliteStore::open(&dir.path().join("new.db"), &settings())
+            .await
+            .unwrap();
+        assert!(dir.path().join("new.db").is_file());
+        store.close().await;
     }
 
     fn settings() -> SqliteSettings {
@@ -1606,7 +1663,11 @@ mod tests {
         );
 
         // The snapshot: the action, then its children by creation.
-        let snapshot = store.watch_snapshot(&id("a0")).await.unwrap();
+        let snapshot = store
+            .watch_snapshot(&id("a0"), None, 100)
+            .await
+            .unwrap()
+            .items;
         let names: Vec<&str> = snapshot.iter().map(|s| s.id.name.as_str()).collect();
         assert_eq!(names, ["a0", "c1", "c2", "k1"]);
         let phases: Vec<Phase> = snapshot.iter().map(|s| s.phase).collect();
@@ -1621,7 +1682,10 @@ mod tests {
         );
         assert_eq!(snapshot[0].error.as_deref(), Some(&b"aborted-error"[..]));
         assert_eq!(snapshot[3].value.as_deref(), Some(&b"yes"[..]));
-        let err = store.watch_snapshot(&id("zz")).await.unwrap_err();
+        let err = store
+            .watch_snapshot(&id("zz"), None, 100)
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::ActionNotFound(_)), "{err:?}");
         let (reason, by): (String, Vec<u8>) =
             sqlx::query_as("SELECT abort_reason, aborted_by FROM actions WHERE name = 'g1'")
@@ -1779,13 +1843,16 @@ mod tests {
             .execute(update("c1", 2, Phase::Running))
             .await
             .unwrap();
-        let before = store.watch_snapshot(&id("a0")).await.unwrap();
+        let before = store.watch_snapshot(&id("a0"), None, 100).await.unwrap();
         let cursor = store.feed_start().await.unwrap();
         store.close().await;
         drop(store);
 
         let store = open(&dir).await;
-        assert_eq!(store.watch_snapshot(&id("a0")).await.unwrap(), before);
+        assert_eq!(
+            store.watch_snapshot(&id("a0"), None, 100).await.unwrap(),
+            before
+        );
         assert_eq!(store.feed_start().await.unwrap(), cursor);
         // Sequence numbers go on from where they were.
         store

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod faultproxy;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Once;
@@ -204,6 +206,11 @@ impl Daemon {
         Self::start_configured(url, |_| {}).await
     }
 
+    /// A daemon on the database at `url`, its configuration adjusted first.
+    pub async fn start_url_with(url: &str, configure: impl FnOnce(&mut Config)) -> Self {
+        Self::start_configured(url, configure).await
+    }
+
     async fn start_configured(url: &str, configure: impl FnOnce(&mut Config)) -> Self {
         init_logging();
         let mut config = Config::with_overrides(Overrides {
@@ -394,6 +401,7 @@ pub fn condition(run: &str, name: &str, parent: &str, simple: core::SimpleType) 
 
 pub fn status_update(run: &str, name: &str, attempt: u32, phase: i32) -> UpdateRequest {
     UpdateRequest {
+        address: None,
         action_id: Some(aid(run, name)),
         attempt,
         status: Some(ActionStatus {

@@ -20,8 +20,8 @@ fi
 "$here/.venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt"
 
 export ACTIONSD_BIN="$root/target/debug/actionsd"
-# The stores' suites run side by side (each has its own daemon and
-# executors); each one's output is printed when it ends.
+# One store after the other: each suite runs every program at once, which
+# already keeps the machine busy.
 scratch="$(mktemp -d)"
 database="actionsd_flyte_$$"
 cleanup() {
@@ -33,21 +33,16 @@ cleanup() {
 trap cleanup EXIT
 
 suite() { # name store
-    (cd "$here" && ACTIONSD_STORE="$2" "$here/.venv/bin/python" -m pytest -q -p no:cacheprovider) \
-        >"$scratch/$1.log" 2>&1
+    # A private --basetemp: pytest's shared /tmp/pytest-of-<user> is
+    # pruned by every other pytest session of the same user.
+    (cd "$here" && ACTIONSD_STORE="$2" "$here/.venv/bin/python" -m pytest -q -p no:cacheprovider \
+        --basetemp "$scratch/$1-tmp")
 }
-echo "== Flyte programs on SQLite${DATABASE_URL:+ and Postgres}"
-suite sqlite "" &
-sqlite_suite=$!
-if [ -n "${DATABASE_URL:-}" ]; then
-    suite postgres "${DATABASE_URL%/*}/$database" &
-    postgres_suite=$!
-fi
 status=0
-wait "$sqlite_suite" || status=1
-echo "-- SQLite"; cat "$scratch/sqlite.log"
+echo "== Flyte programs on SQLite"
+suite sqlite "" || status=1
 if [ -n "${DATABASE_URL:-}" ]; then
-    wait "$postgres_suite" || status=1
-    echo "-- Postgres"; cat "$scratch/postgres.log"
+    echo "== Flyte programs on Postgres"
+    suite postgres "${DATABASE_URL%/*}/$database" || status=1
 fi
 exit "$status"

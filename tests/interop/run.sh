@@ -85,4 +85,12 @@ fi
 # (with DATABASE_URL) Postgres.
 echo "== Flyte programs (tests/flyte/run.sh)"
 "$root/tests/flyte/run.sh" || status=1
+
+# The README's test command is `cargo test && tests/interop/run.sh`, so this
+# is its last line: say plainly when half of it ran on SQLite only.
+if [ -z "${DATABASE_URL:-}" ]; then
+    echo "note: DATABASE_URL is not set: cargo test reported the Postgres tests" \
+        "(NAME::postgres) as ignored and these suites ran on SQLite only;" \
+        "set DATABASE_URL (see README.md, Running the tests) to run the Postgres suite" >&2
+fi
 exit "$status"

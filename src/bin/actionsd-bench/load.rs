@@ -116,6 +116,7 @@ pub fn root(run: &str, spec: &Bytes) -> EnqueueRequest {
 
 pub fn update(run: &str, name: &str, attempt: u32, phase: i32) -> UpdateRequest {
     UpdateRequest {
+        address: None,
         action_id: Some(aid(run, name)),
         attempt,
         status: Some(ActionStatus {

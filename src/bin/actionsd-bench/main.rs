@@ -157,7 +157,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         cli.scenarios
     };
 
-    let mut report = Report::new();
+    let mut report = Report::new(settings.smoke);
     report::print_machine();
     for scenario in scenarios {
         println!("\n== {scenario:?}");

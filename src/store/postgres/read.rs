@@ -7,20 +7,32 @@ use sqlx::postgres::PgRow;
 use sqlx::{QueryBuilder, Row};
 use tracing::instrument;
 
-use super::{db_error, phase_from_db, state_from_row, PgStore};
+use super::{bounded, db_error, phase_from_db, state_from_row, time, PgStore};
 use crate::domain::{
     ActionFilter, ActionId, ActionKind, ActionPosition, ActionRecord, Error, HistoryEntry, Page,
-    PageRequest, RunFilter, RunId, RunPosition, RunRecord,
+    PageRequest, RunFilter, RunId, RunPosition, RunRecord, PAGE_BUDGET,
 };
 use crate::store::listing::{self, group_runs, RunPhaseRow};
-use crate::store::ReadStore;
+use crate::store::{read_bounded, ReadStore};
 
 /// Everything an [`ActionRecord`] is read from.
 macro_rules! record_columns {
     () => {
         concat!(
             state_columns!(),
-            ", kind, spec, lease_deadline, abort_reason, created_at, updated_at,",
+            ", spec, lease_deadline, abort_reason, created_at, updated_at,",
+            " start_time, end_time, deadline"
+        )
+    };
+}
+
+/// What a listing reads: a record without its spec, which listings do not
+/// return (a spec may be megabytes).
+macro_rules! listing_columns {
+    () => {
+        concat!(
+            state_columns!(),
+            ", ''::bytea AS spec, lease_deadline, abort_reason, created_at, updated_at,",
             " start_time, end_time, deadline"
         )
     };
@@ -33,13 +45,13 @@ fn record_from_row(row: &PgRow) -> Result<ActionRecord, Error> {
         kind: ActionKind::from_db(kind)
             .ok_or_else(|| Error::Internal(format!("unknown action kind {kind} in the store")))?,
         spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
-        lease_deadline: row.try_get("lease_deadline").map_err(db_error)?,
+        lease_deadline: time::get_opt(row, "lease_deadline")?,
         abort_reason: row.try_get("abort_reason").map_err(db_error)?,
-        created_at: row.try_get("created_at").map_err(db_error)?,
-        updated_at: row.try_get("updated_at").map_err(db_error)?,
-        start_time: row.try_get("start_time").map_err(db_error)?,
-        end_time: row.try_get("end_time").map_err(db_error)?,
-        deadline: row.try_get("deadline").map_err(db_error)?,
+        created_at: time::get(row, "created_at")?,
+        updated_at: time::get(row, "updated_at")?,
+        start_time: time::get_opt(row, "start_time")?,
+        end_time: time::get_opt(row, "end_time")?,
+        deadline: time::get_opt(row, "deadline")?,
     })
 }
 
@@ -65,20 +77,23 @@ impl ReadStore for PgStore {
 
     #[instrument(skip_all, fields(action = %id))]
     async fn get_action(&self, id: &ActionId) -> Result<ActionRecord, Error> {
-        let mut query = QueryBuilder::new(concat!(
-            "SELECT ",
-            record_columns!(),
-            " FROM actions WHERE true"
-        ));
-        listing::push_run(&mut query, "", &id.run);
-        query.push(" AND name = ").push_bind(id.name.clone());
-        let row = query
-            .build()
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?
-            .ok_or_else(|| Error::ActionNotFound(id.clone()))?;
-        record_from_row(&row)
+        bounded(self.timeout, async move {
+            let mut query = QueryBuilder::new(concat!(
+                "SELECT ",
+                record_columns!(),
+                " FROM actions WHERE true"
+            ));
+            listing::push_run(&mut query, "", &id.run);
+            query.push(" AND name = ").push_bind(id.name.clone());
+            let row = query
+                .build()
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?
+                .ok_or_else(|| Error::ActionNotFound(id.clone()))?;
+            record_from_row(&row)
+        })
+        .await
     }
 
     #[instrument(skip_all)]
@@ -87,41 +102,25 @@ impl ReadStore for PgStore {
         filter: &ActionFilter,
         page: &PageRequest<ActionPosition>,
     ) -> Result<Page<ActionRecord, ActionPosition>, Error> {
-        let mut query = listing::actions_page(record_columns!(), filter, page, |t| t);
-        let rows = query
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        let records = rows
-            .iter()
-            .map(record_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Page::from_overfetch(
-            records,
-            page.limit,
-            ActionRecord::position,
-        ))
-    }
-
-    #[instrument(skip_all, fields(run = %run))]
-    async fn run_actions(&self, run: &RunId) -> Result<Vec<ActionRecord>, Error> {
-        let mut query = QueryBuilder::new(concat!(
-            "SELECT ",
-            record_columns!(),
-            " FROM actions WHERE true"
-        ));
-        listing::push_run(&mut query, "", run);
-        query.push(" ORDER BY created_at, name");
-        let rows = query
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        if rows.is_empty() {
-            return Err(Error::RunNotFound(run.clone()));
-        }
-        rows.iter().map(record_from_row).collect()
+        bounded(self.timeout, async move {
+            let mut query = listing::actions_page(listing_columns!(), filter, page, |t| t);
+            let records = read_bounded(
+                query.build().fetch(&self.pool),
+                record_from_row,
+                ActionRecord::approximate_size,
+                page.limit,
+                db_error,
+            )
+            .await?;
+            Ok(Page::from_overfetch_within(
+                records,
+                page.limit,
+                ActionRecord::position,
+                ActionRecord::approximate_size,
+                PAGE_BUDGET,
+            ))
+        })
+        .await
     }
 
     #[instrument(skip_all)]
@@ -130,63 +129,69 @@ impl ReadStore for PgStore {
         filter: &RunFilter,
         page: &PageRequest<RunPosition>,
     ) -> Result<Page<RunRecord, RunPosition>, Error> {
-        let mut query = listing::runs_page(filter, page, |t| t);
-        let rows = query
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        let rows = rows
-            .iter()
-            .map(|row| {
-                Ok(RunPhaseRow {
-                    id: RunId {
-                        org: row.try_get("org").map_err(db_error)?,
-                        project: row.try_get("project").map_err(db_error)?,
-                        domain: row.try_get("domain").map_err(db_error)?,
-                        name: row.try_get("run_name").map_err(db_error)?,
-                    },
-                    root_name: row.try_get("root_name").map_err(db_error)?,
-                    root_phase: phase_from_db(row.try_get("root_phase").map_err(db_error)?)?,
-                    queue: row.try_get("queue").map_err(db_error)?,
-                    created_at: row.try_get("created_at").map_err(db_error)?,
-                    phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
-                    actions: row.try_get("actions").map_err(db_error)?,
+        bounded(self.timeout, async move {
+            let mut query = listing::runs_page(filter, page, |t| t);
+            let rows = query
+                .build()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+            let rows = rows
+                .iter()
+                .map(|row| {
+                    Ok(RunPhaseRow {
+                        id: RunId {
+                            org: row.try_get("org").map_err(db_error)?,
+                            project: row.try_get("project").map_err(db_error)?,
+                            domain: row.try_get("domain").map_err(db_error)?,
+                            name: row.try_get("run_name").map_err(db_error)?,
+                        },
+                        root_name: row.try_get("root_name").map_err(db_error)?,
+                        root_phase: phase_from_db(row.try_get("root_phase").map_err(db_error)?)?,
+                        queue: row.try_get("queue").map_err(db_error)?,
+                        created_at: time::get(row, "created_at")?,
+                        phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
+                        actions: row.try_get("actions").map_err(db_error)?,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        let runs = group_runs(rows);
-        Ok(Page::from_overfetch(runs, page.limit, RunRecord::position))
+                .collect::<Result<Vec<_>, Error>>()?;
+            let runs = group_runs(rows);
+            Ok(Page::from_overfetch(runs, page.limit, RunRecord::position))
+        })
+        .await
     }
 
     #[instrument(skip_all, fields(action = %id))]
     async fn history(&self, id: &ActionId) -> Result<Vec<HistoryEntry>, Error> {
-        let mut query = QueryBuilder::new(concat!(
-            "SELECT ",
-            state_columns!(),
-            ", created_at FROM events WHERE true"
-        ));
-        listing::push_run(&mut query, "", &id.run);
-        query
-            .push(" AND name = ")
-            .push_bind(id.name.clone())
-            .push(" ORDER BY version");
-        let rows = query
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        // Every action has at least the event of its enqueue.
-        if rows.is_empty() {
-            return Err(Error::ActionNotFound(id.clone()));
-        }
-        rows.iter()
-            .map(|row| {
-                Ok(HistoryEntry {
-                    state: state_from_row(row)?,
-                    at: row.try_get("created_at").map_err(db_error)?,
+        bounded(self.timeout, async move {
+            let mut query = QueryBuilder::new(concat!(
+                "SELECT ",
+                state_columns!(),
+                ", created_at FROM events WHERE true"
+            ));
+            listing::push_run(&mut query, "", &id.run);
+            query
+                .push(" AND name = ")
+                .push_bind(id.name.clone())
+                .push(" ORDER BY version");
+            let rows = query
+                .build()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+            // Every action has at least the event of its enqueue.
+            if rows.is_empty() {
+                return Err(Error::ActionNotFound(id.clone()));
+            }
+            rows.iter()
+                .map(|row| {
+                    Ok(HistoryEntry {
+                        state: state_from_row(row)?,
+                        at: time::get(row, "created_at")?,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
+        .await
     }
 }

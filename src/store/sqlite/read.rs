@@ -10,17 +10,29 @@ use tracing::instrument;
 use super::{db_error, phase_from_db, state_from_row, time_from_micros, SqliteStore};
 use crate::domain::{
     ActionFilter, ActionId, ActionKind, ActionPosition, ActionRecord, Error, HistoryEntry, Page,
-    PageRequest, RunFilter, RunId, RunPosition, RunRecord,
+    PageRequest, RunFilter, RunId, RunPosition, RunRecord, PAGE_BUDGET,
 };
 use crate::store::listing::{self, group_runs, RunPhaseRow};
-use crate::store::ReadStore;
+use crate::store::{read_bounded, ReadStore};
 
 /// Everything an [`ActionRecord`] is read from.
 macro_rules! record_columns {
     () => {
         concat!(
             state_columns!(),
-            ", kind, spec, lease_deadline, abort_reason, created_at, updated_at,",
+            ", spec, lease_deadline, abort_reason, created_at, updated_at,",
+            " start_time, end_time, deadline"
+        )
+    };
+}
+
+/// What a listing reads: a record without its spec, which listings do not
+/// return (a spec may be megabytes).
+macro_rules! listing_columns {
+    () => {
+        concat!(
+            state_columns!(),
+            ", X'' AS spec, lease_deadline, abort_reason, created_at, updated_at,",
             " start_time, end_time, deadline"
         )
     };
@@ -99,41 +111,22 @@ impl ReadStore for SqliteStore {
         page: &PageRequest<ActionPosition>,
     ) -> Result<Page<ActionRecord, ActionPosition>, Error> {
         let mut query =
-            listing::actions_page(record_columns!(), filter, page, |t| t.timestamp_micros());
-        let rows = query
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        let records = rows
-            .iter()
-            .map(record_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Page::from_overfetch(
+            listing::actions_page(listing_columns!(), filter, page, |t| t.timestamp_micros());
+        let records = read_bounded(
+            query.build().fetch(&self.pool),
+            record_from_row,
+            ActionRecord::approximate_size,
+            page.limit,
+            db_error,
+        )
+        .await?;
+        Ok(Page::from_overfetch_within(
             records,
             page.limit,
             ActionRecord::position,
+            ActionRecord::approximate_size,
+            PAGE_BUDGET,
         ))
-    }
-
-    #[instrument(skip_all, fields(run = %run))]
-    async fn run_actions(&self, run: &RunId) -> Result<Vec<ActionRecord>, Error> {
-        let mut query = QueryBuilder::new(concat!(
-            "SELECT ",
-            record_columns!(),
-            " FROM actions WHERE true"
-        ));
-        listing::push_run(&mut query, "", run);
-        query.push(" ORDER BY created_at, name");
-        let rows = query
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        if rows.is_empty() {
-            return Err(Error::RunNotFound(run.clone()));
-        }
-        rows.iter().map(record_from_row).collect()
     }
 
     #[instrument(skip_all)]

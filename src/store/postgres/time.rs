@@ -1,0 +1,65 @@
+//! Reading `timestamptz` columns without panicking.
+//!
+//! Postgres keeps times up to the year 294276; chrono stops at 262143, and
+//! sqlx's chrono decoder adds the stored offset with arithmetic that panics
+//! beyond that. A value written before the edge checked its range (or by
+//! hand) must fail the read of its row with an error instead, so times are
+//! decoded here with checked arithmetic.
+
+use chrono::{DateTime, Utc};
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgRow, PgTypeInfo, PgValueFormat, PgValueRef};
+use sqlx::{Decode, Postgres, Row, Type};
+
+use crate::domain::Error;
+
+/// A `timestamptz` decoded with checked arithmetic.
+struct PgTime(DateTime<Utc>);
+
+/// Microseconds from the Unix epoch to 2000-01-01T00:00:00Z, Postgres's epoch.
+const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+impl Type<Postgres> for PgTime {
+    fn type_info() -> PgTypeInfo {
+        <DateTime<Utc> as Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <DateTime<Utc> as Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> Decode<'r, Postgres> for PgTime {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        match value.format() {
+            PgValueFormat::Binary => {
+                let micros = <i64 as Decode<Postgres>>::decode(value)?;
+                micros
+                    .checked_add(POSTGRES_EPOCH_MICROS)
+                    .and_then(DateTime::from_timestamp_micros)
+                    .map(PgTime)
+                    .ok_or_else(|| {
+                        format!("time {micros} µs after 2000-01-01 is out of range").into()
+                    })
+            }
+            // Text parsing reports an error rather than panicking.
+            PgValueFormat::Text => Ok(PgTime(<DateTime<Utc> as Decode<Postgres>>::decode(value)?)),
+        }
+    }
+}
+
+/// Reads an optional time column; a value out of range is an error naming
+/// the column.
+pub(super) fn get_opt(row: &PgRow, column: &str) -> Result<Option<DateTime<Utc>>, Error> {
+    row.try_get::<Option<PgTime>, _>(column)
+        .map(|t| t.map(|t| t.0))
+        .map_err(|err| {
+            tracing::error!(column, error = %err, "unreadable time in the store");
+            Error::Internal(format!("the stored {column} cannot be read"))
+        })
+}
+
+/// Reads a time column that is never NULL.
+pub(super) fn get(row: &PgRow, column: &str) -> Result<DateTime<Utc>, Error> {
+    get_opt(row, column)?.ok_or_else(|| Error::Internal(format!("the stored {column} is missing")))
+}
