@@ -9,6 +9,9 @@ const PROTOS: &[&str] = &[
     "flyteidl2/actions/actions_service.proto",
     "actionsd/executor/v1/executor.proto",
     "actionsd/read/v1/read.proto",
+    "flyteidl2/cluster/service.proto",
+    "flyteidl2/dataproxy/dataproxy_service.proto",
+    "flyteidl2/workflow/run_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -20,6 +20,7 @@ use tonic_web::GrpcWebLayer;
 use tower::ServiceBuilder;
 use tracing::{info, warn};
 
+use crate::blob::Blobs;
 use crate::config::ExecutorConfig;
 use crate::config::{Config, StoreLocation};
 use crate::domain::ReapSettings;
@@ -47,6 +48,7 @@ pub struct Application {
     admin: Option<TcpListener>,
     store: Arc<dyn Store>,
     pipeline: Pipeline,
+    blobs: Blobs,
     shutdown: CancellationToken,
 }
 
@@ -176,6 +178,7 @@ impl Application {
             ),
             None => None,
         };
+        let blobs = crate::rpc::flyte::open_blobs(&config)?;
         Ok(Self {
             config: Arc::new(config),
             listener,
@@ -183,6 +186,7 @@ impl Application {
             admin,
             store,
             pipeline,
+            blobs,
             shutdown: CancellationToken::new(),
         })
     }
@@ -195,6 +199,12 @@ impl Application {
     /// The admin listener's bound address, when `metrics.listen` is set.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// What task processes need in their environment to use this daemon's
+    /// blob store (empty for a local directory).
+    pub fn task_env(&self) -> Vec<(String, String)> {
+        self.blobs.task_env().to_vec()
     }
 
     /// Cancel it to shut the daemon down gracefully.
@@ -213,6 +223,7 @@ impl Application {
             admin,
             store,
             pipeline,
+            blobs,
             shutdown,
         } = self;
         let server_config = &config.server;
@@ -232,12 +243,23 @@ impl Application {
             shutdown.clone(),
         );
         let read_api = ReadApi::new(store.clone(), pipeline.registry());
+        let flyte = crate::rpc::flyte::FlyteServices::new(
+            &config,
+            local_addr,
+            &api,
+            &store,
+            &pipeline,
+            blobs,
+            shutdown.clone(),
+        );
+        let executor_api = executor_api.with_logs(flyte.logs.clone());
         let connect = ConnectLayer::new(
             api.clone(),
             executor_api.clone(),
             read_api.clone(),
             server_config.max_message_size,
-        );
+        )
+        .with_flyte(flyte.api.clone());
         let reads = ReadServiceServer::new(read_api)
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip)
@@ -294,9 +316,12 @@ impl Application {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
+            .add_service(flyte.runs())
+            .add_service(flyte.data())
+            .add_service(flyte.clusters())
             .prepare();
         // HTTP/1.1 and HTTP/2 (h2c) on one listener: Connect and gRPC-Web
-        // clients may use either.
+        // clients may use either. Signed uploads have their own bounds.
         let metrics_here = (config.metrics.enabled && admin.is_none()).then(|| store.clone());
         let trace_context = config
             .tracing
@@ -306,6 +331,7 @@ impl Application {
         let service = ServiceBuilder::new()
             .option_layer(trace_context)
             .layer(RpcMetricsLayer::new(metrics_here))
+            .layer(flyte.http.clone())
             .layer(EdgeLayer::new(EdgeSettings {
                 request_timeout: server_config.request_timeout,
                 body_read_timeout: server_config.body_read_timeout,

@@ -115,6 +115,7 @@ pub struct Config {
     pub pipeline: PipelineSettings,
     pub server: ServerConfig,
     pub executor: ExecutorConfig,
+    pub blobs: BlobConfig,
     pub metrics: MetricsConfig,
     pub retention: RetentionConfig,
     pub tracing: TracingConfig,
@@ -155,6 +156,21 @@ pub struct RetentionConfig {
     pub batch_size: usize,
     /// Pause between two batches of a pass.
     pub batch_pause: Duration,
+}
+
+/// The blob store (code bundles, inputs, outputs, logs) and its URLs.
+#[derive(Debug, Clone)]
+pub struct BlobConfig {
+    /// `None`: the `blobs` directory next to the SQLite file, or in the
+    /// per-user data directory when the store is Postgres.
+    pub location: Option<crate::blob::BlobLocation>,
+    /// Base URL clients reach this daemon at, for signed URLs; `None`: the
+    /// Host the request came to.
+    pub public_url: Option<String>,
+    /// HMAC key of signed URLs; `None`: a random key kept in
+    /// `signing.key` beside the local blob directory.
+    pub signing_key: Option<SecretString>,
+    pub limits: crate::blob::BlobLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -218,6 +234,7 @@ pub struct Overrides {
     pub database_url: Option<SecretString>,
     pub log_format: Option<LogFormat>,
     pub workers: Option<usize>,
+    pub blob_url: Option<String>,
 }
 
 /// The config file: every setting, all optional.
@@ -241,6 +258,10 @@ struct FileConfig {
     retention: FileRetention,
     #[serde(default)]
     tracing: FileTracing,
+    #[serde(default)]
+    blobs: FileBlobs,
+    #[serde(default)]
+    logs: FileLogs,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -251,6 +272,22 @@ struct FileTracing {
     sample_ratio: Option<f64>,
     #[serde(default, with = "humantime_serde")]
     export_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBlobs {
+    url: Option<String>,
+    public_url: Option<String>,
+    signing_key: Option<SecretString>,
+    max_upload_bytes: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    max_url_ttl: Option<Duration>,
+    s3_endpoint: Option<String>,
+    s3_region: Option<String>,
+    s3_access_key_id: Option<String>,
+    s3_secret_access_key: Option<SecretString>,
+    s3_allow_http: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -271,6 +308,12 @@ struct FileRetention {
     batch_size: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     batch_pause: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLogs {
+    max_attempt_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -393,6 +436,43 @@ impl Config {
     }
 
     fn merge(file: FileConfig, o: Overrides) -> Result<Self, ConfigError> {
+        let defaults = crate::blob::BlobLimits::default();
+        let s3 = crate::blob::S3Settings {
+            bucket: String::new(),
+            prefix: String::new(),
+            endpoint: file.blobs.s3_endpoint,
+            region: file
+                .blobs
+                .s3_region
+                .unwrap_or_else(|| "us-east-1".to_owned()),
+            access_key_id: file.blobs.s3_access_key_id,
+            secret_access_key: file.blobs.s3_secret_access_key,
+            allow_http: file.blobs.s3_allow_http.unwrap_or(false),
+        };
+        let blobs = BlobConfig {
+            location: o
+                .blob_url
+                .or(file.blobs.url)
+                .map(|url| crate::blob::BlobLocation::parse(&url, s3))
+                .transpose()
+                .map_err(|message| ConfigError::Invalid {
+                    setting: "blobs.url",
+                    message,
+                })?,
+            public_url: file.blobs.public_url,
+            signing_key: file.blobs.signing_key,
+            limits: crate::blob::BlobLimits {
+                max_upload_bytes: file
+                    .blobs
+                    .max_upload_bytes
+                    .unwrap_or(defaults.max_upload_bytes),
+                max_url_ttl: file.blobs.max_url_ttl.unwrap_or(defaults.max_url_ttl),
+                max_attempt_log_bytes: file
+                    .logs
+                    .max_attempt_bytes
+                    .unwrap_or(defaults.max_attempt_log_bytes),
+            },
+        };
         let config = Self {
             listen: match (o.listen, file.listen) {
                 (Some(listen), _) => listen,
@@ -523,6 +603,7 @@ impl Config {
                     .batch_pause
                     .unwrap_or(Duration::from_millis(10)),
             },
+            blobs,
         };
         config.validate()?;
         Ok(config)
@@ -602,6 +683,18 @@ impl Config {
                 });
             }
         }
+        positive(
+            "blobs.max_upload_bytes",
+            self.blobs.limits.max_upload_bytes > 0,
+        )?;
+        positive(
+            "blobs.max_url_ttl",
+            !self.blobs.limits.max_url_ttl.is_zero(),
+        )?;
+        positive(
+            "logs.max_attempt_bytes",
+            self.blobs.limits.max_attempt_log_bytes > 0,
+        )?;
         positive(
             "executor.reaper_interval",
             !self.executor.reaper_interval.is_zero(),
@@ -690,6 +783,43 @@ mod tests {
     fn the_example_config_file_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/actionsd.toml");
         Config::load(Some(&path), Overrides::default()).unwrap();
+    }
+
+    #[test]
+    fn blob_stores_are_configured_from_the_file_and_flag() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            [blobs]
+            url = "s3://bucket/prefix"
+            s3_endpoint = "http://127.0.0.1:9000"
+            s3_allow_http = true
+            [logs]
+            max_attempt_bytes = 1024
+            "#,
+        )
+        .unwrap();
+        let config = Config::merge(file, Overrides::default()).unwrap();
+        match config.blobs.location {
+            Some(crate::blob::BlobLocation::S3(s3)) => {
+                assert_eq!(
+                    (s3.bucket.as_str(), s3.prefix.as_str()),
+                    ("bucket", "prefix")
+                );
+                assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+                assert!(s3.allow_http);
+            }
+            other => panic!("expected S3, got {other:?}"),
+        }
+        assert_eq!(config.blobs.limits.max_attempt_log_bytes, 1024);
+        let err = Config::with_overrides(Overrides {
+            blob_url: Some("relative/dir".into()),
+            ..Overrides::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid setting blobs.url:"),
+            "{err}"
+        );
     }
 
     #[test]

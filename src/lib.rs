@@ -2,10 +2,13 @@
 //! SQLite file by default, or Postgres.
 
 pub mod app;
+pub mod blob;
 pub mod config;
 pub mod ctl;
+pub mod dev;
 pub mod domain;
 pub mod executor;
+pub mod logs;
 pub mod metrics;
 pub mod pipeline;
 pub mod proto;

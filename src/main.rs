@@ -34,6 +34,26 @@ enum Command {
     /// Lease task actions from a daemon and run each: a shell command
     /// (`--exec`) or the task itself as a Flyte task process (`--flyte`).
     Executor(ExecutorArgs),
+    /// Serve with a Flyte executor in the same process, for a Flyte user
+    /// on one machine; writes a `flyte` config that points at it.
+    Dev(DevArgs),
+}
+
+#[derive(Args)]
+struct DevArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Task processes at once [default: the number of CPUs].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    capacity: Option<u32>,
+    /// The bin directory of the Python environment whose `a0` runs tasks
+    /// (e.g. .venv/bin) [default: found on PATH].
+    #[arg(long, value_name = "DIR")]
+    flyte_bin: Option<PathBuf>,
+    /// Where to write the flyte config [default: flyte.yaml in the data
+    /// directory].
+    #[arg(long, value_name = "FILE")]
+    flyte_config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -49,6 +69,10 @@ struct CommonArgs {
     /// Log format.
     #[arg(long, env = "ACTIONSD_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// Blob store for code bundles, inputs, outputs and logs: an absolute
+    /// path or s3://bucket/prefix [default: `blobs` beside the SQLite file].
+    #[arg(long, env = "ACTIONSD_BLOB_URL")]
+    blob_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -153,6 +177,7 @@ impl ExecutorArgs {
                 log_dir: scratch.join("logs"),
                 scratch_dir: scratch.join("work"),
                 log_max_bytes: self.log_max_bytes,
+                env: executor::TaskEnv::default(),
             };
             let bound = self
                 .max_processes
@@ -185,6 +210,7 @@ fn load(
         database_url: common.database_url.map(SecretString::from),
         log_format: common.log_format,
         workers,
+        blob_url: common.blob_url,
     };
     Ok(Config::load(common.config.as_deref(), overrides)?)
 }
@@ -215,6 +241,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown.cancel();
             });
             let result = app.run().await;
+            tokio::task::spawn_blocking(move || traces.shutdown()).await?;
+            result
+        }
+        Command::Dev(args) => {
+            let config = load(args.serve.common, args.serve.listen, args.serve.workers)?;
+            let traces = telemetry::init_with(config.log_format, Some(&config.tracing));
+            let shutdown = CancellationToken::new();
+            let trigger = shutdown.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                trigger.cancel();
+            });
+            let settings = actionsd::dev::DevSettings {
+                capacity: args.capacity,
+                flyte_bin: args.flyte_bin,
+                flyte_config: args.flyte_config,
+            };
+            let result = actionsd::dev::run(config, settings, shutdown).await;
             tokio::task::spawn_blocking(move || traces.shutdown()).await?;
             result
         }

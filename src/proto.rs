@@ -19,6 +19,17 @@ pub mod flyteidl2 {
     pub mod actions {
         tonic::include_proto!("flyteidl2.actions");
     }
+    pub mod cluster {
+        tonic::include_proto!("flyteidl2.cluster");
+    }
+    pub mod dataproxy {
+        tonic::include_proto!("flyteidl2.dataproxy");
+    }
+    pub mod logs {
+        pub mod dataplane {
+            tonic::include_proto!("flyteidl2.logs.dataplane");
+        }
+    }
 }
 
 /// actionsd's own services.

@@ -505,47 +505,6 @@ async fn a_run_at_its_limit_does_not_hide_other_work(db: TestDb) {
     daemon.stop().await;
 }
 
-/// A cancellation may reach an executor twice, on the lease stream and in
-/// the next heartbeat (executors act on it once per action and attempt);
-/// both carry the same reason: the Abort's, or "aborted" when it gave none.
-async fn a_cancellation_carries_one_reason_on_the_stream_and_in_the_heartbeat(db: TestDb) {
-    let daemon = Daemon::start(&db).await;
-    let mut client = daemon.client().await;
-    let mut executor = daemon.executor_client().await;
-    for (run, reason) in [("r1", None), ("r2", Some("operator said stop"))] {
-        client.enqueue(task(run, "a0", None)).await.unwrap();
-        let mut stream = lease(&mut executor, &format!("e-{run}"), 1).await;
-        let leased = next_lease(&mut stream).await;
-        let mut request = abort(run, "a0", "");
-        request.reason = reason.map(str::to_owned);
-        client.abort(request).await.unwrap();
-        let message = tokio::time::timeout(TIMEOUT, stream.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let on_stream = match message.event {
-            Some(lease_response::Event::Cancelled(cancelled)) => cancelled,
-            other => panic!("expected a cancellation, got {other:?}"),
-        };
-        let beat = executor
-            .heartbeat(HeartbeatRequest {
-                executor_id: format!("e-{run}"),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(beat.cancelled.len(), 1);
-        let in_heartbeat = &beat.cancelled[0];
-        let expected = reason.unwrap_or("aborted");
-        assert_eq!(on_stream.reason, expected);
-        assert_eq!(in_heartbeat.reason, expected);
-        assert_eq!(in_heartbeat.action_id, leased.action_id);
-        assert_eq!(in_heartbeat.attempt, on_stream.attempt);
-    }
-    daemon.stop().await;
-}
-
 async fn a_retrying_finish_queues_the_next_attempt(db: TestDb) {
     let daemon = Daemon::start(&db).await;
     let mut client = daemon.client().await;
@@ -641,5 +600,46 @@ async fn a_parent_waiting_on_children_frees_its_slot_up_to_max_leases(db: TestDb
     client.enqueue(task("r2", "a1", Some("a0"))).await.unwrap();
     let held = tokio::time::timeout(Duration::from_millis(700), stream.message()).await;
     assert!(held.is_err(), "leased past the capacity: {held:?}");
+    daemon.stop().await;
+}
+
+/// A cancellation may reach an executor twice, on the lease stream and in
+/// the next heartbeat (executors act on it once per action and attempt);
+/// both carry the same reason: the Abort's, or "aborted" when it gave none.
+async fn a_cancellation_carries_one_reason_on_the_stream_and_in_the_heartbeat(db: TestDb) {
+    let daemon = Daemon::start(&db).await;
+    let mut client = daemon.client().await;
+    let mut executor = daemon.executor_client().await;
+    for (run, reason) in [("r1", None), ("r2", Some("operator said stop"))] {
+        client.enqueue(task(run, "a0", None)).await.unwrap();
+        let mut stream = lease(&mut executor, &format!("e-{run}"), 1).await;
+        let leased = next_lease(&mut stream).await;
+        let mut request = abort(run, "a0", "");
+        request.reason = reason.map(str::to_owned);
+        client.abort(request).await.unwrap();
+        let message = tokio::time::timeout(TIMEOUT, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let on_stream = match message.event {
+            Some(lease_response::Event::Cancelled(cancelled)) => cancelled,
+            other => panic!("expected a cancellation, got {other:?}"),
+        };
+        let beat = executor
+            .heartbeat(HeartbeatRequest {
+                executor_id: format!("e-{run}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(beat.cancelled.len(), 1);
+        let in_heartbeat = &beat.cancelled[0];
+        let expected = reason.unwrap_or("aborted");
+        assert_eq!(on_stream.reason, expected);
+        assert_eq!(in_heartbeat.reason, expected);
+        assert_eq!(in_heartbeat.action_id, leased.action_id);
+        assert_eq!(in_heartbeat.attempt, on_stream.attempt);
+    }
     daemon.stop().await;
 }

@@ -399,6 +399,9 @@ async fn reflection_lists_every_service(db: TestDb) {
             request(MessageRequest::FileContainingSymbol(
                 "flyteidl2.actions.ActionsService".into(),
             )),
+            request(MessageRequest::FileContainingSymbol(
+                "flyteidl2.dataproxy.DataProxyService".into(),
+            )),
         ]))
         .await
         .unwrap()
@@ -413,6 +416,9 @@ async fn reflection_lists_every_service(db: TestDb) {
         "flyteidl2.actions.ActionsService",
         "actionsd.executor.v1.ExecutorService",
         "actionsd.read.v1.ReadService",
+        "flyteidl2.workflow.RunService",
+        "flyteidl2.dataproxy.DataProxyService",
+        "flyteidl2.cluster.ClusterService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
     ] {
@@ -426,6 +432,33 @@ async fn reflection_lists_every_service(db: TestDb) {
             assert!(!files.file_descriptor_proto.is_empty())
         }
         other => panic!("unexpected {other:?}"),
+    }
+    // The data proxy is described with the methods the SDK calls.
+    let methods = match responses.message().await.unwrap().unwrap().message_response {
+        Some(MessageResponse::FileDescriptorResponse(files)) => files
+            .file_descriptor_proto
+            .iter()
+            .map(|bytes| {
+                <prost_types::FileDescriptorProto as prost::Message>::decode(&bytes[..]).unwrap()
+            })
+            .flat_map(|file| file.service)
+            .filter(|service| service.name() == "DataProxyService")
+            .flat_map(|service| service.method)
+            .map(|method| method.name().to_owned())
+            .collect::<Vec<_>>(),
+        other => panic!("unexpected {other:?}"),
+    };
+    for method in [
+        "CreateUploadLocation",
+        "UploadInputs",
+        "CreateDownloadLink",
+        "GetActionData",
+        "TailLogs",
+    ] {
+        assert!(
+            methods.iter().any(|m| m == method),
+            "{method} missing from {methods:?}"
+        );
     }
     daemon.stop().await;
 }

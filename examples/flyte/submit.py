@@ -212,4 +212,24 @@ async def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(sys.argv[1:])))
+    try:
+        code = asyncio.run(main(sys.argv[1:]))
+    except SystemExit as stop:  # what sys.exit would do with it
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if not isinstance(stop.code, int) and stop.code is not None:
+            print(stop.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - reported like an uncaught exception
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Importing the Flyte SDK starts background threads this script does not
+    # own (its sync-bridge event loop, and with _F_USE_RUST_CONTROLLER=1 the
+    # Rust controller's runtime, whose threads hold the GIL API). A normal
+    # interpreter exit finalizes Python while they may still run, which aborts
+    # the process ("Fatal Python error: PyGILState_Release ... finalizing").
+    # The result is already printed and flushed and there is nothing left to
+    # clean up, so the process ends here without interpreter finalization.
+    os._exit(code)

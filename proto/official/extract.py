@@ -3,8 +3,8 @@
 actionsd declares the payloads it does not interpret (TaskSpec, RunSpec,
 ...) as bytes in proto/. For the Connect JSON codec, and to compare
 re-enqueued actions by content rather than by byte order, it needs the full
-schema: this script writes the descriptors of flyteidl2's ActionsService
-and everything it imports, as published in the flyteidl2 package on PyPI.
+schema: this script writes the descriptors of the flyteidl2 services
+actionsd serves and everything they import, as published in the flyteidl2 package on PyPI.
 
     python -m venv /tmp/flyteidl2 && /tmp/flyteidl2/bin/pip install flyteidl2==2.0.53
     /tmp/flyteidl2/bin/python proto/official/extract.py proto/official/flyteidl2.binpb
@@ -15,8 +15,12 @@ import sys
 from google.protobuf import descriptor_pb2
 
 import flyteidl2.actions.actions_service_pb2 as actions
+import flyteidl2.cluster.service_pb2 as cluster
+import flyteidl2.dataproxy.dataproxy_service_pb2 as dataproxy
+import flyteidl2.workflow.run_service_pb2 as runs
 
-ROOT = actions.DESCRIPTOR
+# The services actionsd serves, with everything they import.
+ROOTS = [actions.DESCRIPTOR, cluster.DESCRIPTOR, dataproxy.DESCRIPTOR, runs.DESCRIPTOR]
 
 
 def main(out: str) -> None:
@@ -32,7 +36,8 @@ def main(out: str) -> None:
         file.CopyToProto(proto)
         ordered.append(proto)
 
-    visit(ROOT)
+    for root in ROOTS:
+        visit(root)
     fds = descriptor_pb2.FileDescriptorSet(file=ordered)
     with open(out, "wb") as f:
         f.write(fds.SerializeToString(deterministic=True))

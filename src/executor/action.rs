@@ -12,9 +12,10 @@ use tonic::Code;
 use tracing::Instrument;
 
 use super::flyte;
-use super::log::{RotatingFile, SharedLog};
+use super::log::{RotatingFile, SharedLog, Shipped};
 use super::process::{self, Exit};
 use super::rpc;
+use super::ship::{LogShipper, ShipperTask};
 use super::{Context, Runner};
 use crate::proto::actionsd::executor::v1::FinishRequest;
 use crate::proto::flyteidl2::actions::{Action, UpdateRequest};
@@ -168,9 +169,26 @@ struct Prepared {
     judge: Judge,
     /// A fresh working directory, removed when the attempt ends.
     scratch: Option<PathBuf>,
+    /// Ships the attempt's output to actionsd (Flyte tasks).
+    shipping: Option<ShipperTask>,
 }
 
+/// How long the rest of an attempt's output may take to reach actionsd.
+const SHIP_PATIENCE: Duration = Duration::from_secs(10);
+
 impl Prepared {
+    /// Sends the rest of the attempt's output before its end is reported.
+    async fn close_log(&self) {
+        if let Some(shipping) = &self.shipping {
+            let stats = shipping.finish(SHIP_PATIENCE).await;
+            tracing::debug!(
+                sent = stats.lines_sent,
+                dropped = stats.lines_dropped,
+                "log shipped"
+            );
+        }
+    }
+
     fn cleanup(&self) {
         if let Some(dir) = &self.scratch {
             if let Err(err) = std::fs::remove_dir_all(dir) {
@@ -201,6 +219,7 @@ fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, Box<Ex
                 timeout: None,
                 judge: Judge::Shell,
                 scratch: None,
+                shipping: None,
             })
         }
         Runner::Flyte(settings) => {
@@ -232,7 +251,13 @@ fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, Box<Ex
                 action: &job.id.name,
                 run_output_base: &action.run_output_base,
             };
-            let env = flyte::environment(&task, &run_settings, &who, &ctx.settings.server);
+            let mut env = settings.env.0.clone();
+            env.extend(flyte::environment(
+                &task,
+                &run_settings,
+                &who,
+                &ctx.settings.server,
+            ));
             let mut argv = task.argv.iter().map(|arg| values.fill(arg));
             let program = argv.next().unwrap_or_default();
             let program = flyte::program(&program, settings.flyte_bin.as_deref());
@@ -267,7 +292,13 @@ fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, Box<Ex
                 )
             })?;
             tracing::debug!(log = %log_path.display(), program = %program.display(), "prepared");
-            let log: SharedLog = Arc::new(Mutex::new(log));
+            let (shipper, shipping) = LogShipper::start(
+                ctx.executor.clone(),
+                ctx.settings.executor_id.clone(),
+                job.id.clone(),
+                job.attempt,
+            );
+            let log: SharedLog = Arc::new(Mutex::new(Shipped { file: log, shipper }));
             Ok(Prepared {
                 spec: process::Spec {
                     program,
@@ -282,6 +313,7 @@ fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, Box<Ex
                     retries: task.retries,
                 },
                 scratch,
+                shipping: Some(shipping),
             })
         }
     }
@@ -375,6 +407,7 @@ async fn run_prepared(ctx: &Context, job: &Job, cancel: &CancellationToken, prep
                 Err(err) => tracing::warn!(error = %err, "cannot wait for the stopped process"),
             }
             if !cancel.is_cancelled() {
+                prepared.close_log().await;
                 let error = flyte::timeout_error(timeout, &ctx.settings.executor_id, SystemTime::now());
                 finish(ctx, job, ActionPhase::TimedOut, Some(error), false).await;
             }
@@ -397,6 +430,7 @@ async fn run_prepared(ctx: &Context, job: &Job, cancel: &CancellationToken, prep
         }
     };
     tracing::info!(?exit, "process exited");
+    prepared.close_log().await;
     if cancel.is_cancelled() {
         tracing::info!("cancelled while it ended; not reporting it");
         return;

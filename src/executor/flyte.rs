@@ -36,7 +36,7 @@ const EPOCH_RFC3339: &str = "1970-01-01T00:00:00Z";
 /// Hand-declared (not generated from `proto/`) because actionsd's own
 /// protos keep these payloads opaque, and a view used only for decoding
 /// needs just these fields.
-pub(super) mod view {
+pub(crate) mod view {
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct TaskSpec {
         #[prost(message, optional, tag = "1")]
@@ -173,6 +173,23 @@ impl TaskError {
             TaskError::EmptyCommand => "EmptyCommand",
         }
     }
+}
+
+/// The code bundle a task's container unpacks (the value of its `--tgz`
+/// or `--pkl` argument), if it names one.
+pub(crate) fn code_bundle(action: &Action) -> Option<String> {
+    let Some(action::Spec::Task(task)) = &action.spec else {
+        return None;
+    };
+    let container = view::TaskSpec::decode(task.spec.clone())
+        .ok()?
+        .task_template?
+        .container?;
+    let args = container.command.iter().chain(&container.args);
+    args.clone()
+        .zip(args.skip(1))
+        .find(|(flag, _)| *flag == "--tgz" || *flag == "--pkl")
+        .map(|(_, uri)| uri.clone())
 }
 
 /// Decodes the task of an enqueued action.

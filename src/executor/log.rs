@@ -88,6 +88,24 @@ impl AttemptLog for RotatingFile {
     }
 }
 
+/// The log file, and the same output shipped to actionsd (see `ship`).
+pub(super) struct Shipped {
+    pub file: RotatingFile,
+    pub shipper: super::ship::LogShipper,
+}
+
+impl AttemptLog for Shipped {
+    fn write_chunk(&mut self, chunk: &[u8]) {
+        self.file.write_chunk(chunk);
+        if !self.shipper.write_chunk(chunk) {
+            tracing::debug!(
+                bytes = chunk.len(),
+                "log shipping queue full; chunk not shipped"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,12 +57,13 @@
 //! deadline; channels between the executor's tasks are bounded.
 
 mod action;
-mod flyte;
+pub(crate) mod flyte;
 mod heartbeat;
 mod lease;
 mod log;
 mod process;
 mod rpc;
+pub mod ship;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -144,6 +145,22 @@ pub struct FlyteSettings {
     pub log_dir: PathBuf,
     /// The size at which an attempt's log is rotated (one older file kept).
     pub log_max_bytes: u64,
+    /// Added to every task process's environment, before the task's and
+    /// the run's own: what the tasks need to reach the daemon's blob store.
+    pub env: TaskEnv,
+}
+
+/// Environment variables for task processes; `Debug` shows only the names
+/// (the values may be credentials).
+#[derive(Clone, Default)]
+pub struct TaskEnv(pub Vec<(String, String)>);
+
+impl std::fmt::Debug for TaskEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| k))
+            .finish()
+    }
 }
 
 impl ExecutorSettings {

@@ -35,19 +35,26 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 use super::executor::ExecutorApi;
+use super::flyte::FlyteApi;
 use super::status::connect_code;
 use super::{ActionsApi, ReadApi};
 use crate::proto::actionsd::executor::v1::executor_service_server::ExecutorService;
 use crate::proto::actionsd::read::v1::read_service_server::ReadService;
 use crate::proto::flyteidl2::actions::actions_service_server::ActionsService;
+use crate::proto::flyteidl2::cluster::cluster_service_server::ClusterService;
+use crate::proto::flyteidl2::dataproxy::data_proxy_service_server::DataProxyService;
+use crate::proto::flyteidl2::workflow::run_service_server::RunService;
 use crate::schema;
 
 /// The services served over Connect (and whose calls all carry exactly one
 /// request message, on every protocol).
-pub(crate) const SERVICES: [&str; 3] = [
+pub(crate) const SERVICES: [&str; 6] = [
     "/flyteidl2.actions.ActionsService/",
     "/actionsd.executor.v1.ExecutorService/",
     "/actionsd.read.v1.ReadService/",
+    "/flyteidl2.workflow.RunService/",
+    "/flyteidl2.dataproxy.DataProxyService/",
+    "/flyteidl2.cluster.ClusterService/",
 ];
 const TIMEOUT_HEADER: &str = "connect-timeout-ms";
 const STREAM_ENCODING: &str = "connect-content-encoding";
@@ -157,8 +164,17 @@ impl ConnectLayer {
                 executor,
                 read,
                 max_message_size,
+                flyte: None,
             }),
         }
+    }
+
+    /// Serves the Flyte SDK's services too (see `rpc::flyte`).
+    pub fn with_flyte(mut self, flyte: FlyteApi) -> Self {
+        Arc::get_mut(&mut self.handler)
+            .expect("the layer is configured before it is used")
+            .flyte = Some(flyte);
+        self
     }
 }
 
@@ -227,6 +243,7 @@ struct Handler {
     executor: ExecutorApi,
     read: ReadApi,
     max_message_size: usize,
+    flyte: Option<FlyteApi>,
 }
 
 impl Handler {
@@ -241,7 +258,7 @@ impl Handler {
         let unknown = || {
             unary_error(
                 &Status::unimplemented(format!(
-                    "no {} method {path}",
+                    "actionsd does not serve the {} method {path}",
                     match kind {
                         Kind::Unary(_) => "unary",
                         Kind::Stream(_) => "server-streaming",
@@ -291,6 +308,10 @@ impl Handler {
                 self.unary(request, codec, types, |r| executor.finish(r))
                     .await
             }
+            ("/actionsd.executor.v1.ExecutorService/AppendLogs", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| executor.append_logs(r))
+                    .await
+            }
             ("/actionsd.read.v1.ReadService/GetAction", Kind::Unary(codec)) => {
                 self.unary(request, codec, types, |r| read.get_action(r))
                     .await
@@ -313,6 +334,74 @@ impl Handler {
             }
             ("/actionsd.read.v1.ReadService/WatchRun", Kind::Stream(codec)) => {
                 self.server_stream(request, codec, types, |r| read.watch_run(r))
+                    .await
+            }
+            _ => match &self.flyte {
+                Some(flyte) => {
+                    self.handle_flyte(flyte, &path, request, kind, types, unknown)
+                        .await
+                }
+                None => unknown(),
+            },
+        }
+    }
+
+    async fn handle_flyte(
+        &self,
+        flyte: &FlyteApi,
+        path: &str,
+        request: Request<Body>,
+        kind: Kind,
+        types: Types,
+        unknown: impl FnOnce() -> Response<Body>,
+    ) -> Response<Body> {
+        match (path, kind) {
+            ("/flyteidl2.cluster.ClusterService/SelectCluster", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| flyte.select_cluster(r))
+                    .await
+            }
+            ("/flyteidl2.dataproxy.DataProxyService/CreateUploadLocation", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| flyte.create_upload_location(r))
+                    .await
+            }
+            ("/flyteidl2.dataproxy.DataProxyService/CreateDownloadLink", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| flyte.create_download_link(r))
+                    .await
+            }
+            ("/flyteidl2.dataproxy.DataProxyService/UploadInputs", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| flyte.upload_inputs(r))
+                    .await
+            }
+            ("/flyteidl2.dataproxy.DataProxyService/GetActionData", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| flyte.get_action_data(r))
+                    .await
+            }
+            ("/flyteidl2.dataproxy.DataProxyService/TailLogs", Kind::Stream(codec)) => {
+                self.server_stream(request, codec, types, |r| flyte.tail_logs(r))
+                    .await
+            }
+            ("/flyteidl2.workflow.RunService/CreateRun", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| flyte.create_run(r))
+                    .await
+            }
+            ("/flyteidl2.workflow.RunService/AbortRun", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| flyte.abort_run(r))
+                    .await
+            }
+            ("/flyteidl2.workflow.RunService/GetRunDetails", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| flyte.get_run_details(r))
+                    .await
+            }
+            ("/flyteidl2.workflow.RunService/GetActionDetails", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| flyte.get_action_details(r))
+                    .await
+            }
+            ("/flyteidl2.workflow.RunService/WatchActionDetails", Kind::Stream(codec)) => {
+                self.server_stream(request, codec, types, |r| flyte.watch_action_details(r))
+                    .await
+            }
+            ("/flyteidl2.workflow.RunService/ListRuns", Kind::Unary(codec)) => {
+                self.unary(request, codec, types, |r| flyte.list_runs(r))
                     .await
             }
             _ => unknown(),

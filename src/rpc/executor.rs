@@ -13,6 +13,7 @@ use tracing::{field, info_span, Instrument, Span};
 
 use super::convert::{self, action_id_to_proto};
 use crate::domain::{ActionState, Command, Error, Lease, Phase};
+use crate::logs::LogStore;
 use crate::pipeline::{ExecutorRegistry, Waker};
 use crate::proto::actionsd::executor::v1::{
     self as pb, executor_service_server::ExecutorService, lease_response,
@@ -34,6 +35,8 @@ pub struct ExecutorApi {
     waker: Waker,
     writes: TaskTracker,
     lease_ttl: Duration,
+    /// Where AppendLogs writes; without it AppendLogs is UNIMPLEMENTED.
+    logs: Option<LogStore>,
     /// Lease streams end with UNAVAILABLE when it fires.
     shutdown: CancellationToken,
 }
@@ -53,8 +56,15 @@ impl ExecutorApi {
             waker,
             writes,
             lease_ttl,
+            logs: None,
             shutdown,
         }
+    }
+
+    /// Accepts attempt logs into `logs`.
+    pub fn with_logs(mut self, logs: LogStore) -> Self {
+        self.logs = Some(logs);
+        self
     }
 }
 
@@ -217,6 +227,45 @@ impl ExecutorService for ExecutorApi {
                 self.waker.wake();
             }
             Ok(Response::new(pb::FinishResponse {}))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn append_logs(
+        &self,
+        request: Request<pb::AppendLogsRequest>,
+    ) -> Result<Response<pb::AppendLogsResponse>, Status> {
+        let span = info_span!("rpc", method = "AppendLogs", action = field::Empty);
+        async {
+            let Some(logs) = &self.logs else {
+                return Err(Status::unimplemented("this daemon keeps no logs"));
+            };
+            let request = request.into_inner();
+            if request.executor_id.is_empty() {
+                return Err(Error::invalid("executor_id", "must not be empty").into());
+            }
+            if request.attempt == 0 {
+                return Err(Error::invalid("attempt", "must be greater than 0").into());
+            }
+            let id = convert::action_id("action_id", request.action_id.as_ref())?;
+            Span::current().record("action", field::display(&id));
+            // Only the executor that holds (or last held) this attempt's
+            // lease writes its log.
+            let state = self.store.get_action(&id).await?.state;
+            if state.attempt != request.attempt
+                || state.lease_holder.as_deref() != Some(request.executor_id.as_str())
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "attempt {} of {id} is not leased to {}",
+                    request.attempt, request.executor_id
+                ))
+                .into());
+            }
+            let stored = logs
+                .append(&id, request.attempt, request.sequence, request.lines)
+                .await?;
+            Ok(Response::new(pb::AppendLogsResponse { truncated: !stored }))
         }
         .instrument(span)
         .await

@@ -13,3 +13,5 @@ pub mod watch;
 
 pub use actions::ActionsApi;
 pub use read::ReadApi;
+pub mod blob_http;
+pub mod flyte;

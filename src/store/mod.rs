@@ -9,6 +9,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use crate::domain::{
     ActionFilter, ActionId, ActionPosition, ActionRecord, ActionState, ClaimRequest, Command,
@@ -78,6 +79,10 @@ pub trait ReadStore: Send + Sync + 'static {
 
     /// Every event of one action, oldest first, or `ActionNotFound`.
     async fn history(&self, id: &ActionId) -> Result<Vec<HistoryEntry>, Error>;
+
+    /// The RunSpec a run's root was enqueued with (empty when none was
+    /// given), or `RunNotFound`.
+    async fn run_spec(&self, run: &RunId) -> Result<Bytes, Error>;
 }
 
 #[async_trait]
@@ -305,6 +310,10 @@ impl ReadStore for Detached {
 
     async fn history(&self, id: &ActionId) -> Result<Vec<HistoryEntry>, Error> {
         self.inner.history(id).await
+    }
+
+    async fn run_spec(&self, run: &RunId) -> Result<Bytes, Error> {
+        self.inner.run_spec(run).await
     }
 }
 

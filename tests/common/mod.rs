@@ -190,6 +190,8 @@ pub struct Daemon {
     token: CancellationToken,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
     runtime: Option<tokio::runtime::Runtime>,
+    /// The blob store, unless the test chose one.
+    _blobs: tempfile::TempDir,
 }
 
 impl Daemon {
@@ -223,6 +225,8 @@ impl Daemon {
         config.database.max_connections = 8;
         config.database.acquire_timeout = Duration::from_secs(2);
         config.server.shutdown_timeout = Duration::from_secs(5);
+        let blobs = tempfile::tempdir().unwrap();
+        config.blobs.location = Some(actionsd::blob::BlobLocation::Local(blobs.path().into()));
         configure(&mut config);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -244,6 +248,7 @@ impl Daemon {
             token,
             handle: Some(handle),
             runtime: Some(runtime),
+            _blobs: blobs,
         }
     }
 

@@ -29,6 +29,19 @@ VENV_BIN = Path(sys.executable).parent
 TIMEOUT = 240.0
 
 
+def wait_for_address(proc: subprocess.Popen, log: Path) -> str:
+    """The address an actionsd process logs (JSON) once it listens."""
+    deadline = time.monotonic() + 60
+    while True:
+        text = log.read_text()
+        match = re.search(r'"address":"([0-9.:]+)"[^\n]*actionsd listening|actionsd listening[^\n]*"address":"([0-9.:]+)"', text)
+        if match:
+            return match.group(1) or match.group(2)
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"actionsd did not start:\n{text}")
+        time.sleep(0.05)
+
+
 class Daemon:
     def __init__(self, scratch: Path):
         self.scratch = scratch

@@ -57,6 +57,24 @@ fn record_from_row(row: &PgRow) -> Result<ActionRecord, Error> {
 
 #[async_trait]
 impl ReadStore for PgStore {
+    #[instrument(skip_all, fields(run = %run))]
+    async fn run_spec(&self, run: &RunId) -> Result<Bytes, Error> {
+        let row = sqlx::query(
+            "SELECT run_spec FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4",
+        )
+        .bind(&run.org)
+        .bind(&run.project)
+        .bind(&run.domain)
+        .bind(&run.name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| Error::RunNotFound(run.clone()))?;
+        Ok(Bytes::from(
+            row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?,
+        ))
+    }
+
     #[instrument(skip_all, fields(action = %id))]
     async fn get_action(&self, id: &ActionId) -> Result<ActionRecord, Error> {
         bounded(self.timeout, async move {
