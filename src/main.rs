@@ -234,12 +234,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = load(args.common, args.listen, args.workers)?;
             let traces = telemetry::init_with(config.log_format, Some(&config.tracing));
+            let signals = ShutdownSignals::install()?;
             let app = Application::build(config).await?;
-            let shutdown = app.shutdown_token();
-            tokio::spawn(async move {
-                wait_for_signal().await;
-                shutdown.cancel();
-            });
+            signals.cancel_on_signal(app.shutdown_token());
             let result = app.run().await;
             tokio::task::spawn_blocking(move || traces.shutdown()).await?;
             result
@@ -248,11 +245,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load(args.serve.common, args.serve.listen, args.serve.workers)?;
             let traces = telemetry::init_with(config.log_format, Some(&config.tracing));
             let shutdown = CancellationToken::new();
-            let trigger = shutdown.clone();
-            tokio::spawn(async move {
-                wait_for_signal().await;
-                trigger.cancel();
-            });
+            ShutdownSignals::install()?.cancel_on_signal(shutdown.clone());
             let settings = actionsd::dev::DevSettings {
                 capacity: args.capacity,
                 flyte_bin: args.flyte_bin,
@@ -277,40 +270,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Executor(args) => {
             telemetry::init(args.log_format);
             let shutdown = CancellationToken::new();
-            let trigger = shutdown.clone();
-            tokio::spawn(async move {
-                wait_for_signal().await;
-                trigger.cancel();
-            });
+            ShutdownSignals::install()?.cancel_on_signal(shutdown.clone());
             executor::run(args.into_settings(), shutdown).await
         }
     }
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = async {
+/// SIGINT and SIGTERM, registered when this is made: a signal that arrives
+/// while the daemon is still starting is kept, not lost to the default
+/// action (which would end the process without a graceful shutdown).
+struct ShutdownSignals {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use anyhow::Context as _;
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+                terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Cancels `token` at the first signal.
+    fn cancel_on_signal(self, token: CancellationToken) {
+        tokio::spawn(async move {
+            self.recv().await;
+            token.cancel();
+        });
+    }
+
+    async fn recv(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
         if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "cannot listen for SIGINT");
+            tracing::error!(error = %err, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
+        tracing::info!("shutdown signal received");
     }
-    tracing::info!("shutdown signal received");
 }
