@@ -208,7 +208,6 @@ def s3(tmp_path_factory):
     proc.wait(timeout=30)
 
 
-@pytest.mark.skipif(bool(os.environ.get("ACTIONSD_STORE")), reason="run once, in the SQLite pass")
 def test_a_run_on_the_s3_compatible_store(s3, tmp_path):
     endpoint, client = s3
     config = tmp_path / "actionsd.toml"
