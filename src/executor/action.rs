@@ -461,11 +461,20 @@ async fn run_prepared(ctx: &Context, job: &Job, cancel: &CancellationToken, prep
                     return;
                 }
             };
+            let outputs_written = document.is_none() && flyte::outputs_written(output_prefix);
+            if outputs_written && !exit.success() {
+                tracing::warn!(
+                    ?exit,
+                    stderr = %stderr_tail,
+                    "the task process died after writing its outputs; the task succeeded"
+                );
+            }
             let judged = flyte::outcome(
                 exit,
                 document
                     .as_ref()
                     .map(|(path, bytes)| (path.as_path(), bytes.as_slice())),
+                outputs_written,
                 &stderr_tail,
                 job.attempt,
                 *retries,

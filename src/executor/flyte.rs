@@ -452,12 +452,33 @@ pub(super) fn read_error(output_prefix: &str) -> std::io::Result<Option<(PathBuf
     }
 }
 
-/// Judges a task process that exited by itself. `error_doc` is the
-/// content of `error.pb` and where it was read, if the runtime wrote one.
+/// Any protobuf message: decoding into it checks only that the bytes are
+/// well-formed (every field complete), which a truncated file is not.
+#[derive(Clone, PartialEq, prost::Message)]
+struct WellFormed {}
+
+/// Whether the runtime wrote a complete `<outputPrefix>/outputs.pb`. The
+/// runtime writes it as the task's last step, after the user's function
+/// returned; only local storage is looked at.
+pub(super) fn outputs_written(output_prefix: &str) -> bool {
+    let Some(dir) = local_path(output_prefix) else {
+        return false;
+    };
+    std::fs::read(dir.join("outputs.pb"))
+        .is_ok_and(|bytes| WellFormed::decode(bytes.as_slice()).is_ok())
+}
+
+/// Judges a task process that exited by itself, by what the runtime wrote
+/// first and the exit status second: `error.pb` (`error_doc`, its content
+/// and where it was read) is a failure; a complete `outputs.pb`
+/// (`outputs_written`) is a success even when the process then died (the
+/// interpreter can crash while it shuts down, after the task's result is
+/// whole); otherwise the exit status decides.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn outcome(
     exit: Exit,
     error_doc: Option<(&Path, &[u8])>,
+    outputs_written: bool,
     stderr_tail: &str,
     attempt: u32,
     retries: u32,
@@ -493,7 +514,7 @@ pub(super) fn outcome(
             },
         };
     }
-    if exit.success() {
+    if exit.success() || outputs_written {
         return Outcome::Succeeded;
     }
     let (code, what) = match exit {
@@ -699,7 +720,7 @@ mod tests {
         .encode_to_vec();
         let path = Path::new("/o/error.pb");
         let now = SystemTime::now();
-        let judged = outcome(Exit::Code(0), Some((path, &doc)), "", 1, 1, "w", now);
+        let judged = outcome(Exit::Code(0), Some((path, &doc)), false, "", 1, 1, "w", now);
         let Outcome::Failed { error, retry } = judged else {
             panic!("not failed: {judged:?}");
         };
@@ -709,7 +730,7 @@ mod tests {
         assert_eq!(error.kind, ErrorKind::User as i32);
         assert_eq!(error.error_uri, "file:///o/error.pb");
         // The last attempt is not retried.
-        let last = outcome(Exit::Code(0), Some((path, &doc)), "", 2, 1, "w", now);
+        let last = outcome(Exit::Code(0), Some((path, &doc)), false, "", 2, 1, "w", now);
         assert!(matches!(last, Outcome::Failed { retry: false, .. }));
     }
 
@@ -718,6 +739,7 @@ mod tests {
         let judged = outcome(
             Exit::Code(3),
             None,
+            false,
             "Traceback",
             1,
             5,
@@ -732,9 +754,51 @@ mod tests {
         assert_eq!(error.code, "ExitCode3");
         assert!(error.message.ends_with(": Traceback"));
         assert_eq!(
-            outcome(Exit::Code(0), None, "", 1, 0, "w", SystemTime::now()),
+            outcome(Exit::Code(0), None, false, "", 1, 0, "w", SystemTime::now()),
             Outcome::Succeeded
         );
+    }
+
+    #[test]
+    fn complete_outputs_stand_when_the_process_dies_afterwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().to_str().unwrap().to_owned();
+        assert!(!outputs_written(&prefix), "no outputs.pb yet");
+        // A LiteralMap-shaped message: field 1, length 3, three bytes.
+        std::fs::write(
+            dir.path().join("outputs.pb"),
+            [0x0a, 0x03, 0x0a, 0x01, 0x78],
+        )
+        .unwrap();
+        assert!(outputs_written(&prefix));
+        let judged = outcome(
+            Exit::Signal(6),
+            None,
+            true,
+            "Fatal Python error",
+            1,
+            0,
+            "w",
+            SystemTime::now(),
+        );
+        assert_eq!(judged, Outcome::Succeeded);
+        // Cut short: the length says three bytes, one is there.
+        std::fs::write(dir.path().join("outputs.pb"), [0x0a, 0x03, 0x0a]).unwrap();
+        assert!(
+            !outputs_written(&prefix),
+            "a truncated outputs.pb is not a result"
+        );
+        let judged = outcome(
+            Exit::Signal(6),
+            None,
+            false,
+            "Fatal Python error",
+            1,
+            0,
+            "w",
+            SystemTime::now(),
+        );
+        assert!(matches!(judged, Outcome::Failed { retry: false, .. }));
     }
 
     #[test]
