@@ -174,6 +174,9 @@ impl Daemon {
                     std::fs::remove_dir_all(&dir)
                         .with_context(|| format!("cannot clear {}", dir.display()))?;
                 }
+                // The daemon creates the file, never its directory.
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
                 let url = format!("sqlite://{}", dir.join("actionsd.db").display());
                 (url, Some(dir))
             }
