@@ -119,6 +119,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub retention: RetentionConfig,
     pub tracing: TracingConfig,
+    /// `[auth]`; `None`: no authentication (every caller may do anything).
+    pub auth: Option<crate::auth::AuthSettings>,
 }
 
 /// OpenTelemetry trace export.
@@ -262,6 +264,7 @@ struct FileConfig {
     blobs: FileBlobs,
     #[serde(default)]
     logs: FileLogs,
+    auth: Option<crate::auth::config::FileAuth>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -412,6 +415,11 @@ fn parse_error(text: &str, err: &toml::de::Error) -> String {
 }
 
 impl Config {
+    /// Whether callers must authenticate (an `[auth]` section is present).
+    pub fn auth_enabled(&self) -> bool {
+        self.auth.is_some()
+    }
+
     /// Merges `overrides` over the file at `path` (if any) over defaults.
     pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
         let file = match path {
@@ -604,6 +612,11 @@ impl Config {
                     .unwrap_or(Duration::from_millis(10)),
             },
             blobs,
+            auth: file
+                .auth
+                .map(crate::auth::config::FileAuth::validate)
+                .transpose()
+                .map_err(|(setting, message)| ConfigError::Invalid { setting, message })?,
         };
         config.validate()?;
         Ok(config)

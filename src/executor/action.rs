@@ -71,6 +71,9 @@ pub(super) struct Job {
     pub(super) output_uri: String,
     /// The run's encoded RunSpec.
     pub(super) run_spec: Bytes,
+    /// The run-scoped credential the daemon minted for this attempt
+    /// (authentication on), handed to a Flyte task process.
+    pub(super) task_credential: Option<crate::proto::actionsd::executor::v1::TaskCredential>,
     /// When the lease arrived.
     pub(super) leased_at: Instant,
 }
@@ -257,6 +260,7 @@ fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, Box<Ex
                 &run_settings,
                 &who,
                 &ctx.settings.server,
+                job.task_credential.as_ref(),
             ));
             let mut argv = task.argv.iter().map(|arg| values.fill(arg));
             let program = argv.next().unwrap_or_default();

@@ -374,14 +374,31 @@ pub(super) struct Identity<'a> {
     pub run_output_base: &'a str,
 }
 
+/// The variable holding a task's run-scoped credential, printed by the
+/// SDK's external token command.
+pub(crate) const TASK_TOKEN_VAR: &str = "ACTIONSD_TASK_TOKEN";
+
 /// The task process's environment, added to the executor's own, in order
 /// (a later entry wins): the container's `env`, the run's `RunSpec.envs`,
 /// then what the runtime needs to find actionsd and its action.
+///
+/// With a task credential (the daemon requires authentication), the SDK
+/// inside the task authenticates with it:
+/// - when the server is `https://HOST` on the default port, as the in-task
+///   API key `_UNION_EAGER_API_KEY` (base64 of `HOST:client id:secret:org`;
+///   the SDK splits it at colons, so it cannot carry a port or scheme),
+///   which the SDK exchanges at the token endpoint (client-credentials);
+/// - otherwise through `FLYTE_AUTH_TYPE=ExternalCommand`, whose command
+///   prints the credential (`printenv ACTIONSD_TASK_TOKEN`); actionsd takes
+///   it as a bearer token directly. `_U_INSECURE` is not set then: the SDK
+///   sends no credentials on a channel it was told is insecure; the
+///   `http://` scheme of the endpoint alone selects plain HTTP.
 pub(super) fn environment(
     task: &Task,
     run: &RunSettings,
     who: &Identity<'_>,
     server: &str,
+    credential: Option<&crate::proto::actionsd::executor::v1::TaskCredential>,
 ) -> Vec<(String, String)> {
     let org = if who.org.is_empty() {
         EMPTY_ORG_ALIAS
@@ -410,8 +427,39 @@ pub(super) fn environment(
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
     );
-    if server.starts_with("http://") {
-        env.push(("_U_INSECURE".to_owned(), "true".to_owned()));
+    match credential {
+        None => {
+            if server.starts_with("http://") {
+                env.push(("_U_INSECURE".to_owned(), "true".to_owned()));
+            }
+        }
+        Some(credential) => {
+            let host = server
+                .strip_prefix("https://")
+                .map(|h| h.trim_end_matches('/'))
+                .filter(|h| !h.is_empty() && !h.contains([':', '/']));
+            match host {
+                Some(host) => {
+                    use base64::Engine as _;
+                    let key = format!(
+                        "{host}:{}:{}:{org}",
+                        credential.client_id, credential.client_secret
+                    );
+                    env.push((
+                        "_UNION_EAGER_API_KEY".to_owned(),
+                        base64::engine::general_purpose::STANDARD.encode(key),
+                    ));
+                }
+                None => {
+                    env.push(("FLYTE_AUTH_TYPE".to_owned(), "ExternalCommand".to_owned()));
+                    env.push((
+                        "FLYTE_AUTH_COMMAND".to_owned(),
+                        format!(r#"["printenv", "{TASK_TOKEN_VAR}"]"#),
+                    ));
+                    env.push((TASK_TOKEN_VAR.to_owned(), credential.client_secret.clone()));
+                }
+            }
+        }
     }
     env
 }
@@ -693,7 +741,7 @@ mod tests {
             action: "abc",
             run_output_base: "/data/r1",
         };
-        let env = environment(&task, &run, &who, "http://127.0.0.1:1");
+        let env = environment(&task, &run, &who, "http://127.0.0.1:1", None);
         let last = |key: &str| {
             env.iter()
                 .rev()

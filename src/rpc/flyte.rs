@@ -27,6 +27,7 @@ use tracing::{field, info_span, Instrument, Span};
 use super::convert::{self, action_id_to_proto, decode_stored, timestamp_to_proto};
 use super::watch::MessageStream;
 use super::ActionsApi;
+use crate::auth;
 use crate::blob::{keys, Blobs, DownloadGrant, UploadGrant};
 use crate::domain::{
     output_uri, ActionFilter, ActionId, ActionKind, ActionRecord, Error, PageRequest, Phase,
@@ -358,6 +359,10 @@ impl DataProxyService for FlyteApi {
     ) -> Result<Response<dp::CreateUploadLocationResponse>, Status> {
         async {
             let base = self.base_url(&request);
+            auth::authorize(
+                request.extensions(),
+                &auth::Target::project(&request.get_ref().project, &request.get_ref().domain),
+            )?;
             let r = request.into_inner();
             for (field, value) in [
                 ("project", &r.project),
@@ -433,6 +438,7 @@ impl DataProxyService for FlyteApi {
     ) -> Result<Response<dp::CreateDownloadLinkResponse>, Status> {
         async {
             let base = self.base_url(&request);
+            let extensions = request.extensions().clone();
             let r = request.into_inner();
             let artifact = dp::ArtifactType::try_from(r.artifact_type)
                 .ok()
@@ -453,6 +459,7 @@ impl DataProxyService for FlyteApi {
             let id =
                 convert::action_id("action_attempt_id.action_id", attempt_id.action_id.as_ref())?;
             Span::current().record("action", field::display(&id));
+            auth::authorize(&extensions, &auth::Target::action(&id))?;
             let record = self.store.get_action(&id).await?;
             let spec =
                 decode_stored::<actions_pb::Action>("spec", &id, &record.spec).unwrap_or_default();
@@ -530,13 +537,19 @@ impl DataProxyService for FlyteApi {
         request: Request<dp::UploadInputsRequest>,
     ) -> Result<Response<dp::UploadInputsResponse>, Status> {
         async {
+            let extensions = request.extensions().clone();
             let r = request.into_inner();
             let (org, project, domain) = match &r.id {
                 Some(dp::upload_inputs_request::Id::RunId(run)) => {
                     let run = convert::run_id("run_id", Some(run))?;
+                    auth::authorize(&extensions, &auth::Target::run(&run))?;
                     (run.org, run.project, run.domain)
                 }
-                Some(dp::upload_inputs_request::Id::ProjectId(p)) => project_scope(Some(p))?,
+                Some(dp::upload_inputs_request::Id::ProjectId(p)) => {
+                    let (org, project, domain) = project_scope(Some(p))?;
+                    auth::authorize(&extensions, &auth::Target::project(&project, &domain))?;
+                    (org, project, domain)
+                }
                 None => return Err(Error::invalid("id", "run_id or project_id is required").into()),
             };
             let offloaded = self
@@ -557,6 +570,7 @@ impl DataProxyService for FlyteApi {
         async {
             let id = convert::action_id("action_id", request.get_ref().action_id.as_ref())?;
             Span::current().record("action", field::display(&id));
+            auth::authorize(request.extensions(), &auth::Target::action(&id))?;
             let record = self.store.get_action(&id).await?;
             let spec = decode_stored::<actions_pb::Action>("spec", &id, &record.spec);
             let inputs_uri = spec.map(|a| a.input_uri).unwrap_or_default();
@@ -595,8 +609,10 @@ impl DataProxyService for FlyteApi {
         &self,
         request: Request<dp::TailLogsRequest>,
     ) -> Result<Response<Self::TailLogsStream>, Status> {
+        let extensions = request.extensions().clone();
         let r = request.into_inner();
         let id = convert::action_id("action_id", r.action_id.as_ref())?;
+        auth::authorize(&extensions, &auth::Target::action(&id))?;
         let record = self.store.get_action(&id).await?;
         let attempt = if r.attempt == 0 {
             record.state.attempt.max(1)
@@ -655,7 +671,9 @@ impl RunService for FlyteApi {
         &self,
         request: Request<wf::CreateRunRequest>,
     ) -> Result<Response<wf::CreateRunResponse>, Status> {
-        async {
+        let extensions = request.extensions().clone();
+        let mut audited: Option<RunId> = None;
+        let result = async {
             let r = request.into_inner();
             let run = match &r.id {
                 Some(wf::create_run_request::Id::RunId(run)) => {
@@ -673,6 +691,8 @@ impl RunService for FlyteApi {
                 None => return Err(Error::invalid("id", "run_id or project_id is required").into()),
             };
             Span::current().record("action", field::display(&run));
+            auth::authorize(&extensions, &auth::Target::run(&run))?;
+            audited = Some(run.clone());
             let task_spec = match r.task {
                 Some(wf::create_run_request::Task::TaskSpec(spec)) => spec,
                 Some(wf::create_run_request::Task::TaskId(_)) => {
@@ -741,14 +761,22 @@ impl RunService for FlyteApi {
                 }),
                 run_spec: r.run_spec,
             };
-            ActionsService::enqueue(&self.actions, Request::new(enqueue)).await?;
+            ActionsService::enqueue(
+                &self.actions,
+                Request::from_parts(Default::default(), extensions.clone(), enqueue),
+            )
+            .await?;
             let record = self.store.get_action(&root).await?;
             Ok(Response::new(wf::CreateRunResponse {
                 run: Some(run_of(&action_details(&record, false))),
             }))
         }
         .instrument(span("CreateRun"))
-        .await
+        .await;
+        if let Some(run) = &audited {
+            auth::audit(&extensions, "CreateRun", run, &result);
+        }
+        result
     }
 
     async fn abort_run(
@@ -756,16 +784,22 @@ impl RunService for FlyteApi {
         request: Request<wf::AbortRunRequest>,
     ) -> Result<Response<wf::AbortRunResponse>, Status> {
         async {
+            let extensions = request.extensions().clone();
             let r = request.into_inner();
             let run = convert::run_id("run_id", r.run_id.as_ref())?;
             Span::current().record("action", field::display(&run));
+            auth::authorize(&extensions, &auth::Target::run(&run))?;
             let root = self.root(&run).await?;
             let abort = actions_pb::AbortRequest {
                 action_id: Some(action_id_to_proto(&root.state.id)),
                 reason: Some(r.reason.unwrap_or_else(|| "aborted by the user".to_owned())),
                 aborted_by: None,
             };
-            ActionsService::abort(&self.actions, Request::new(abort)).await?;
+            ActionsService::abort(
+                &self.actions,
+                Request::from_parts(Default::default(), extensions, abort),
+            )
+            .await?;
             Ok(Response::new(wf::AbortRunResponse {}))
         }
         .instrument(span("AbortRun"))
@@ -779,6 +813,7 @@ impl RunService for FlyteApi {
         async {
             let run = convert::run_id("run_id", request.get_ref().run_id.as_ref())?;
             Span::current().record("action", field::display(&run));
+            auth::authorize(request.extensions(), &auth::Target::run(&run))?;
             let root = self.root(&run).await?;
             let run_spec = self.store.run_spec(&run).await?;
             Ok(Response::new(wf::GetRunDetailsResponse {
@@ -799,6 +834,7 @@ impl RunService for FlyteApi {
         async {
             let id = convert::action_id("action_id", request.get_ref().action_id.as_ref())?;
             Span::current().record("action", field::display(&id));
+            auth::authorize(request.extensions(), &auth::Target::action(&id))?;
             let record = self.store.get_action(&id).await?;
             Ok(Response::new(wf::GetActionDetailsResponse {
                 details: Some(self.details(&record).await?),
@@ -813,6 +849,7 @@ impl RunService for FlyteApi {
         request: Request<wf::WatchActionDetailsRequest>,
     ) -> Result<Response<Self::WatchActionDetailsStream>, Status> {
         let id = convert::action_id("action_id", request.get_ref().action_id.as_ref())?;
+        auth::authorize(request.extensions(), &auth::Target::action(&id))?;
         // Subscribe before the first read, so no change is missed.
         let subscription = self.registry.subscribe(id.clone());
         let first = self.store.get_action(&id).await?;
@@ -860,6 +897,7 @@ impl RunService for FlyteApi {
         request: Request<wf::ListRunsRequest>,
     ) -> Result<Response<wf::ListRunsResponse>, Status> {
         async {
+            let extensions = request.extensions().clone();
             let r = request.into_inner();
             let list = r.request.unwrap_or_default();
             if !list.filters.is_empty() || !list.raw_filters.is_empty() {
@@ -889,6 +927,13 @@ impl RunService for FlyteApi {
                     ))
                 }
             };
+            auth::authorize(
+                &extensions,
+                &auth::Target::project(
+                    filter.project.as_deref().unwrap_or_default(),
+                    filter.domain.as_deref().unwrap_or_default(),
+                ),
+            )?;
             let limit = match list.limit as usize {
                 0 => DEFAULT_LIMIT,
                 n if n <= MAX_LIMIT => n,
