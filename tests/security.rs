@@ -121,9 +121,12 @@ async fn call(
     message: &[u8],
     stream: bool,
 ) -> Code {
-    tokio::time::timeout(TIMEOUT, call_inner(protocol, addr, path, bearer, message, stream))
-        .await
-        .expect("the call answers in time")
+    tokio::time::timeout(
+        TIMEOUT,
+        call_inner(protocol, addr, path, bearer, message, stream),
+    )
+    .await
+    .expect("the call answers in time")
 }
 
 fn frame(flags: u8, payload: &[u8]) -> Vec<u8> {
@@ -156,13 +159,7 @@ fn connect_code(name: &str) -> Code {
 }
 
 fn grpc_status(value: &[u8]) -> Code {
-    Code::from_i32(
-        std::str::from_utf8(value)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap(),
-    )
+    Code::from_i32(std::str::from_utf8(value).unwrap().trim().parse().unwrap())
 }
 
 /// How long an open stream is watched for an error before it counts as
@@ -284,6 +281,20 @@ fn ended(protocol: Protocol, mut data: &[u8]) -> Option<Code> {
     None
 }
 
+/// A root task of `run` on the queue `default`.
+fn queued(
+    run: &str,
+    name: &str,
+    parent: Option<&str>,
+) -> actionsd::proto::flyteidl2::actions::EnqueueRequest {
+    use actionsd::proto::flyteidl2::actions::action::Spec;
+    let mut request = common::task(run, name, parent);
+    if let Some(Spec::Task(task)) = request.action.as_mut().and_then(|a| a.spec.as_mut()) {
+        task.queue = "default".into();
+    }
+    request
+}
+
 /// A request message from its proto3 JSON, under the method's schema.
 fn json(path: &str, text: &str) -> Vec<u8> {
     let (request, _) = actionsd::schema::method_messages(path).unwrap();
@@ -309,7 +320,7 @@ fn requests() -> Vec<(&'static str, Vec<u8>, bool)> {
     vec![
         (
             p(a, "Enqueue"),
-            common::task(RUN, "a0", None).encode_to_vec(),
+            queued(RUN, "a0", None).encode_to_vec(),
             false,
         ),
         (
@@ -335,7 +346,10 @@ fn requests() -> Vec<(&'static str, Vec<u8>, bool)> {
         ),
         (
             p(e, "Lease"),
-            json(&p(e, "Lease"), r#"{"executorId":"m1","queue":"","capacity":1}"#),
+            json(
+                &p(e, "Lease"),
+                r#"{"executorId":"m1","queue":"default","capacity":1}"#,
+            ),
             true,
         ),
         (
@@ -427,10 +441,7 @@ fn requests() -> Vec<(&'static str, Vec<u8>, bool)> {
         ),
         (
             p(d, "UploadInputs"),
-            json(
-                &p(d, "UploadInputs"),
-                &format!(r#"{{"runId":{RUN_ID}}}"#),
-            ),
+            json(&p(d, "UploadInputs"), &format!(r#"{{"runId":{RUN_ID}}}"#)),
             false,
         ),
         (
@@ -448,11 +459,7 @@ fn requests() -> Vec<(&'static str, Vec<u8>, bool)> {
             json(&p(d, "GetActionData"), &action),
             false,
         ),
-        (
-            p(d, "TailLogs"),
-            json(&p(d, "TailLogs"), &action),
-            true,
-        ),
+        (p(d, "TailLogs"), json(&p(d, "TailLogs"), &action), true),
         (
             "/flyteidl2.cluster.ClusterService/SelectCluster",
             Vec::new(),
@@ -523,18 +530,13 @@ async fn role_matrix(protocol: Protocol) {
     let daemon = daemon(&db, settings(generous())).await;
     // The run every request names.
     let mut admin = daemon.client().await;
-    let mut setup = tonic::Request::new(common::task(RUN, "a0", None));
+    let mut setup = tonic::Request::new(queued(RUN, "a0", None));
     setup
         .metadata_mut()
         .insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
     admin.enqueue(setup).await.expect("the admin enqueues");
 
-    let roles = [
-        ('R', READER),
-        ('U', USER),
-        ('E', EXECUTOR),
-        ('A', ADMIN),
-    ];
+    let roles = [('R', READER), ('U', USER), ('E', EXECUTOR), ('A', ADMIN)];
     let mut failures = Vec::new();
     let mut checked = 0;
     for (path, message, stream) in requests() {
@@ -563,7 +565,11 @@ async fn role_matrix(protocol: Protocol) {
             if !ok {
                 failures.push(format!(
                     "{path} as {role}: {code:?} (expected {})",
-                    if allowed { "allowed" } else { "PERMISSION_DENIED" }
+                    if allowed {
+                        "allowed"
+                    } else {
+                        "PERMISSION_DENIED"
+                    }
                 ));
             }
         }
@@ -595,7 +601,7 @@ async fn scopes_are_enforced_on_every_protocol() {
     let db = TestDb::sqlite();
     let daemon = daemon(&db, settings(generous())).await;
     let mut admin = daemon.client().await;
-    let mut setup = tonic::Request::new(common::task(RUN, "a0", None));
+    let mut setup = tonic::Request::new(queued(RUN, "a0", None));
     setup
         .metadata_mut()
         .insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
@@ -619,22 +625,62 @@ async fn scopes_are_enforced_on_every_protocol() {
             "DataProxyService/CreateUploadLocation",
         ] {
             let (path, message, stream) = find(name);
-            let code = call(protocol, daemon.addr, path, Some(OTHER_USER), &message, stream).await;
+            let code = call(
+                protocol,
+                daemon.addr,
+                path,
+                Some(OTHER_USER),
+                &message,
+                stream,
+            )
+            .await;
             assert_eq!(code, Code::PermissionDenied, "{protocol:?} {path}");
         }
         // An unfiltered listing is refused to a scoped principal.
         let path = "/actionsd.read.v1.ReadService/ListRuns";
-        let code = call(protocol, daemon.addr, path, Some(OTHER_USER), &json(path, "{}"), false).await;
-        assert_eq!(code, Code::PermissionDenied, "{protocol:?} unfiltered ListRuns");
-        for name in ["ExecutorService/Lease", "ExecutorService/Finish", "ActionsService/Update"] {
+        let code = call(
+            protocol,
+            daemon.addr,
+            path,
+            Some(OTHER_USER),
+            &json(path, "{}"),
+            false,
+        )
+        .await;
+        assert_eq!(
+            code,
+            Code::PermissionDenied,
+            "{protocol:?} unfiltered ListRuns"
+        );
+        for name in [
+            "ExecutorService/Lease",
+            "ExecutorService/Finish",
+            "ActionsService/Update",
+        ] {
             let (path, message, stream) = find(name);
-            let code = call(protocol, daemon.addr, path, Some(Q1_EXECUTOR), &message, stream).await;
+            let code = call(
+                protocol,
+                daemon.addr,
+                path,
+                Some(Q1_EXECUTOR),
+                &message,
+                stream,
+            )
+            .await;
             assert_eq!(code, Code::PermissionDenied, "{protocol:?} {path}");
         }
         // Its own queue it may lease.
         let lease = "/actionsd.executor.v1.ExecutorService/Lease";
         let message = json(lease, r#"{"executorId":"q1m","queue":"q1","capacity":1}"#);
-        let code = call(protocol, daemon.addr, lease, Some(Q1_EXECUTOR), &message, true).await;
+        let code = call(
+            protocol,
+            daemon.addr,
+            lease,
+            Some(Q1_EXECUTOR),
+            &message,
+            true,
+        )
+        .await;
         assert_eq!(code, Code::Ok, "{protocol:?} lease of q1");
     }
     daemon.stop().await;
@@ -689,10 +735,7 @@ async fn token_request(
     basic: Option<(&str, &str)>,
     form: &[(&str, &str)],
 ) -> (u16, serde_json::Value) {
-    let client = reqwest::Client::builder()
-        .timeout(TIMEOUT)
-        .build()
-        .unwrap();
+    let client = reqwest::Client::builder().timeout(TIMEOUT).build().unwrap();
     let body: String = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(form)
         .finish();
@@ -719,18 +762,30 @@ async fn expired_and_forged_tokens_are_refused_and_issued_ones_work() {
     let daemon = daemon(&db, settings(generous())).await;
     let mut client = daemon.client().await;
     let watch = || common::watch_request(RUN, "a0");
+    client
+        .enqueue(bearer(queued(RUN, "a0", None), USER))
+        .await
+        .unwrap();
 
     // Signed with the daemon's key but expired a minute ago.
     let expired = jwt(SIGNING_KEY, now() - 60, "admin");
     let message = common::expect_code(
-        client.enqueue(bearer(common::task(RUN, "a0", None), &expired)).await,
+        client
+            .enqueue(bearer(queued(RUN, "a0", None), &expired))
+            .await,
         Code::Unauthenticated,
     );
     assert!(message.contains("invalid or expired"), "{message}");
     // Valid claims, another key.
-    let forged = jwt("another-key-of-at-least-32-bytes-long!!", now() + 600, "admin");
+    let forged = jwt(
+        "another-key-of-at-least-32-bytes-long!!",
+        now() + 600,
+        "admin",
+    );
     common::expect_code(
-        client.enqueue(bearer(common::task(RUN, "a0", None), &forged)).await,
+        client
+            .enqueue(bearer(queued(RUN, "a0", None), &forged))
+            .await,
         Code::Unauthenticated,
     );
     // Tampered: the admin token's payload with another signature.
@@ -741,7 +796,9 @@ async fn expired_and_forged_tokens_are_refused_and_issued_ones_work() {
     parts[1] = &admin_payload;
     let tampered = parts.join(".");
     common::expect_code(
-        client.enqueue(bearer(common::task(RUN, "a0", None), &tampered)).await,
+        client
+            .enqueue(bearer(queued(RUN, "a0", None), &tampered))
+            .await,
         Code::Unauthenticated,
     );
     // A well-signed reader token reads but may not write.
@@ -750,7 +807,7 @@ async fn expired_and_forged_tokens_are_refused_and_issued_ones_work() {
         .await
         .expect("a reader watches");
     common::expect_code(
-        client.enqueue(bearer(common::task(RUN, "a0", None), &good)).await,
+        client.enqueue(bearer(queued(RUN, "a0", None), &good)).await,
         Code::PermissionDenied,
     );
 
@@ -762,7 +819,7 @@ async fn expired_and_forged_tokens_are_refused_and_issued_ones_work() {
     assert_eq!(body["expires_in"], 600);
     let access = body["access_token"].as_str().unwrap().to_owned();
     client
-        .enqueue(bearer(common::task(RUN, "a0", None), &access))
+        .enqueue(bearer(queued(RUN, "a0", None), &access))
         .await
         .expect("the client's token (role user) enqueues");
     let (status, _) = token_request(
@@ -777,7 +834,10 @@ async fn expired_and_forged_tokens_are_refused_and_issued_ones_work() {
     .await;
     assert_eq!(status, 200);
     let (status, body) = token_request(daemon.addr, Some((CLIENT_ID, "wrong")), &grant).await;
-    assert_eq!((status, body["error"].as_str()), (401, Some("invalid_client")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_client"))
+    );
     let (status, _) = token_request(daemon.addr, Some(("nobody", CLIENT_SECRET)), &grant).await;
     assert_eq!(status, 401);
     let (status, body) = token_request(
@@ -786,7 +846,10 @@ async fn expired_and_forged_tokens_are_refused_and_issued_ones_work() {
         &[("grant_type", "password")],
     )
     .await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("unsupported_grant_type")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("unsupported_grant_type"))
+    );
 
     // AuthMetadataService points at the token endpoint.
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", daemon.addr))
@@ -801,7 +864,10 @@ async fn expired_and_forged_tokens_are_refused_and_issued_ones_work() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(oauth.token_endpoint, format!("http://{}/oauth2/token", daemon.addr));
+    assert_eq!(
+        oauth.token_endpoint,
+        format!("http://{}/oauth2/token", daemon.addr)
+    );
     assert_eq!(oauth.grant_types_supported, ["client_credentials"]);
     let public = metadata
         .get_public_client_config(actionsd::proto::flyteidl2::auth::GetPublicClientConfigRequest {})
@@ -822,11 +888,11 @@ async fn a_task_credential_is_confined_to_its_run_and_attempt() {
     let daemon = daemon(&db, settings(generous())).await;
     let mut client = daemon.client().await;
     client
-        .enqueue(bearer(common::task(RUN, "a0", None), USER))
+        .enqueue(bearer(queued(RUN, "a0", None), USER))
         .await
         .unwrap();
     client
-        .enqueue(bearer(common::task("r2", "a0", None), USER))
+        .enqueue(bearer(queued("r2", "a0", None), USER))
         .await
         .unwrap();
     let mut executor = daemon.executor_client().await;
@@ -834,7 +900,7 @@ async fn a_task_credential_is_confined_to_its_run_and_attempt() {
         .lease(bearer(
             LeaseRequest {
                 executor_id: "m1".into(),
-                queue: String::new(),
+                queue: "default".into(),
                 capacity: 1,
                 max_leases: 0,
             },
@@ -853,7 +919,15 @@ async fn a_task_credential_is_confined_to_its_run_and_attempt() {
         Some(lease_response::Event::Leased(leased)) => leased,
         other => panic!("expected a lease, got {other:?}"),
     };
-    let run = leased.action_id.as_ref().unwrap().run.as_ref().unwrap().name.clone();
+    let run = leased
+        .action_id
+        .as_ref()
+        .unwrap()
+        .run
+        .as_ref()
+        .unwrap()
+        .name
+        .clone();
     let other = if run == RUN { "r2" } else { RUN };
     let credential = leased.task_credential.expect("a task credential");
     assert_eq!(credential.client_id, "actionsd-task");
@@ -861,7 +935,7 @@ async fn a_task_credential_is_confined_to_its_run_and_attempt() {
 
     // Inside its run: enqueue a child, watch, abort the child.
     client
-        .enqueue(bearer(common::task(&run, "child", Some("a0")), &task))
+        .enqueue(bearer(queued(&run, "child", Some("a0")), &task))
         .await
         .expect("the task enqueues in its run");
     client
@@ -875,7 +949,7 @@ async fn a_task_credential_is_confined_to_its_run_and_attempt() {
     // Outside it: refused.
     common::expect_code(
         client
-            .enqueue(bearer(common::task(other, "child", Some("a0")), &task))
+            .enqueue(bearer(queued(other, "child", Some("a0")), &task))
             .await,
         Code::PermissionDenied,
     );
@@ -886,15 +960,19 @@ async fn a_task_credential_is_confined_to_its_run_and_attempt() {
         Code::PermissionDenied,
     );
     common::expect_code(
-        client.abort(bearer(common::abort(other, "a0", "no"), &task)).await,
+        client
+            .abort(bearer(common::abort(other, "a0", "no"), &task))
+            .await,
         Code::PermissionDenied,
     );
     // And nothing else, even in its run.
     for protocol in [Protocol::Grpc, Protocol::GrpcWeb, Protocol::Connect] {
         for (path, message, stream) in requests() {
             let method = path.rsplit('/').next().unwrap();
-            if matches!(method, "Enqueue" | "Abort" | "WatchForUpdates" | "SelectCluster")
-                || path.contains("AuthMetadataService")
+            if matches!(
+                method,
+                "Enqueue" | "Abort" | "WatchForUpdates" | "SelectCluster"
+            ) || path.contains("AuthMetadataService")
             {
                 continue;
             }
@@ -949,7 +1027,7 @@ async fn aborts_record_the_authenticated_principal() {
     let daemon = daemon(&db, settings(generous())).await;
     let mut client = daemon.client().await;
     client
-        .enqueue(bearer(common::task(RUN, "a0", None), USER))
+        .enqueue(bearer(queued(RUN, "a0", None), USER))
         .await
         .unwrap();
     let mut abort = common::abort(RUN, "a0", "stop");
@@ -1011,7 +1089,7 @@ async fn write_rate_streams_and_lease_capacity_are_limited() {
     let mut refused = None;
     for i in 0..10 {
         let result = client
-            .enqueue(bearer(common::task(&format!("rate{i}"), "a0", None), USER))
+            .enqueue(bearer(queued(&format!("rate{i}"), "a0", None), USER))
             .await;
         if let Err(status) = result {
             refused = Some((i, status.code()));
@@ -1023,7 +1101,7 @@ async fn write_rate_streams_and_lease_capacity_are_limited() {
     assert!((3..=4).contains(&at), "refused at write {at}");
     // Other principals are not affected.
     client
-        .enqueue(bearer(common::task("rate-admin", "a0", None), ADMIN))
+        .enqueue(bearer(queued("rate-admin", "a0", None), ADMIN))
         .await
         .expect("another principal writes");
 
@@ -1071,7 +1149,7 @@ async fn write_rate_streams_and_lease_capacity_are_limited() {
     let mut executor = daemon.executor_client().await;
     let lease = |capacity| LeaseRequest {
         executor_id: "big".into(),
-        queue: String::new(),
+        queue: "default".into(),
         capacity,
         max_leases: 0,
     };
@@ -1160,23 +1238,29 @@ async fn oidc_tokens_are_checked_against_the_issuers_jwks() {
     let mut client = daemon.client().await;
     let user = sign(&keys[0], "k0", "user", "https://idp.example");
     client
-        .enqueue(bearer(common::task(RUN, "a0", None), &user))
+        .enqueue(bearer(queued(RUN, "a0", None), &user))
         .await
         .expect("an OIDC user enqueues");
     let reader = sign(&keys[0], "k0", "reader", "https://idp.example");
     common::expect_code(
-        client.enqueue(bearer(common::task(RUN, "a0", None), &reader)).await,
+        client
+            .enqueue(bearer(queued(RUN, "a0", None), &reader))
+            .await,
         Code::PermissionDenied,
     );
     // Another issuer, or a key the issuer does not publish: refused.
     let wrong_issuer = sign(&keys[0], "k0", "user", "https://evil.example");
     common::expect_code(
-        client.enqueue(bearer(common::task(RUN, "a0", None), &wrong_issuer)).await,
+        client
+            .enqueue(bearer(queued(RUN, "a0", None), &wrong_issuer))
+            .await,
         Code::Unauthenticated,
     );
     let forged = sign(&keys[1], "k0", "user", "https://idp.example");
     common::expect_code(
-        client.enqueue(bearer(common::task(RUN, "a0", None), &forged)).await,
+        client
+            .enqueue(bearer(queued(RUN, "a0", None), &forged))
+            .await,
         Code::Unauthenticated,
     );
     // A rotated-in key is fetched on first use of its kid.
@@ -1187,7 +1271,7 @@ async fn oidc_tokens_are_checked_against_the_issuers_jwks() {
     let accepted = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             if client
-                .enqueue(bearer(common::task(RUN, "a0", None), &rotated))
+                .enqueue(bearer(queued(RUN, "a0", None), &rotated))
                 .await
                 .is_ok()
             {
@@ -1248,7 +1332,10 @@ role = "user"
     let addr: std::net::SocketAddr = tokio::time::timeout(TIMEOUT, async {
         loop {
             let mut line = String::new();
-            assert!(stdout.read_line(&mut line).await.unwrap() > 0, "exited: {seen}");
+            assert!(
+                stdout.read_line(&mut line).await.unwrap() > 0,
+                "exited: {seen}"
+            );
             seen.push_str(&line);
             if let Some((_, rest)) = line.split_once("address") {
                 let addr = rest
@@ -1275,11 +1362,11 @@ role = "user"
             channel,
         );
     client
-        .enqueue(bearer(common::task(RUN, "a0", None), USER))
+        .enqueue(bearer(queued(RUN, "a0", None), USER))
         .await
         .unwrap();
     let _ = client
-        .enqueue(bearer(common::task(RUN, "a0", None), "wrong-token-value"))
+        .enqueue(bearer(queued(RUN, "a0", None), "wrong-token-value"))
         .await;
     let grant = [("grant_type", "client_credentials")];
     let (status, body) = token_request(addr, Some((CLIENT_ID, CLIENT_SECRET)), &grant).await;
@@ -1316,7 +1403,10 @@ role = "user"
         access.as_str(),
         &hash,
     ] {
-        assert!(!output.contains(secret), "the output holds a secret:\n{output}");
+        assert!(
+            !output.contains(secret),
+            "the output holds a secret:\n{output}"
+        );
     }
     // The audit trail names who wrote, what and how it ended.
     let audit: Vec<&str> = output
@@ -1324,11 +1414,15 @@ role = "user"
         .filter(|l| l.contains("actionsd::audit"))
         .collect();
     assert!(
-        audit.iter().any(|l| l.contains("Enqueue") && l.contains("principal=user") && l.contains("OK")),
+        audit
+            .iter()
+            .any(|l| l.contains("Enqueue") && l.contains("principal=user") && l.contains("OK")),
         "{output}"
     );
     assert!(
-        audit.iter().any(|l| l.contains("Abort") && l.contains("principal=ci")),
+        audit
+            .iter()
+            .any(|l| l.contains("Abort") && l.contains("principal=ci")),
         "{output}"
     );
     assert!(

@@ -72,8 +72,9 @@ impl AuthState {
             .map(|c| (c.client_id.clone(), c.clone()))
             .collect();
         let limits = &settings.limits;
-        let quota = Quota::per_second(NonZeroU32::new(limits.writes_per_second).unwrap_or(NonZeroU32::MIN))
-            .allow_burst(NonZeroU32::new(limits.write_burst).unwrap_or(NonZeroU32::MIN));
+        let quota =
+            Quota::per_second(NonZeroU32::new(limits.writes_per_second).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(limits.write_burst).unwrap_or(NonZeroU32::MIN));
         let oidc = settings.oidc.clone().map(super::oidc::Oidc::new);
         Arc::new(Self {
             issuer,
@@ -213,7 +214,12 @@ pub struct AuthService<S> {
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
-fn refuse(headers: &HeaderMap, status: &Status, reason: &'static str, path: &str) -> Response<Body> {
+fn refuse(
+    headers: &HeaderMap,
+    status: &Status,
+    reason: &'static str,
+    path: &str,
+) -> Response<Body> {
     ::metrics::counter!(names::AUTH_DENIED, "reason" => reason).increment(1);
     info!(
         target: "actionsd::audit",
@@ -227,7 +233,10 @@ fn refuse(headers: &HeaderMap, status: &Status, reason: &'static str, path: &str
 
 impl<S> Service<Request<Body>> for AuthService<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response<Body>;
@@ -255,7 +264,12 @@ where
             let principal = match state.authenticate(request.headers()).await {
                 Ok(principal) => principal,
                 Err(status) => {
-                    return Ok(refuse(request.headers(), &status, "unauthenticated", request.uri().path()))
+                    return Ok(refuse(
+                        request.headers(),
+                        &status,
+                        "unauthenticated",
+                        request.uri().path(),
+                    ))
                 }
             };
             if !roles::role_allows(rule, &principal) {
@@ -301,7 +315,12 @@ where
             let response = inner.call(request).await?;
             Ok(match guard {
                 None => response,
-                Some(guard) => response.map(|body| Body::new(Guarded { inner: body, _guard: guard })),
+                Some(guard) => response.map(|body| {
+                    Body::new(Guarded {
+                        inner: body,
+                        _guard: guard,
+                    })
+                }),
             })
         })
     }
@@ -336,11 +355,19 @@ impl HttpBody for Guarded {
 /// An OAuth2 error response (RFC 6749 §5.2).
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response<Body> {
     let body = serde_json::json!({ "error": error, "error_description": description });
-    let mut response = Response::new(Body::new(http_body_util::Full::new(Bytes::from(body.to_string()))));
+    let mut response = Response::new(Body::new(http_body_util::Full::new(Bytes::from(
+        body.to_string(),
+    ))));
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    headers.insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
     if status == StatusCode::UNAUTHORIZED {
         headers.insert(
             http::header::WWW_AUTHENTICATE,
@@ -377,7 +404,11 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 /// form body.
 async fn token_endpoint(state: &AuthState, request: Request<Body>) -> Response<Body> {
     if request.method() != Method::POST {
-        return oauth_error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request", "use POST");
+        return oauth_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "use POST",
+        );
     }
     let form_type = request
         .headers()
@@ -392,7 +423,10 @@ async fn token_endpoint(state: &AuthState, request: Request<Body>) -> Response<B
         );
     }
     let basic = basic_credentials(request.headers());
-    let body = match Limited::new(request.into_body(), MAX_TOKEN_REQUEST).collect().await {
+    let body = match Limited::new(request.into_body(), MAX_TOKEN_REQUEST)
+        .collect()
+        .await
+    {
         Ok(body) => body.to_bytes(),
         Err(_) => {
             return oauth_error(
@@ -436,11 +470,18 @@ async fn token_endpoint(state: &AuthState, request: Request<Body>) -> Response<B
                 "token_type": "Bearer",
                 "expires_in": expires_in,
             });
-            let mut response =
-                Response::new(Body::new(http_body_util::Full::new(Bytes::from(body.to_string()))));
+            let mut response = Response::new(Body::new(http_body_util::Full::new(Bytes::from(
+                body.to_string(),
+            ))));
             let headers = response.headers_mut();
-            headers.insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-            headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+            headers.insert(
+                CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            headers.insert(
+                http::header::CACHE_CONTROL,
+                http::HeaderValue::from_static("no-store"),
+            );
             response
         }
         None => {

@@ -155,9 +155,7 @@ impl<'a> Target<'a> {
 
 /// The principal of a request, when authentication is on.
 pub fn principal(extensions: &http::Extensions) -> Option<&Principal> {
-    extensions
-        .get::<Authorized>()
-        .map(|a| a.principal.as_ref())
+    extensions.get::<Authorized>().map(|a| a.principal.as_ref())
 }
 
 /// Applies the caller's scope to what the request names, for the methods

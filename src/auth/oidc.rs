@@ -101,8 +101,9 @@ impl Oidc {
         validation.set_issuer(&[&self.settings.issuer]);
         validation.set_audience(&[&self.settings.audience]);
         validation.leeway = 5;
-        let claims =
-            jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation).ok()?.claims;
+        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+            .ok()?
+            .claims;
         let subject = claims.get("sub")?.as_str()?.to_owned();
         let role = self
             .settings

@@ -84,7 +84,10 @@ pub const TABLE: &[(&str, Rule)] = &[
     ("/flyteidl2.actions.ActionsService/Enqueue", write(true)),
     ("/flyteidl2.actions.ActionsService/Abort", write(true)),
     ("/flyteidl2.actions.ActionsService/Signal", write(false)),
-    ("/flyteidl2.actions.ActionsService/WatchForUpdates", watch(true)),
+    (
+        "/flyteidl2.actions.ActionsService/WatchForUpdates",
+        watch(true),
+    ),
     // Update reports an action's status: the executor of its queue.
     (
         "/flyteidl2.actions.ActionsService/Update",
@@ -123,7 +126,10 @@ pub const TABLE: &[(&str, Rule)] = &[
     ("/flyteidl2.workflow.RunService/CreateRun", write(false)),
     ("/flyteidl2.workflow.RunService/AbortRun", write(false)),
     ("/flyteidl2.workflow.RunService/GetRunDetails", read(false)),
-    ("/flyteidl2.workflow.RunService/GetActionDetails", read(false)),
+    (
+        "/flyteidl2.workflow.RunService/GetActionDetails",
+        read(false),
+    ),
     (
         "/flyteidl2.workflow.RunService/WatchActionDetails",
         watch(false),
@@ -135,20 +141,32 @@ pub const TABLE: &[(&str, Rule)] = &[
         "/flyteidl2.dataproxy.DataProxyService/CreateUploadLocation",
         write(false),
     ),
-    ("/flyteidl2.dataproxy.DataProxyService/UploadInputs", write(false)),
+    (
+        "/flyteidl2.dataproxy.DataProxyService/UploadInputs",
+        write(false),
+    ),
     (
         "/flyteidl2.dataproxy.DataProxyService/CreateDownloadLink",
         read(false),
     ),
-    ("/flyteidl2.dataproxy.DataProxyService/GetActionData", read(false)),
-    ("/flyteidl2.dataproxy.DataProxyService/TailLogs", watch(false)),
+    (
+        "/flyteidl2.dataproxy.DataProxyService/GetActionData",
+        read(false),
+    ),
+    (
+        "/flyteidl2.dataproxy.DataProxyService/TailLogs",
+        watch(false),
+    ),
     // flyteidl2.cluster.ClusterService: names this daemon; no data.
     (
         "/flyteidl2.cluster.ClusterService/SelectCluster",
         rule(Access::Authenticated, true, Check::None, false, false),
     ),
     // flyteidl2.auth.AuthMetadataService: how to get a credential.
-    ("/flyteidl2.auth.AuthMetadataService/GetOAuth2Metadata", PUBLIC),
+    (
+        "/flyteidl2.auth.AuthMetadataService/GetOAuth2Metadata",
+        PUBLIC,
+    ),
     (
         "/flyteidl2.auth.AuthMetadataService/GetPublicClientConfig",
         PUBLIC,
@@ -221,12 +239,7 @@ mod tests {
         for file in set.file {
             for service in &file.service {
                 for method in &service.method {
-                    let path = format!(
-                        "/{}.{}/{}",
-                        file.package(),
-                        service.name(),
-                        method.name()
-                    );
+                    let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
                     if !TABLE.iter().any(|(p, _)| *p == path) {
                         missing.push(path);
                     }

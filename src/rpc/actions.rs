@@ -68,7 +68,10 @@ impl ActionsApi {
                 (Command::Update(_), Some(_)) => self.store.get_action(&id).await?.state.queue,
                 _ => None,
             };
-            auth::authorize(extensions, &auth::Target::action(&id).with_queue(queue.as_deref()))?;
+            auth::authorize(
+                extensions,
+                &auth::Target::action(&id).with_queue(queue.as_deref()),
+            )?;
             if let Some(who) = auth::recorded_identity(extensions) {
                 match &mut command {
                     Command::Abort(abort) => abort.aborted_by = Some(who),
@@ -157,7 +160,9 @@ impl ActionsService for ActionsApi {
         let span = rpc_span("Enqueue", request.metadata());
         let extensions = request.extensions().clone();
         let command = convert::enqueue(request.into_inner()).map(Command::Enqueue);
-        self.write(&extensions, "Enqueue", command).instrument(span).await?;
+        self.write(&extensions, "Enqueue", command)
+            .instrument(span)
+            .await?;
         Ok(Response::new(actions::EnqueueResponse {}))
     }
 
@@ -185,7 +190,9 @@ impl ActionsService for ActionsApi {
         let span = rpc_span("Update", request.metadata());
         let extensions = request.extensions().clone();
         let command = convert::update(request.into_inner()).map(Command::Update);
-        self.write(&extensions, "Update", command).instrument(span).await?;
+        self.write(&extensions, "Update", command)
+            .instrument(span)
+            .await?;
         Ok(Response::new(actions::UpdateResponse {}))
     }
 
@@ -196,7 +203,9 @@ impl ActionsService for ActionsApi {
         let span = rpc_span("Abort", request.metadata());
         let extensions = request.extensions().clone();
         let command = convert::abort(request.into_inner()).map(Command::Abort);
-        self.write(&extensions, "Abort", command).instrument(span).await?;
+        self.write(&extensions, "Abort", command)
+            .instrument(span)
+            .await?;
         Ok(Response::new(actions::AbortResponse {}))
     }
 
@@ -207,7 +216,9 @@ impl ActionsService for ActionsApi {
         let span = rpc_span("Signal", request.metadata());
         let extensions = request.extensions().clone();
         let command = convert::signal(request.into_inner()).map(Command::Signal);
-        self.write(&extensions, "Signal", command).instrument(span).await?;
+        self.write(&extensions, "Signal", command)
+            .instrument(span)
+            .await?;
         Ok(Response::new(actions::SignalResponse {}))
     }
 }

@@ -136,7 +136,10 @@ impl ExecutorService for ExecutorApi {
     ) -> Result<Response<Self::LeaseStream>, Status> {
         let request_extensions = request.extensions().clone();
         let request = convert::lease_request(request.into_inner(), self.lease_ttl)?;
-        crate::auth::authorize(&request_extensions, &crate::auth::Target::queue(&request.queue))?;
+        crate::auth::authorize(
+            &request_extensions,
+            &crate::auth::Target::queue(&request.queue),
+        )?;
         if let Some(authorized) = request_extensions.get::<crate::auth::Authorized>() {
             if request.capacity > authorized.max_lease_capacity {
                 ::metrics::counter!(crate::metrics::names::LIMITED, "limit" => "lease_capacity")

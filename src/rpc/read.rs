@@ -215,7 +215,11 @@ impl ReadService for ReadApi {
     ) -> Result<Response<read::ListActionsResponse>, Status> {
         async {
             let (filter, page) = list_actions_request(request.get_ref())?;
-            let target = filter.run.as_ref().map(auth::Target::run).unwrap_or_default();
+            let target = filter
+                .run
+                .as_ref()
+                .map(auth::Target::run)
+                .unwrap_or_default();
             auth::authorize(request.extensions(), &target)?;
             let page = self.store.list_actions(&filter, &page).await?;
             Ok(Response::new(read::ListActionsResponse {
