@@ -347,20 +347,20 @@ fn requests() -> Vec<(&'static str, Vec<u8>, bool)> {
         (
             p(e, "Lease"),
             json(
-                &p(e, "Lease"),
+                p(e, "Lease"),
                 r#"{"executorId":"m1","queue":"default","capacity":1}"#,
             ),
             true,
         ),
         (
             p(e, "Heartbeat"),
-            json(&p(e, "Heartbeat"), r#"{"executorId":"m1"}"#),
+            json(p(e, "Heartbeat"), r#"{"executorId":"m1"}"#),
             false,
         ),
         (
             p(e, "Finish"),
             json(
-                &p(e, "Finish"),
+                p(e, "Finish"),
                 &format!(
                     r#"{{"executorId":"m1","actionId":{ACTION},"attempt":1,"phase":"ACTION_PHASE_SUCCEEDED"}}"#
                 ),
@@ -370,55 +370,55 @@ fn requests() -> Vec<(&'static str, Vec<u8>, bool)> {
         (
             p(e, "AppendLogs"),
             json(
-                &p(e, "AppendLogs"),
+                p(e, "AppendLogs"),
                 &format!(r#"{{"executorId":"m1","actionId":{ACTION},"attempt":1}}"#),
             ),
             false,
         ),
         (
             p(r, "GetAction"),
-            json(&p(r, "GetAction"), &format!(r#"{{"id":{ACTION}}}"#)),
+            json(p(r, "GetAction"), &format!(r#"{{"id":{ACTION}}}"#)),
             false,
         ),
         (
             p(r, "ListActions"),
-            json(&p(r, "ListActions"), &format!(r#"{{"run":{RUN_ID}}}"#)),
+            json(p(r, "ListActions"), &format!(r#"{{"run":{RUN_ID}}}"#)),
             false,
         ),
         (
             p(r, "ListRuns"),
-            json(&p(r, "ListRuns"), r#"{"project":"flytesnacks"}"#),
+            json(p(r, "ListRuns"), r#"{"project":"flytesnacks"}"#),
             false,
         ),
         (
             p(r, "GetHistory"),
-            json(&p(r, "GetHistory"), &format!(r#"{{"id":{ACTION}}}"#)),
+            json(p(r, "GetHistory"), &format!(r#"{{"id":{ACTION}}}"#)),
             false,
         ),
         (
             p(r, "WatchRun"),
-            json(&p(r, "WatchRun"), &format!(r#"{{"run":{RUN_ID}}}"#)),
+            json(p(r, "WatchRun"), &format!(r#"{{"run":{RUN_ID}}}"#)),
             true,
         ),
         (
             p(w, "GetRunDetails"),
-            json(&p(w, "GetRunDetails"), &format!(r#"{{"runId":{RUN_ID}}}"#)),
+            json(p(w, "GetRunDetails"), &format!(r#"{{"runId":{RUN_ID}}}"#)),
             false,
         ),
         (
             p(w, "GetActionDetails"),
-            json(&p(w, "GetActionDetails"), &action),
+            json(p(w, "GetActionDetails"), &action),
             false,
         ),
         (
             p(w, "WatchActionDetails"),
-            json(&p(w, "WatchActionDetails"), &action),
+            json(p(w, "WatchActionDetails"), &action),
             true,
         ),
         (
             p(w, "ListRuns"),
             json(
-                &p(w, "ListRuns"),
+                p(w, "ListRuns"),
                 r#"{"projectId":{"name":"flytesnacks","domain":"development"}}"#,
             ),
             false,
@@ -426,7 +426,7 @@ fn requests() -> Vec<(&'static str, Vec<u8>, bool)> {
         (
             p(w, "CreateRun"),
             json(
-                &p(w, "CreateRun"),
+                p(w, "CreateRun"),
                 r#"{"projectId":{"name":"flytesnacks","domain":"development"}}"#,
             ),
             false,
@@ -434,20 +434,20 @@ fn requests() -> Vec<(&'static str, Vec<u8>, bool)> {
         (
             p(d, "CreateUploadLocation"),
             json(
-                &p(d, "CreateUploadLocation"),
+                p(d, "CreateUploadLocation"),
                 r#"{"project":"flytesnacks","domain":"development","filename":"f","contentMd5":"AAAAAAAAAAAAAAAAAAAAAA=="}"#,
             ),
             false,
         ),
         (
             p(d, "UploadInputs"),
-            json(&p(d, "UploadInputs"), &format!(r#"{{"runId":{RUN_ID}}}"#)),
+            json(p(d, "UploadInputs"), &format!(r#"{{"runId":{RUN_ID}}}"#)),
             false,
         ),
         (
             p(d, "CreateDownloadLink"),
             json(
-                &p(d, "CreateDownloadLink"),
+                p(d, "CreateDownloadLink"),
                 &format!(
                     r#"{{"artifactType":"ARTIFACT_TYPE_REPORT","actionAttemptId":{{"actionId":{ACTION},"attempt":1}}}}"#
                 ),
@@ -456,10 +456,10 @@ fn requests() -> Vec<(&'static str, Vec<u8>, bool)> {
         ),
         (
             p(d, "GetActionData"),
-            json(&p(d, "GetActionData"), &action),
+            json(p(d, "GetActionData"), &action),
             false,
         ),
-        (p(d, "TailLogs"), json(&p(d, "TailLogs"), &action), true),
+        (p(d, "TailLogs"), json(p(d, "TailLogs"), &action), true),
         (
             "/flyteidl2.cluster.ClusterService/SelectCluster",
             Vec::new(),
@@ -484,12 +484,12 @@ fn requests() -> Vec<(&'static str, Vec<u8>, bool)> {
         ),
         (
             p(w, "AbortRun"),
-            json(&p(w, "AbortRun"), &format!(r#"{{"runId":{RUN_ID}}}"#)),
+            json(p(w, "AbortRun"), &format!(r#"{{"runId":{RUN_ID}}}"#)),
             false,
         ),
         (
             p(r, "DeleteRun"),
-            json(&p(r, "DeleteRun"), &format!(r#"{{"runId":{RUN_ID}}}"#)),
+            json(p(r, "DeleteRun"), &format!(r#"{{"runId":{RUN_ID}}}"#)),
             false,
         ),
     ]
