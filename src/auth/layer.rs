@@ -34,6 +34,12 @@ use crate::store::Store;
 const MAX_TOKEN_REQUEST: usize = 16 * 1024;
 /// The keyed rate limiter forgets idle principals every this many checks.
 const RETAIN_EVERY: u64 = 4096;
+/// Argon2 verifications at once (each takes ~20 MiB and tens of ms of
+/// CPU), and how long a token request waits for a turn before it is told
+/// to retry: the token endpoint is public, so this bounds what its
+/// callers can make the daemon spend.
+const MAX_SECRET_CHECKS: usize = 4;
+const SECRET_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the layer and the token endpoint share.
 pub struct AuthState {
@@ -45,6 +51,7 @@ pub struct AuthState {
     store: Arc<dyn Store>,
     writes: DefaultKeyedRateLimiter<String>,
     checks: AtomicU64,
+    secret_checks: tokio::sync::Semaphore,
     streams: Mutex<HashMap<String, usize>>,
 }
 
@@ -84,6 +91,7 @@ impl AuthState {
             store,
             writes: RateLimiter::keyed(quota),
             checks: AtomicU64::new(0),
+            secret_checks: tokio::sync::Semaphore::new(MAX_SECRET_CHECKS),
             streams: Mutex::new(HashMap::new()),
             settings,
         })
@@ -460,6 +468,16 @@ async fn token_endpoint(state: &AuthState, request: Request<Body>) -> Response<B
     let issued = if client_id == TASK_CLIENT_ID {
         task_token(state, &secret).await
     } else {
+        let Ok(Ok(_turn)) =
+            tokio::time::timeout(SECRET_CHECK_WAIT, state.secret_checks.acquire()).await
+        else {
+            ::metrics::counter!(names::LIMITED, "limit" => "token_endpoint").increment(1);
+            return oauth_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "too many token requests at once; retry later",
+            );
+        };
         client_token(state, &client_id, secret).await
     };
     match issued {
