@@ -245,3 +245,53 @@ impl FileAuth {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AuthSettings, (&'static str, String)> {
+        toml::from_str::<FileAuth>(text)
+            .map_err(|e| ("toml", e.to_string()))?
+            .validate()
+    }
+
+    #[test]
+    fn bad_settings_name_the_setting() {
+        assert_eq!(
+            parse(r#"signing_key = "short""#).unwrap_err().0,
+            "auth.signing_key"
+        );
+        let token = "[[tokens]]\nname = \"t\"\nsha256 = \"abc\"\nrole = \"admin\"\n";
+        assert_eq!(parse(token).unwrap_err().0, "auth.tokens.sha256");
+        let reserved =
+            "[[clients]]\nclient_id = \"actionsd-task\"\nsecret_hash = \"x\"\nrole = \"user\"\n";
+        assert_eq!(parse(reserved).unwrap_err().0, "auth.clients.client_id");
+        let hash = "[[clients]]\nclient_id = \"ci\"\nsecret_hash = \"plain\"\nrole = \"user\"\n";
+        assert_eq!(parse(hash).unwrap_err().0, "auth.clients.secret_hash");
+        // Unknown keys and roles are refused by the parser.
+        assert!(parse("nope = 1").is_err());
+        let role = format!(
+            "[[tokens]]\nname = \"t\"\nsha256 = \"{}\"\nrole = \"root\"\n",
+            "0".repeat(64)
+        );
+        assert!(parse(&role).is_err());
+    }
+
+    #[test]
+    fn a_full_section_parses_with_scopes_and_limits() {
+        let hash = crate::auth::hash_secret("s3cret", false).unwrap();
+        let text = format!(
+            "token_ttl = \"5m\"\n[[tokens]]\nname = \"gpu\"\nsha256 = \"{}\"\nrole = \"executor\"\nqueues = [\"gpu\"]\n\
+             [[clients]]\nclient_id = \"ci\"\nsecret_hash = \"{hash}\"\nrole = \"user\"\nprojects = [\"ml\"]\n\
+             [limits]\nwrites_per_second = 5\n",
+            "ab".repeat(32)
+        );
+        let settings = parse(&text).unwrap();
+        assert_eq!(settings.token_ttl, Duration::from_secs(300));
+        assert_eq!(settings.tokens[0].scope.queues, ["gpu"]);
+        assert_eq!(settings.clients[0].scope.projects, ["ml"]);
+        assert_eq!(settings.limits.writes_per_second, 5);
+        assert_eq!(settings.limits.write_burst, 200);
+    }
+}
