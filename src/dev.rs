@@ -105,6 +105,7 @@ pub async fn run(
     let scratch = dir.join("executor");
     let executor_settings = ExecutorSettings {
         server: format!("http://{address}"),
+        security: Default::default(),
         executor_id: format!("dev-{}", std::process::id()),
         queue: "default".to_owned(),
         capacity,
