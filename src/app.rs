@@ -163,8 +163,9 @@ impl Application {
     /// Connects to the database (migrating it if configured), starts the
     /// event pipeline and binds the listening socket.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        // The certificate first: a bad file fails the start before any
-        // database work.
+        // The listener rule and the certificate first: they fail the start
+        // before any database work.
+        config.check_public_listeners()?;
         let tls = config.tls.as_ref().map(Tls::new).transpose()?;
         let store: Arc<dyn Store> = Arc::new(Detached::new(
             open_store(&config, config.database.migrate_on_start).await?,

@@ -739,7 +739,6 @@ impl Config {
             "executor.reaper_interval",
             !self.executor.reaper_interval.is_zero(),
         )?;
-        self.check_public_listeners()?;
         Ok(())
     }
 
@@ -755,7 +754,9 @@ impl Config {
     /// The daemon listens on a non-loopback address (`listen`, or
     /// `metrics.listen`) only with TLS and authentication, or when
     /// `dangerously_allow_insecure_public_listener` says so.
-    fn check_public_listeners(&self) -> Result<(), ConfigError> {
+    /// Checked when the daemon is built (not at load: `migrate` listens on
+    /// nothing).
+    pub fn check_public_listeners(&self) -> Result<(), ConfigError> {
         if self.dangerously_allow_insecure_public_listener {
             return Ok(());
         }
@@ -1027,6 +1028,8 @@ mod tests {
                 dangerously_allow_insecure_public_listener: allow,
                 ..Overrides::default()
             })
+            .unwrap()
+            .check_public_listeners()
         };
         let err = public(false, false).unwrap_err();
         assert!(
@@ -1043,14 +1046,23 @@ mod tests {
             let config = Config::with_overrides(Overrides {
                 listen: Some(loopback.parse().unwrap()),
                 ..Overrides::default()
-            });
-            assert!(config.is_ok(), "{loopback}");
+            })
+            .unwrap();
+            assert!(config.check_public_listeners().is_ok(), "{loopback}");
         }
         let file: FileConfig = toml::from_str(
             "dangerously_allow_insecure_public_listener = true\nlisten = \"0.0.0.0:1\"\n",
         )
         .unwrap();
-        assert!(Config::merge(file, Overrides::default()).is_ok());
+        let config = Config::merge(file, Overrides::default()).unwrap();
+        assert!(config.check_public_listeners().is_ok());
+        // A public metrics listener counts too.
+        let file: FileConfig = toml::from_str("[metrics]\nlisten = \"0.0.0.0:9091\"\n").unwrap();
+        let err = Config::merge(file, Overrides::default())
+            .unwrap()
+            .check_public_listeners()
+            .unwrap_err();
+        assert!(err.to_string().contains("(metrics.listen)"), "{err}");
     }
 
     #[test]
