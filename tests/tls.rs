@@ -635,3 +635,68 @@ async fn actionsctl_connects_over_https() {
     );
     daemon.stop().await;
 }
+
+/// `actionsd executor` leases and finishes a task from a daemon that
+/// requires client certificates, with --ca-cert, --client-cert,
+/// --client-key and a token that it never prints.
+#[tokio::test]
+async fn the_executor_connects_over_https_with_a_client_certificate() {
+    let pki = Pki::new();
+    pki.issue("server", 1, false);
+    pki.issue("client", 2, true);
+    let db = TestDb::sqlite();
+    let daemon = tls_daemon(&db, &pki, Some(ClientAuth::Required)).await;
+    let security = pki.client(true);
+    let url = https(&daemon, "");
+    let endpoint = security
+        .apply(Endpoint::from_shared(url.clone()).unwrap(), &url)
+        .unwrap();
+    let mut client = ActionsServiceClient::new(endpoint.connect().await.unwrap());
+
+    let executor = tokio::process::Command::new(ACTIONSD)
+        .args(["executor", "--server", &url, "--queue", "default"])
+        .arg("--ca-cert")
+        .arg(pki.ca())
+        .arg("--client-cert")
+        .arg(pki.path("client.pem"))
+        .arg("--client-key")
+        .arg(pki.path("client.key"))
+        .args(["--heartbeat-interval", "200ms", "--exec", "exit 0"])
+        .env("ACTIONSD_TOKEN", "executor-secret-token")
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    // The root waits on a queue nobody serves; its child runs here.
+    let mut root = task("x1", "a0", None);
+    if let Some(actionsd::proto::flyteidl2::actions::action::Spec::Task(t)) =
+        root.action.as_mut().unwrap().spec.as_mut()
+    {
+        t.queue = "parents".into();
+    }
+    client.enqueue(root).await.unwrap();
+    let mut watcher = common::Watcher::open(&mut client, "x1", "a0").await;
+    client.enqueue(task("x1", "ok", Some("a0"))).await.unwrap();
+    watcher.until_phase("ok", common::SUCCEEDED).await;
+
+    // SIGTERM: the executor drains and exits 0.
+    let pid = i32::try_from(executor.id().unwrap()).unwrap();
+    // SAFETY: signals the child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = tokio::time::timeout(TIMEOUT, executor.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!logs.is_empty());
+    assert!(!logs.contains("executor-secret-token"), "{logs}");
+    daemon.stop().await;
+}
