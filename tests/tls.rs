@@ -700,3 +700,32 @@ async fn the_executor_connects_over_https_with_a_client_certificate() {
     assert!(!logs.contains("executor-secret-token"), "{logs}");
     daemon.stop().await;
 }
+
+/// The `/metrics` admin listener (`metrics.listen`) uses the same TLS.
+#[tokio::test]
+async fn the_metrics_listener_is_served_over_tls_too() {
+    let pki = Pki::new();
+    pki.issue("server", 1, false);
+    let db = TestDb::sqlite();
+    let settings = pki.settings(None);
+    let daemon = Daemon::start_with(&db, move |config| {
+        config.tls = Some(settings);
+        config.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let admin = daemon.admin_addr.expect("an admin listener");
+    let response = pki
+        .http(false)
+        .build()
+        .unwrap()
+        .get(format!("https://localhost:{}/metrics", admin.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.text().await.unwrap().contains("actionsd_"));
+    let plain = reqwest::Client::builder().timeout(TIMEOUT).build().unwrap();
+    let result = plain.get(format!("http://{admin}/metrics")).send().await;
+    assert!(result.is_err(), "{result:?}");
+    daemon.stop().await;
+}
