@@ -4,6 +4,7 @@
 pub mod app;
 pub mod auth;
 pub mod blob;
+pub mod client;
 pub mod config;
 pub mod ctl;
 pub mod dev;
@@ -20,3 +21,4 @@ pub mod server;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

@@ -157,10 +157,13 @@ pub const TABLE: &[(&str, Rule)] = &[
         "/flyteidl2.dataproxy.DataProxyService/TailLogs",
         watch(false),
     ),
-    // flyteidl2.cluster.ClusterService: names this daemon; no data.
+    // flyteidl2.cluster.ClusterService: its answer is always empty ("this
+    // daemon"), so it reveals nothing; public because the SDK asks it
+    // before its first authenticated call, on a client that does not
+    // retry with a token.
     (
         "/flyteidl2.cluster.ClusterService/SelectCluster",
-        rule(Access::Authenticated, true, Check::None, false, false),
+        PUBLIC,
     ),
     // flyteidl2.auth.AuthMetadataService: how to get a credential.
     (

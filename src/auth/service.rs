@@ -16,14 +16,22 @@ pub struct AuthMetadataApi {
     issuer: String,
     public_url: Option<String>,
     local_addr: SocketAddr,
+    /// The listener serves TLS: the token endpoint is `https`.
+    tls: bool,
 }
 
 impl AuthMetadataApi {
-    pub fn new(issuer: String, public_url: Option<String>, local_addr: SocketAddr) -> Self {
+    pub fn new(
+        issuer: String,
+        public_url: Option<String>,
+        local_addr: SocketAddr,
+        tls: bool,
+    ) -> Self {
         Self {
             issuer,
             public_url,
             local_addr,
+            tls,
         }
     }
 
@@ -39,7 +47,8 @@ impl AuthMetadataApi {
             .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
             .map(str::to_owned)
             .unwrap_or_else(|| self.local_addr.to_string());
-        format!("http://{host}")
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{host}")
     }
 }
 

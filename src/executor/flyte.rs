@@ -464,6 +464,38 @@ pub(super) fn environment(
     env
 }
 
+/// Where the system's CA bundle usually is (the first that exists is
+/// used), as OpenSSL and rustls-native-certs look for it.
+const SYSTEM_BUNDLES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// A CA bundle for task processes (`SSL_CERT_FILE`): the system's roots
+/// plus `ca`, written once into `dir` (replaced atomically when `ca`
+/// changes). `SSL_CERT_FILE` replaces the trust store, so the system's
+/// roots are kept in it for whatever else the task reaches over TLS.
+pub(super) fn trust_bundle(ca: &Path, dir: &Path) -> std::io::Result<PathBuf> {
+    let mut bundle = SYSTEM_BUNDLES
+        .iter()
+        .find_map(|path| std::fs::read(path).ok())
+        .unwrap_or_default();
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend(std::fs::read(ca)?);
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("trust.pem");
+    if std::fs::read(&path).ok().as_deref() != Some(bundle.as_slice()) {
+        let partial = dir.join(format!("trust.pem.{}", std::process::id()));
+        std::fs::write(&partial, &bundle)?;
+        std::fs::rename(&partial, &path)?;
+    }
+    Ok(path)
+}
+
 /// A local path for a storage location: a plain path or a `file://` URI.
 /// Other schemes (object stores) are not readable by the executor.
 pub(super) fn local_path(uri: &str) -> Option<PathBuf> {

@@ -75,6 +75,8 @@ pub struct FlyteApi {
     /// the Host the request came to, or the bound address.
     public_url: Option<String>,
     local_addr: SocketAddr,
+    /// The listener serves TLS: URLs made from the Host are `https`.
+    tls: bool,
     max_message_size: usize,
     shutdown: CancellationToken,
 }
@@ -82,6 +84,7 @@ pub struct FlyteApi {
 pub struct FlyteSettings {
     pub public_url: Option<String>,
     pub local_addr: SocketAddr,
+    pub tls: bool,
     pub max_message_size: usize,
 }
 
@@ -103,6 +106,7 @@ impl FlyteApi {
             logs,
             public_url: settings.public_url,
             local_addr: settings.local_addr,
+            tls: settings.tls,
             max_message_size: settings.max_message_size,
             shutdown,
         }
@@ -119,7 +123,8 @@ impl FlyteApi {
             .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
             .map(str::to_owned)
             .unwrap_or_else(|| self.local_addr.to_string());
-        format!("http://{host}")
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{host}")
     }
 
     /// The root action of `run`: `a0` for runs created here, else the
@@ -1040,6 +1045,7 @@ impl FlyteServices {
             FlyteSettings {
                 public_url: config.blobs.public_url.clone(),
                 local_addr,
+                tls: config.tls.is_some(),
                 max_message_size,
             },
             shutdown,
