@@ -800,3 +800,29 @@ async fn sighup_reloads_the_certificate() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// A connection that never finishes its handshake is closed after
+/// `tls.handshake_timeout`.
+#[tokio::test]
+async fn a_stalled_handshake_is_closed_after_the_timeout() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new();
+    pki.issue("server", 1, false);
+    let db = TestDb::sqlite();
+    let mut settings = pki.settings(None);
+    settings.handshake_timeout = Duration::from_millis(300);
+    let daemon = Daemon::start_with(&db, move |config| config.tls = Some(settings)).await;
+    let mut tcp = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(TIMEOUT, tcp.read(&mut buf))
+        .await
+        .expect("the daemon closes the connection");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    daemon.stop().await;
+}
