@@ -402,9 +402,11 @@ impl Application {
             ))
         });
         let tls_reload = match (&tls, &config.tls) {
-            (Some(tls), Some(settings)) => Some(tokio::spawn(
-                tls.clone().watch(settings.clone(), shutdown.clone()),
-            )),
+            (Some(tls), Some(settings)) => Some(tokio::spawn(tls.clone().watch(
+                settings.clone(),
+                crate::tls::hangup_signal(),
+                shutdown.clone(),
+            ))),
             _ => None,
         };
         let retention = tokio::spawn({

@@ -115,11 +115,12 @@ pub async fn serve<S>(
                     stop: stop.clone(),
                 };
                 let tls = tls.clone();
+                let stop = stop.clone();
                 connections.spawn(async move {
                     match tls {
                         None => connection.serve(stream, peer).await,
                         Some(tls) => {
-                            if let Some(stream) = handshake(&tls, stream, peer).await {
+                            if let Some(stream) = handshake(&tls, stream, peer, &stop).await {
                                 connection.serve(stream, peer).await;
                             }
                         }
@@ -141,13 +142,14 @@ pub async fn serve<S>(
                 let builder = builder.clone();
                 let limit = settings.max_connections;
                 let tls = tls.clone();
+                let stop = stop.clone();
                 connections.spawn(async move {
                     // The handshake and the answer share the linger time.
                     let _ = tokio::time::timeout(OVERFLOW_LINGER, async {
                         match tls {
                             None => refuse(&builder, stream, limit).await,
                             Some(tls) => {
-                                if let Some(stream) = handshake(&tls, stream, peer).await {
+                                if let Some(stream) = handshake(&tls, stream, peer, &stop).await {
                                     refuse(&builder, stream, limit).await;
                                 }
                             }
@@ -180,13 +182,19 @@ fn connection_builder(settings: &ListenerSettings) -> auto::Builder<TokioExecuto
 
 /// The server side of a TLS handshake, within `tls.handshake_timeout`;
 /// `None` (the connection is dropped) when it fails or takes too long, e.g.
-/// a plain HTTP client on the TLS port.
+/// a plain HTTP client on the TLS port, or when shutdown begins meanwhile.
 async fn handshake(
     tls: &Tls,
     stream: TcpStream,
     peer: SocketAddr,
+    stop: &CancellationToken,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    match tokio::time::timeout(tls.handshake_timeout, tls.acceptor().accept(stream)).await {
+    let accept = tokio::time::timeout(tls.handshake_timeout, tls.acceptor().accept(stream));
+    let result = tokio::select! {
+        result = accept => result,
+        () = stop.cancelled() => return None,
+    };
+    match result {
         Ok(Ok(stream)) => Some(stream),
         Ok(Err(err)) => {
             debug!(%peer, error = %err, "TLS handshake failed");

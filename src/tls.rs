@@ -181,19 +181,15 @@ impl Tls {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
     }
 
-    /// Watches the files until `stop` fires: every `reload_interval`, and
-    /// at each SIGHUP, reloads when a file changed.
-    pub async fn watch(self, settings: TlsSettings, stop: CancellationToken) {
+    /// Watches the files until `stop` fires: every `reload_interval` it
+    /// reloads them when one changed, and at each SIGHUP (when `hangup`, from
+    /// [`hangup_signal`], is given) it reloads them regardless.
+    pub async fn watch(self, settings: TlsSettings, hangup: Hangup, stop: CancellationToken) {
         let mut seen = fingerprint(&settings);
         #[cfg(unix)]
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            Ok(signal) => Some(signal),
-            Err(err) => {
-                error!(error = %err, "cannot listen for SIGHUP: TLS files are reloaded by polling only");
-                None
-            }
-        };
+        let mut hangup = hangup;
+        #[cfg(not(unix))]
+        let _ = hangup;
         let mut ticker = tokio::time::interval(settings.reload_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
@@ -228,6 +224,28 @@ impl Tls {
             }
         }
     }
+}
+
+#[cfg(unix)]
+pub type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+pub type Hangup = Option<()>;
+
+/// Registers for SIGHUP. Called before the daemon reports that it listens,
+/// so that a SIGHUP sent after that reloads rather than ending the process.
+pub fn hangup_signal() -> Hangup {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(signal) => Some(signal),
+            Err(err) => {
+                error!(error = %err, "cannot listen for SIGHUP: TLS files are reloaded by polling only");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    None
 }
 
 /// Modification time, size and (on Unix) inode of each file; `None` for a

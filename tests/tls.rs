@@ -148,7 +148,7 @@ async fn channel(
 }
 
 /// The certificate the daemon presents to a new connection.
-async fn presented_certificate(daemon: &Daemon, pki: &Pki) -> Vec<u8> {
+async fn presented_certificate(addr: std::net::SocketAddr, pki: &Pki) -> Vec<u8> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(pki.ca()).unwrap() {
         roots.add(cert.unwrap()).unwrap();
@@ -161,7 +161,7 @@ async fn presented_certificate(daemon: &Daemon, pki: &Pki) -> Vec<u8> {
     .with_root_certificates(roots)
     .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let stream = tokio::time::timeout(
         TIMEOUT,
         connector.connect(ServerName::try_from("localhost").unwrap(), tcp),
@@ -386,7 +386,7 @@ async fn certificates_reload_and_a_bad_file_keeps_the_old_one() {
     let first = pki.issue("server", 1, false);
     let db = TestDb::sqlite();
     let daemon = tls_daemon(&db, &pki, None).await;
-    assert_eq!(presented_certificate(&daemon, &pki).await, first);
+    assert_eq!(presented_certificate(daemon.addr, &pki).await, first);
     let mut read = ReadServiceClient::new(channel(&daemon, &pki.client(false)).await.unwrap());
     read.list_runs(ListRunsRequest::default()).await.unwrap();
 
@@ -396,7 +396,7 @@ async fn certificates_reload_and_a_bad_file_keeps_the_old_one() {
     assert_ne!(first, second);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if presented_certificate(&daemon, &pki).await == second {
+        if presented_certificate(daemon.addr, &pki).await == second {
             break;
         }
         assert!(
@@ -414,20 +414,20 @@ async fn certificates_reload_and_a_bad_file_keeps_the_old_one() {
         "-----BEGIN CERTIFICATE-----\nnot base64\n",
     );
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(presented_certificate(&daemon, &pki).await, second);
+    assert_eq!(presented_certificate(daemon.addr, &pki).await, second);
     // A key that does not match the certificate: still the second.
     let third_key = KeyPair::generate().unwrap();
     let _ = pki.issue("server", 3, false);
     replace(&pki.path("server.key"), &third_key.serialize_pem());
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(presented_certificate(&daemon, &pki).await, second);
+    assert_eq!(presented_certificate(daemon.addr, &pki).await, second);
     let mut read = ReadServiceClient::new(channel(&daemon, &pki.client(false)).await.unwrap());
     read.list_runs(ListRunsRequest::default()).await.unwrap();
 
     // Fixed files are picked up again.
     let fourth = pki.issue("server", 4, false);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while presented_certificate(&daemon, &pki).await != fourth {
+    while presented_certificate(daemon.addr, &pki).await != fourth {
         assert!(
             tokio::time::Instant::now() < deadline,
             "fixed files not picked up"
@@ -727,5 +727,102 @@ async fn the_metrics_listener_is_served_over_tls_too() {
     let plain = reqwest::Client::builder().timeout(TIMEOUT).build().unwrap();
     let result = plain.get(format!("http://{admin}/metrics")).send().await;
     assert!(result.is_err(), "{result:?}");
+    daemon.stop().await;
+}
+
+/// SIGHUP reloads the files at once, without waiting for the next check.
+#[tokio::test]
+async fn sighup_reloads_the_certificate() {
+    use tokio::io::AsyncBufReadExt;
+    let pki = Pki::new();
+    let first = pki.issue("server", 1, false);
+    let config = pki.path("actionsd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\nreload_interval = \"1h\"\n",
+            pki.path("server.pem"),
+            pki.path("server.key")
+        ),
+    )
+    .unwrap();
+    let store = format!("sqlite://{}", pki.path("actionsd.db").display());
+    let mut child = tokio::process::Command::new(ACTIONSD)
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--config")
+        .arg(&config)
+        .args(["--database-url", &store])
+        .env_remove("ACTIONSD_CONFIG")
+        .env_remove("ACTIONSD_LISTEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr: std::net::SocketAddr = tokio::time::timeout(TIMEOUT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if entry["message"] == "actionsd listening" {
+                assert_eq!(entry["tls"], true, "{line}");
+                return entry["address"].as_str().unwrap().parse().unwrap();
+            }
+        }
+        panic!("the daemon exited without listening");
+    })
+    .await
+    .expect("the daemon listens in time");
+    assert_eq!(presented_certificate(addr, &pki).await, first);
+
+    let second = pki.issue("server", 2, false);
+    // The files are checked only hourly: the old certificate stays until
+    // SIGHUP.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(presented_certificate(addr, &pki).await, first);
+    let pid = i32::try_from(child.id().unwrap()).unwrap();
+    // SAFETY: signals the child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while presented_certificate(addr, &pki).await != second {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP did not reload within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // SIGTERM still stops it gracefully.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(TIMEOUT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// A connection that never finishes its handshake is closed after
+/// `tls.handshake_timeout`.
+#[tokio::test]
+async fn a_stalled_handshake_is_closed_after_the_timeout() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new();
+    pki.issue("server", 1, false);
+    let db = TestDb::sqlite();
+    let mut settings = pki.settings(None);
+    settings.handshake_timeout = Duration::from_millis(300);
+    let daemon = Daemon::start_with(&db, move |config| config.tls = Some(settings)).await;
+    let mut tcp = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(TIMEOUT, tcp.read(&mut buf))
+        .await
+        .expect("the daemon closes the connection");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
     daemon.stop().await;
 }
