@@ -67,7 +67,10 @@ class Secured:
             f'secret_hash = "{hash_secret(self.secret)}"\n'
             'role = "user"\nprojects = ["flytesnacks"]\n'
         )
-        store = os.environ.get("ACTIONSD_STORE") or f"sqlite://{scratch}/actionsd.db"
+        # Its own SQLite file even in the Postgres pass: the session
+        # daemon's executors (no credentials) lease the queue `default` of
+        # the shared Postgres database.
+        store = f"sqlite://{scratch}/actionsd.db"
         self.log = scratch / "actionsd.log"
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--listen", "127.0.0.1:0", "--config", str(config),
