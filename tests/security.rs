@@ -1430,3 +1430,47 @@ role = "user"
         "{output}"
     );
 }
+
+/// The HTTP routes of the table: `/metrics` needs a reader, the signed
+/// blob URLs are authorized by their signature alone, the token endpoint
+/// is open, and any other path needs a credential.
+#[tokio::test]
+async fn http_routes_follow_the_table() {
+    let db = TestDb::sqlite();
+    let daemon = daemon(&db, settings(generous())).await;
+    let client = reqwest::Client::builder().timeout(TIMEOUT).build().unwrap();
+    let get = |path: &str, bearer: Option<&str>| {
+        let mut request = client.get(format!("http://{}{path}", daemon.addr));
+        if let Some(bearer) = bearer {
+            request = request.header("authorization", format!("Bearer {bearer}"));
+        }
+        request.send()
+    };
+    assert_eq!(get("/metrics", None).await.unwrap().status(), 401);
+    assert_eq!(get("/metrics", Some(EXECUTOR)).await.unwrap().status(), 403);
+    let metrics = get("/metrics", Some(READER)).await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let text = metrics.text().await.unwrap();
+    // The refusals above are counted.
+    assert!(text.contains("actionsd_auth_denied_total"), "{text}");
+    // A blob URL without a valid signature is refused by the signature
+    // check, not by authentication.
+    let blob = get("/blobs/v1/download?k=eA&e=1&s=bad", None)
+        .await
+        .unwrap();
+    assert!(
+        blob.status() != 401 && blob.status().is_client_error(),
+        "{}",
+        blob.status()
+    );
+    // Unknown paths need a credential.
+    assert_eq!(get("/nothing/here", None).await.unwrap().status(), 401);
+    // The token endpoint answers its own errors.
+    let response = client
+        .get(format!("http://{}/oauth2/token", daemon.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    daemon.stop().await;
+}

@@ -161,10 +161,7 @@ pub const TABLE: &[(&str, Rule)] = &[
     // daemon"), so it reveals nothing; public because the SDK asks it
     // before its first authenticated call, on a client that does not
     // retry with a token.
-    (
-        "/flyteidl2.cluster.ClusterService/SelectCluster",
-        PUBLIC,
-    ),
+    ("/flyteidl2.cluster.ClusterService/SelectCluster", PUBLIC),
     // flyteidl2.auth.AuthMetadataService: how to get a credential.
     (
         "/flyteidl2.auth.AuthMetadataService/GetOAuth2Metadata",
