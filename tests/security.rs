@@ -1018,10 +1018,10 @@ async fn a_task_credential_is_confined_to_its_run_and_attempt() {
     daemon.stop().await;
 }
 
-/// Abort records the authenticated principal, whatever the client
-/// claimed, and GetAction shows it.
+/// Abort and Signal record the authenticated principal, whatever the
+/// client claimed, and GetAction shows it.
 #[tokio::test]
-async fn aborts_record_the_authenticated_principal() {
+async fn aborts_and_signals_record_the_authenticated_principal() {
     use actionsd::proto::flyteidl2::common as pb;
     let db = TestDb::sqlite();
     let daemon = daemon(&db, settings(generous())).await;
@@ -1030,6 +1030,34 @@ async fn aborts_record_the_authenticated_principal() {
         .enqueue(bearer(queued(RUN, "a0", None), USER))
         .await
         .unwrap();
+    // A condition signalled by the admin, claiming to be someone else.
+    client
+        .enqueue(bearer(
+            common::condition(
+                RUN,
+                "c1",
+                "a0",
+                actionsd::proto::flyteidl2::core::SimpleType::Boolean,
+            ),
+            USER,
+        ))
+        .await
+        .unwrap();
+    let mut signal = common::signal(
+        RUN,
+        "c1",
+        "a0",
+        actionsd::proto::flyteidl2::core::primitive::Value::Boolean(true),
+    );
+    signal.signalled_by = Some(pb::EnrichedIdentity {
+        principal: Some(pb::enriched_identity::Principal::User(pb::User {
+            id: Some(pb::UserIdentifier {
+                subject: "someone-else".into(),
+            }),
+            ..Default::default()
+        })),
+    });
+    client.signal(bearer(signal, ADMIN)).await.unwrap();
     let mut abort = common::abort(RUN, "a0", "stop");
     abort.aborted_by = Some(pb::EnrichedIdentity {
         principal: Some(pb::enriched_identity::Principal::User(pb::User {
@@ -1064,6 +1092,24 @@ async fn aborts_record_the_authenticated_principal() {
     match action.aborted_by.and_then(|who| who.principal) {
         Some(pb::enriched_identity::Principal::User(user)) => {
             assert_eq!(user.id.unwrap().subject, "user");
+        }
+        other => panic!("unexpected identity {other:?}"),
+    }
+    let condition = read
+        .get_action(bearer(
+            actionsd::proto::actionsd::read::v1::GetActionRequest {
+                id: Some(common::aid(RUN, "c1")),
+            },
+            READER,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap();
+    match condition.signalled_by.and_then(|who| who.principal) {
+        Some(pb::enriched_identity::Principal::User(user)) => {
+            assert_eq!(user.id.unwrap().subject, "admin");
         }
         other => panic!("unexpected identity {other:?}"),
     }
