@@ -785,6 +785,59 @@ mod tests {
         assert_eq!(last("_U_EP_OVERRIDE"), Some("http://127.0.0.1:1"));
         assert_eq!(last("RUN_NAME"), Some("r1"));
         assert_eq!(last("_U_INSECURE"), Some("true"));
+
+        // With a task credential: on a port, the SDK's external token
+        // command, and no `_U_INSECURE` (the SDK would send no token).
+        let credential = crate::proto::actionsd::executor::v1::TaskCredential {
+            client_id: "actionsd-task".into(),
+            client_secret: "the.task.key".into(),
+        };
+        let env = environment(&task, &run, &who, "https://127.0.0.1:1", Some(&credential));
+        let get = |key: &str| {
+            env.iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get("FLYTE_AUTH_TYPE").as_deref(), Some("ExternalCommand"));
+        assert_eq!(
+            get("FLYTE_AUTH_COMMAND").as_deref(),
+            Some(r#"["printenv", "ACTIONSD_TASK_TOKEN"]"#)
+        );
+        assert_eq!(get(TASK_TOKEN_VAR).as_deref(), Some("the.task.key"));
+        assert_eq!(get("_U_INSECURE"), None);
+        assert_eq!(get("_UNION_EAGER_API_KEY"), None);
+        // On https's own port: the in-task API key, as the SDK decodes it.
+        let env = environment(
+            &task,
+            &run,
+            &who,
+            "https://actionsd.example",
+            Some(&credential),
+        );
+        let key = env
+            .iter()
+            .find(|(k, _)| k == "_UNION_EAGER_API_KEY")
+            .map(|(_, v)| v.clone())
+            .expect("an API key");
+        use base64::Engine as _;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .unwrap();
+        let parts: Vec<&str> = std::str::from_utf8(&decoded)
+            .unwrap()
+            .splitn(4, ':')
+            .collect();
+        assert_eq!(
+            parts,
+            [
+                "actionsd.example",
+                "actionsd-task",
+                "the.task.key",
+                EMPTY_ORG_ALIAS
+            ]
+        );
+        assert!(!env.iter().any(|(k, _)| k == "FLYTE_AUTH_TYPE"));
     }
 
     #[test]
