@@ -881,10 +881,8 @@ async fn expired_and_forged_tokens_are_refused_and_issued_ones_work() {
 /// An executor's lease carries a credential for the task; with it the task
 /// may enqueue, watch and abort in its own run, and nothing else, and only
 /// while its attempt lives.
-#[tokio::test]
-async fn a_task_credential_is_confined_to_its_run_and_attempt() {
+async fn a_task_credential_is_confined_to_its_run_and_attempt(db: TestDb) {
     use actionsd::proto::actionsd::executor::v1::{lease_response, FinishRequest, LeaseRequest};
-    let db = TestDb::sqlite();
     let daemon = daemon(&db, settings(generous())).await;
     let mut client = daemon.client().await;
     client
@@ -1017,6 +1015,8 @@ async fn a_task_credential_is_confined_to_its_run_and_attempt() {
     drop(leases);
     daemon.stop().await;
 }
+
+conformance!(a_task_credential_is_confined_to_its_run_and_attempt);
 
 /// Abort and Signal record the authenticated principal, whatever the
 /// client claimed, and GetAction shows it.
