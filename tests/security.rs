@@ -1511,6 +1511,22 @@ async fn http_routes_follow_the_table() {
     );
     // Unknown paths need a credential.
     assert_eq!(get("/nothing/here", None).await.unwrap().status(), 401);
+    // A method spelled another way is not the method: no route normalizes
+    // a path past the table.
+    let delete = json(
+        "/actionsd.read.v1.ReadService/DeleteRun",
+        &format!(r#"{{"runId":{RUN_ID}}}"#),
+    );
+    for path in [
+        "/actionsd.read.v1.ReadService/Delete%52un",
+        "//actionsd.read.v1.ReadService/DeleteRun",
+        "/actionsd.read.v1.ReadService/DeleteRun/",
+    ] {
+        for protocol in [Protocol::Grpc, Protocol::GrpcWeb, Protocol::Connect] {
+            let code = call(protocol, daemon.addr, path, Some(USER), &delete, false).await;
+            assert_eq!(code, Code::Unimplemented, "{protocol:?} {path}");
+        }
+    }
     // The token endpoint answers its own errors.
     let response = client
         .get(format!("http://{}/oauth2/token", daemon.addr))
