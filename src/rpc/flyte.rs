@@ -362,7 +362,14 @@ impl DataProxyService for FlyteApi {
         &self,
         request: Request<dp::CreateUploadLocationRequest>,
     ) -> Result<Response<dp::CreateUploadLocationResponse>, Status> {
-        async {
+        let extensions = request.extensions().clone();
+        let target = format!(
+            "{}/{}/{}",
+            request.get_ref().project,
+            request.get_ref().domain,
+            request.get_ref().filename
+        );
+        let result = async {
             let base = self.base_url(&request);
             auth::authorize(
                 request.extensions(),
@@ -434,7 +441,9 @@ impl DataProxyService for FlyteApi {
             }))
         }
         .instrument(span("CreateUploadLocation"))
-        .await
+        .await;
+        auth::audit(&extensions, "CreateUploadLocation", &target, &result);
+        result
     }
 
     async fn create_download_link(
@@ -541,8 +550,8 @@ impl DataProxyService for FlyteApi {
         &self,
         request: Request<dp::UploadInputsRequest>,
     ) -> Result<Response<dp::UploadInputsResponse>, Status> {
-        async {
-            let extensions = request.extensions().clone();
+        let extensions = request.extensions().clone();
+        let result = async {
             let r = request.into_inner();
             let (org, project, domain) = match &r.id {
                 Some(dp::upload_inputs_request::Id::RunId(run)) => {
@@ -565,7 +574,9 @@ impl DataProxyService for FlyteApi {
             }))
         }
         .instrument(span("UploadInputs"))
-        .await
+        .await;
+        auth::audit(&extensions, "UploadInputs", &"inputs", &result);
+        result
     }
 
     async fn get_action_data(
