@@ -7,6 +7,7 @@ mod common;
 conformance!(
     metrics_count_calls_on_every_protocol,
     metrics_on_an_admin_listener,
+    metrics_cover_feed_lag_group_commits_and_coalescing,
     retention_deletes_finished_runs_and_nothing_still_going,
     migrate_check_reports_pending_and_unknown_migrations,
     actionsctl_deletes_a_finished_run_and_refuses_one_still_going,
@@ -189,6 +190,92 @@ async fn metrics_count_calls_on_every_protocol(db: TestDb) {
             assert!(!label.contains("m1") && !label.contains("nope"), "{label}");
         }
     }
+    daemon.stop().await;
+}
+
+/// The histogram's `_count` (or `_sum`) sample of `name`, over all labels.
+fn histogram_part(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .map(|s| match s.value {
+            prometheus_parse::Value::Untyped(v) | prometheus_parse::Value::Counter(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// After known writes: every event is counted in the feed lag histogram
+/// (with a lag that is not absurd), every write in a group commit, and a
+/// stream that is not read coalesces the states it cannot send. The
+/// recorder is shared by the tests of this process, so each check is a
+/// lower bound on how far a series moved.
+async fn metrics_cover_feed_lag_group_commits_and_coalescing(db: TestDb) {
+    const CHILDREN: usize = 100;
+    let daemon = Daemon::start(&db).await;
+    let before = scrape(daemon.addr).await;
+    let mut client = daemon.client().await;
+    client.enqueue(task("lag1", "a0", None)).await.unwrap();
+    let names: Vec<String> = (0..CHILDREN).map(|i| format!("c{i}")).collect();
+    for name in &names {
+        client
+            .enqueue(task("lag1", name, Some("a0")))
+            .await
+            .unwrap();
+    }
+    // A stream with a 4 KiB window that reads nothing after its snapshot:
+    // the server holds what it cannot send, one pending state per action.
+    let slow = Watcher::open(&mut daemon.client_with_window(4 * 1024).await, "lag1", "a0").await;
+    let mut fast = Watcher::open(&mut client, "lag1", "a0").await;
+    for phase in [INITIALIZING, RUNNING, SUCCEEDED] {
+        let mut calls = tokio::task::JoinSet::new();
+        for name in &names {
+            let mut client = client.clone();
+            let name = name.clone();
+            calls.spawn(async move { client.update(status_update("lag1", &name, 1, phase)).await });
+        }
+        while let Some(result) = calls.join_next().await {
+            result.unwrap().unwrap();
+        }
+    }
+    fast.until(|p| names.iter().all(|n| p.get(n) == Some(&SUCCEEDED)))
+        .await;
+    // Writes: the root, the children, three updates each.
+    let writes = (1 + CHILDREN * 4) as f64;
+    let after = scrape(daemon.addr).await;
+    let moved = |name: &str| histogram_part(&after, name) - histogram_part(&before, name);
+    assert!(
+        moved("actionsd_feed_lag_seconds_count") >= writes,
+        "feed lag counted {} events, expected at least {writes}",
+        moved("actionsd_feed_lag_seconds_count")
+    );
+    // Lags of events this daemon wrote and delivered within the test.
+    let mean_lag =
+        moved("actionsd_feed_lag_seconds_sum") / moved("actionsd_feed_lag_seconds_count");
+    assert!(
+        (0.0..TIMEOUT.as_secs_f64()).contains(&mean_lag),
+        "{mean_lag}"
+    );
+    assert!(
+        moved("actionsd_commit_batch_size_sum") >= writes,
+        "group commits applied {} commands, expected at least {writes}",
+        moved("actionsd_commit_batch_size_sum")
+    );
+    assert!(moved("actionsd_commit_batch_size_count") >= 1.0);
+    assert!(moved("actionsd_commit_duration_seconds_count") >= 1.0);
+    assert!(after
+        .samples
+        .iter()
+        .any(|s| s.metric == "actionsd_commit_batch_size"
+            && matches!(s.value, prometheus_parse::Value::Histogram(_))));
+    let coalesced = value(&after, "actionsd_updates_coalesced_total", &[])
+        - value(&before, "actionsd_updates_coalesced_total", &[]);
+    assert!(
+        coalesced >= 1.0,
+        "a stream that was not read coalesced nothing"
+    );
+    drop(slow);
     daemon.stop().await;
 }
 

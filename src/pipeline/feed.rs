@@ -46,13 +46,16 @@ pub(super) async fn run(
     let mut shards = Vec::with_capacity(workers);
     let mut worker_tasks = JoinSet::new();
     for _ in 0..workers {
-        let (tx, mut rx) = mpsc::channel::<Arc<Event>>(settings.worker_queue.max(1));
+        let (tx, mut rx) = mpsc::channel::<(Arc<Event>, i64)>(settings.worker_queue.max(1));
         let registry = registry.clone();
         let executors = executors.clone();
         worker_tasks.spawn(async move {
-            while let Some(event) = rx.recv().await {
+            while let Some((event, written_micros)) = rx.recv().await {
                 registry.publish(&event);
                 executors.publish(&event);
+                let lag = chrono::Utc::now().timestamp_micros() - written_micros;
+                ::metrics::histogram!(crate::metrics::names::FEED_LAG)
+                    .record(lag.max(0) as f64 / 1e6);
             }
         });
         shards.push(tx);
@@ -73,10 +76,10 @@ pub(super) async fn run(
                 cursor = batch.cursor;
                 ::metrics::counter!(crate::metrics::names::FEED_EVENTS)
                     .increment(batch.events.len() as u64);
-                for event in batch.events {
+                for (event, written) in batch.events.into_iter().zip(batch.written_micros) {
                     let shard = shard_of(&event.id, workers);
                     // A worker only ends when its sender is dropped.
-                    let _ = shards[shard].send(Arc::new(event)).await;
+                    let _ = shards[shard].send((Arc::new(event), written)).await;
                 }
                 if batch.more {
                     continue;

@@ -30,6 +30,9 @@ pub struct FeedCursor {
 pub struct FeedBatch {
     /// Committed events, each read once.
     pub events: Vec<Event>,
+    /// When each event was written (its transaction's time), in
+    /// microseconds since the epoch, one per event: the feed lag's start.
+    pub written_micros: Vec<i64>,
     /// Where the next read starts.
     pub cursor: FeedCursor,
     /// The batch was full: read again at once.
