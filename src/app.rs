@@ -243,6 +243,7 @@ impl Application {
             shutdown.clone(),
         );
         let read_api = ReadApi::new(store.clone(), pipeline.registry());
+        let purge_blobs = blobs.clone();
         let flyte = crate::rpc::flyte::FlyteServices::new(
             &config,
             local_addr,
@@ -364,11 +365,7 @@ impl Application {
         let retention = tokio::spawn({
             let (store, settings, shutdown) =
                 (store.clone(), config.retention.clone(), shutdown.clone());
-            async move {
-                if settings.enabled {
-                    crate::retention::run(store, settings, shutdown).await;
-                }
-            }
+            crate::retention::run(store, Some(purge_blobs), settings, shutdown)
         });
         let mut server = tokio::spawn(crate::server::serve(
             listener,

@@ -9,6 +9,8 @@ conformance!(
     metrics_on_an_admin_listener,
     metrics_cover_feed_lag_group_commits_and_coalescing,
     retention_deletes_finished_runs_and_nothing_still_going,
+    retention_keeps_events_a_live_feed_position_still_needs,
+    retention_deletes_the_blobs_and_logs_of_deleted_runs,
     migrate_check_reports_pending_and_unknown_migrations,
     actionsctl_deletes_a_finished_run_and_refuses_one_still_going,
 );
@@ -17,7 +19,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use actionsd::proto::actionsd::read::v1::{
-    read_service_client::ReadServiceClient, GetActionRequest, ListRunsRequest,
+    read_service_client::ReadServiceClient, DeleteRunRequest, GetActionRequest, ListRunsRequest,
 };
 use common::*;
 use prost::Message;
@@ -422,6 +424,257 @@ async fn retention_deletes_finished_runs_and_nothing_still_going(db: TestDb) {
 
 /// `actionsd migrate --check` exits 0 on an up-to-date database and
 /// non-zero, naming the problem, when a migration is pending or unknown.
+/// Enqueues a finished run: a root and a child, both succeeded.
+async fn finished_run(client: &mut Client, run: &str) {
+    client.enqueue(task(run, "a0", None)).await.unwrap();
+    client.enqueue(task(run, "a1", Some("a0"))).await.unwrap();
+    for name in ["a1", "a0"] {
+        client
+            .update(status_update(run, name, 1, SUCCEEDED))
+            .await
+            .unwrap();
+    }
+}
+
+/// Waits until `run` has no row left in runs and events.
+async fn until_deleted(db: &TestDb, run: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    while per_run(db, "runs").await.contains_key(run)
+        || per_run(db, "events").await.contains_key(run)
+    {
+        assert!(Instant::now() < deadline, "run {run} was not deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sets the feed position of another daemon: before every event (`start`)
+/// or past every event so far, live for an hour or already expired.
+async fn other_daemon_at(db: &TestDb, start: bool, live: bool) {
+    let sql = if db.is_postgres() {
+        let (xid, seq) = if start {
+            ("'1'::xid8", "0")
+        } else {
+            (
+                "(SELECT max(xid) FROM events)",
+                "(SELECT max(seq) FROM events)",
+            )
+        };
+        let expires = if live {
+            "now() + interval '1 hour'"
+        } else {
+            "now() - interval '1 second'"
+        };
+        format!(
+            "INSERT INTO feed_positions (daemon, xid, seq, expires_at) VALUES ('other', {xid}, {seq}, {expires}) \
+             ON CONFLICT (daemon) DO UPDATE SET xid = EXCLUDED.xid, seq = EXCLUDED.seq, \
+             expires_at = EXCLUDED.expires_at RETURNING 1::bigint"
+        )
+    } else {
+        let seq = if start {
+            "0"
+        } else {
+            "(SELECT max(seq) FROM events)"
+        };
+        let now = chrono::Utc::now().timestamp_micros();
+        let expires = if live {
+            now + 3_600_000_000
+        } else {
+            now - 1_000_000
+        };
+        format!(
+            "INSERT INTO feed_positions (daemon, seq, expires_at) VALUES ('other', {seq}, {expires}) \
+             ON CONFLICT (daemon) DO UPDATE SET seq = excluded.seq, \
+             expires_at = excluded.expires_at RETURNING 1"
+        )
+    };
+    assert_eq!(rows!(db, (i64,), &sql).len(), 1);
+}
+
+/// A second daemon's live feed position below a finished run's events
+/// keeps them (and the run) through every pass; once that daemon has read
+/// past them, or its position expired (a dead daemon), the run goes. The
+/// daemon's own feed records its position too.
+async fn retention_keeps_events_a_live_feed_position_still_needs(db: TestDb) {
+    let daemon = Daemon::start_with(&db, |config| {
+        config.retention.period = Duration::from_millis(1);
+        config.retention.interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut client = daemon.client().await;
+    other_daemon_at(&db, true, true).await;
+    finished_run(&mut client, "pinned").await;
+    // Once this daemon's own recorded position is past the run's events
+    // (it records every few seconds), only the other daemon holds them.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let past = rows!(
+            db,
+            (i64,),
+            "SELECT count(*) FROM feed_positions WHERE daemon <> 'other' \
+             AND seq >= (SELECT max(seq) FROM events)"
+        );
+        if past[0].0 == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never recorded its position"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Many passes later, the run and its events are all still there.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(per_run(&db, "runs").await.get("pinned"), Some(&1));
+    assert_eq!(per_run(&db, "events").await.get("pinned"), Some(&4));
+    let positions = rows!(
+        db,
+        (i64,),
+        "SELECT count(*) FROM feed_positions WHERE daemon <> 'other'"
+    );
+    assert_eq!(
+        positions[0].0, 1,
+        "the daemon records its own feed position"
+    );
+    // The other daemon reads past the run: it goes.
+    other_daemon_at(&db, false, true).await;
+    until_deleted(&db, "pinned").await;
+    // An expired position (a daemon that stopped) pins nothing.
+    other_daemon_at(&db, true, false).await;
+    finished_run(&mut client, "unpinned").await;
+    until_deleted(&db, "unpinned").await;
+    daemon.stop().await;
+    let positions = rows!(
+        db,
+        (i64,),
+        "SELECT count(*) FROM feed_positions WHERE daemon <> 'other'"
+    );
+    assert_eq!(
+        positions[0].0, 0,
+        "a daemon that stops removes its position"
+    );
+}
+
+/// Files under `dir`, recursively, relative to it.
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&next) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                found.push(path.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Writes a run's blob and one log chunk into the local blob directory,
+/// where actionsd keeps them.
+fn write_run_objects(dir: &std::path::Path, run: &str) -> Vec<String> {
+    let id = actionsd::domain::RunId {
+        org: String::new(),
+        project: "flytesnacks".to_owned(),
+        domain: "development".to_owned(),
+        name: run.to_owned(),
+    };
+    let keys = [
+        actionsd::blob::keys::run_base(&id)
+            .child("a0")
+            .child("outputs.pb"),
+        actionsd::blob::keys::run_logs(&id)
+            .child("a0")
+            .child("1")
+            .child("0000000000.pb"),
+    ];
+    keys.iter()
+        .map(|key| {
+            let path = dir.join(key.as_ref());
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, b"x").unwrap();
+            key.as_ref().to_owned()
+        })
+        .collect()
+}
+
+/// A run deleted by retention, and one deleted by hand, lose their blobs
+/// and logs; a run still going keeps its own.
+async fn retention_deletes_the_blobs_and_logs_of_deleted_runs(db: TestDb) {
+    let blobs = tempfile::tempdir().unwrap();
+    let dir = blobs.path().to_path_buf();
+    let period = Duration::from_secs(3);
+    let daemon = Daemon::start_with(&db, |config| {
+        config.blobs.location = Some(actionsd::blob::BlobLocation::Local(dir.clone()));
+        config.retention.period = period;
+        config.retention.interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut client = daemon.client().await;
+    let mut reader = ReadServiceClient::connect(format!("http://{}", daemon.addr))
+        .await
+        .unwrap();
+    finished_run(&mut client, "old").await;
+    finished_run(&mut client, "byhand").await;
+    client.enqueue(task("going", "a0", None)).await.unwrap();
+    let old = write_run_objects(&dir, "old");
+    let by_hand = write_run_objects(&dir, "byhand");
+    let going = write_run_objects(&dir, "going");
+    for key in old.iter().chain(&by_hand).chain(&going) {
+        assert!(files_under(&dir).contains(key), "{key}");
+    }
+    let started = Instant::now();
+    reader
+        .delete_run(DeleteRunRequest {
+            run_id: Some(run_id("byhand")),
+        })
+        .await
+        .unwrap();
+    // Deleted by hand: its objects go at the next pass, well within the
+    // period of the other run.
+    let deadline = Instant::now() + TIMEOUT;
+    while by_hand.iter().any(|k| files_under(&dir).contains(k)) {
+        assert!(
+            Instant::now() < deadline,
+            "the blobs of a run deleted by hand stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if started.elapsed() < period {
+        assert!(old.iter().all(|k| files_under(&dir).contains(k)));
+    }
+    until_deleted(&db, "old").await;
+    let deadline = Instant::now() + TIMEOUT;
+    while old.iter().any(|k| files_under(&dir).contains(k)) {
+        assert!(
+            Instant::now() < deadline,
+            "the blobs of a run deleted by retention stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for key in &going {
+        assert!(
+            files_under(&dir).contains(key),
+            "{key} of a run still going was deleted"
+        );
+    }
+    assert_eq!(rows!(db, (i64,), "SELECT count(*) FROM run_purges")[0].0, 0);
+    let scraped = scrape(daemon.addr).await;
+    assert!(
+        value(
+            &scraped,
+            "actionsd_retention_deleted_total",
+            &[("kind", "blobs")]
+        ) >= 4.0
+    );
+    daemon.stop().await;
+}
+
 async fn migrate_check_reports_pending_and_unknown_migrations(db: TestDb) {
     let check = |url: String| async move {
         tokio::time::timeout(

@@ -61,6 +61,7 @@ pub(super) async fn run(
         shards.push(tx);
     }
 
+    let mut position = super::position::Position::start(store.clone(), cursor).await;
     let mut pending_retry = PENDING_RETRY;
     let mut error_retry = ERROR_RETRY;
     let mut failing_since: Option<Instant> = None;
@@ -74,6 +75,7 @@ pub(super) async fn run(
                 }
                 error_retry = ERROR_RETRY;
                 cursor = batch.cursor;
+                position.advance(cursor);
                 ::metrics::counter!(crate::metrics::names::FEED_EVENTS)
                     .increment(batch.events.len() as u64);
                 for (event, written) in batch.events.into_iter().zip(batch.written_micros) {
@@ -132,6 +134,7 @@ pub(super) async fn run(
     }
     drop(shards);
     while worker_tasks.join_next().await.is_some() {}
+    position.stop().await;
 }
 
 /// Forwards wake-ups from other daemons to the feed. Reconnects when the

@@ -677,6 +677,23 @@ impl Store for SqliteStore {
         retention::delete_run(self, run).await
     }
 
+    async fn record_feed_position(
+        &self,
+        daemon: &str,
+        cursor: Option<FeedCursor>,
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        retention::record_feed_position(self, daemon, cursor, ttl).await
+    }
+
+    async fn pending_purges(&self, limit: usize) -> Result<Vec<RunId>, Error> {
+        retention::pending_purges(self, limit).await
+    }
+
+    async fn purged(&self, run: &RunId) -> Result<(), Error> {
+        retention::purged(self, run).await
+    }
+
     async fn queue_stats(&self, limit: usize) -> Result<super::QueueStats, Error> {
         let rows = sqlx::query(
             "SELECT COALESCE(queue, ''), count(*), min(created_at) FROM actions \
