@@ -26,19 +26,24 @@ pub(super) async fn delete_finished_runs(
         .begin_with("BEGIN IMMEDIATE")
         .await
         .map_err(db_error)?;
+    // The oldest runs first; of those, the runs with an event that a live
+    // feed position has not passed yet are left for a later pass (checked
+    // on the runs of the batch only).
     let rows = sqlx::query(&format!(
-        "SELECT r.org, r.project, r.domain, r.name FROM actions a \
+        "SELECT c.org, c.project, c.domain, c.name FROM ( \
+         SELECT r.org, r.project, r.domain, r.name FROM actions a \
          JOIN runs r ON r.org = a.org AND r.project = a.project AND r.domain = a.domain \
              AND r.name = a.run_name AND r.root_name = a.name \
          WHERE a.parent_name IS NULL AND a.end_time < ?1 AND a.phase IN {TERMINAL_PHASES} \
            AND NOT EXISTS (SELECT 1 FROM actions c \
                WHERE c.org = a.org AND c.project = a.project AND c.domain = a.domain \
                  AND c.run_name = a.run_name AND c.phase NOT IN {TERMINAL_PHASES}) \
-           AND NOT EXISTS (SELECT 1 FROM feed_positions f JOIN events e ON e.seq > f.seq \
-               WHERE f.expires_at > ?3 AND e.org = a.org AND e.project = a.project \
-                 AND e.domain = a.domain AND e.run_name = a.run_name) \
          ORDER BY a.end_time \
-         LIMIT ?2"
+         LIMIT ?2) c \
+         WHERE NOT EXISTS (SELECT 1 FROM events e \
+             WHERE e.org = c.org AND e.project = c.project AND e.domain = c.domain \
+               AND e.run_name = c.name \
+               AND e.seq > (SELECT min(seq) FROM feed_positions WHERE expires_at > ?3))"
     ))
     .bind(finished_before.timestamp_micros())
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
