@@ -252,6 +252,7 @@ impl Application {
             shutdown.clone(),
         );
         let read_api = ReadApi::new(store.clone(), pipeline.registry());
+        let purge_blobs = blobs.clone();
         let flyte = crate::rpc::flyte::FlyteServices::new(
             &config,
             local_addr,
@@ -382,11 +383,7 @@ impl Application {
         let retention = tokio::spawn({
             let (store, settings, shutdown) =
                 (store.clone(), config.retention.clone(), shutdown.clone());
-            async move {
-                if settings.enabled {
-                    crate::retention::run(store, settings, shutdown).await;
-                }
-            }
+            crate::retention::run(store, Some(purge_blobs), settings, shutdown)
         });
         let mut server = tokio::spawn(crate::server::serve(
             listener,
