@@ -264,6 +264,7 @@ impl Application {
                 config.tls.is_some(),
             )
         });
+        let purge_blobs = blobs.clone();
         let flyte = crate::rpc::flyte::FlyteServices::new(
             &config,
             local_addr,
@@ -412,11 +413,7 @@ impl Application {
         let retention = tokio::spawn({
             let (store, settings, shutdown) =
                 (store.clone(), config.retention.clone(), shutdown.clone());
-            async move {
-                if settings.enabled {
-                    crate::retention::run(store, settings, shutdown).await;
-                }
-            }
+            crate::retention::run(store, Some(purge_blobs), settings, shutdown)
         });
         let mut server = tokio::spawn(crate::server::serve(
             listener,
