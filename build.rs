@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "flyteidl2/cluster/service.proto",
     "flyteidl2/dataproxy/dataproxy_service.proto",
     "flyteidl2/workflow/run_service.proto",
+    "flyteidl2/auth/auth_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -252,6 +252,18 @@ impl Application {
             shutdown.clone(),
         );
         let read_api = ReadApi::new(store.clone(), pipeline.registry());
+        let auth = config
+            .auth
+            .clone()
+            .map(|settings| crate::auth::layer::AuthState::new(settings, store.clone()));
+        let auth_metadata = auth.as_ref().map(|state| {
+            crate::auth::service::AuthMetadataApi::new(
+                state.issuer.issuer().to_owned(),
+                state.settings.public_url.clone(),
+                local_addr,
+                config.tls.is_some(),
+            )
+        });
         let purge_blobs = blobs.clone();
         let flyte = crate::rpc::flyte::FlyteServices::new(
             &config,
@@ -262,14 +274,20 @@ impl Application {
             blobs,
             shutdown.clone(),
         );
-        let executor_api = executor_api.with_logs(flyte.logs.clone());
-        let connect = ConnectLayer::new(
+        let mut executor_api = executor_api.with_logs(flyte.logs.clone());
+        if let Some(state) = &auth {
+            executor_api = executor_api.with_task_credentials(state.issuer.clone());
+        }
+        let mut connect = ConnectLayer::new(
             api.clone(),
             executor_api.clone(),
             read_api.clone(),
             server_config.max_message_size,
         )
         .with_flyte(flyte.api.clone());
+        if let Some(metadata) = &auth_metadata {
+            connect = connect.with_auth(metadata.clone());
+        }
         let reads = ReadServiceServer::new(read_api)
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip)
@@ -328,8 +346,16 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_service(flyte.runs())
             .add_service(flyte.data())
-            .add_service(flyte.clusters())
-            .prepare();
+            .add_service(flyte.clusters());
+        let routes = match auth_metadata {
+            Some(metadata) => routes.add_service(
+                crate::proto::flyteidl2::auth::auth_metadata_service_server::AuthMetadataServiceServer::new(metadata)
+                    .accept_compressed(CompressionEncoding::Gzip)
+                    .send_compressed(CompressionEncoding::Gzip),
+            ),
+            None => routes,
+        }
+        .prepare();
         // HTTP/1.1 and HTTP/2 (h2c) on one listener: Connect and gRPC-Web
         // clients may use either. Signed uploads have their own bounds.
         let metrics_here = (config.metrics.enabled && admin.is_none()).then(|| store.clone());
@@ -338,8 +364,12 @@ impl Application {
             .otlp_endpoint
             .is_some()
             .then_some(crate::telemetry::TraceContextLayer);
+        // Authentication sits in front of everything served on the port
+        // (the metrics route, the blob URLs, gRPC, gRPC-Web and Connect),
+        // so one table decides for all of them (see auth::roles).
         let service = ServiceBuilder::new()
             .option_layer(trace_context)
+            .option_layer(auth.map(crate::auth::layer::AuthLayer::new))
             .layer(RpcMetricsLayer::new(metrics_here))
             .layer(flyte.http.clone())
             .layer(EdgeLayer::new(EdgeSettings {

@@ -127,6 +127,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub retention: RetentionConfig,
     pub tracing: TracingConfig,
+    /// `[auth]`; `None`: no authentication (every caller may do anything).
+    pub auth: Option<crate::auth::AuthSettings>,
     /// TLS on the listener (and the metrics listener); `None`: plain HTTP.
     pub tls: Option<crate::tls::TlsSettings>,
     /// Listen on a non-loopback address without TLS and authentication.
@@ -279,6 +281,7 @@ struct FileConfig {
     blobs: FileBlobs,
     #[serde(default)]
     logs: FileLogs,
+    auth: Option<crate::auth::config::FileAuth>,
     #[serde(default)]
     tls: FileTls,
     dangerously_allow_insecure_public_listener: Option<bool>,
@@ -445,6 +448,12 @@ fn parse_error(text: &str, err: &toml::de::Error) -> String {
 }
 
 impl Config {
+    /// Whether callers must authenticate (an `[auth]` section is present).
+    /// TLS plus authentication is what a non-loopback listener needs.
+    pub fn auth_enabled(&self) -> bool {
+        self.auth.is_some()
+    }
+
     /// Merges `overrides` over the file at `path` (if any) over defaults.
     pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
         let file = match path {
@@ -644,6 +653,11 @@ impl Config {
                     .unwrap_or(Duration::from_millis(10)),
             },
             blobs,
+            auth: file
+                .auth
+                .map(crate::auth::config::FileAuth::validate)
+                .transpose()
+                .map_err(|(setting, message)| ConfigError::Invalid { setting, message })?,
         };
         config.validate()?;
         Ok(config)
@@ -740,15 +754,6 @@ impl Config {
             !self.executor.reaper_interval.is_zero(),
         )?;
         Ok(())
-    }
-
-    /// Whether callers must authenticate. Always `false` for now: there is
-    /// no authentication yet, so a non-loopback listener needs
-    /// `dangerously_allow_insecure_public_listener` even with TLS. When
-    /// authentication is configured this returns `true`, and TLS plus
-    /// authentication is enough for a public listener.
-    pub fn auth_enabled(&self) -> bool {
-        false
     }
 
     /// The daemon listens on a non-loopback address (`listen`, or

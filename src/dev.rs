@@ -69,6 +69,12 @@ pub async fn run(
     settings: DevSettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    if config.auth.is_some() {
+        anyhow::bail!(
+            "actionsd dev is for local development on loopback, without authentication; \
+             remove the [auth] settings, or run `actionsd serve` with an executor and a token"
+        );
+    }
     if config.tls.is_some() {
         anyhow::bail!(
             "actionsd dev serves plain HTTP on loopback for local development; \

@@ -2,6 +2,7 @@
 //! SQLite file by default, or Postgres.
 
 pub mod app;
+pub mod auth;
 pub mod blob;
 pub mod client;
 pub mod config;

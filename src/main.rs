@@ -37,6 +37,17 @@ enum Command {
     /// Serve with a Flyte executor in the same process, for a Flyte user
     /// on one machine; writes a `flyte` config that points at it.
     Dev(DevArgs),
+    /// Read a secret from standard input and print the hash the `[auth]`
+    /// config takes: an Argon2 PHC string for `auth.clients.secret_hash`,
+    /// or with --sha256 the hex SHA-256 for `auth.tokens.sha256`.
+    HashSecret(HashSecretArgs),
+}
+
+#[derive(Args)]
+struct HashSecretArgs {
+    /// Print the hex SHA-256 (for a static bearer token) instead.
+    #[arg(long)]
+    sha256: bool,
 }
 
 #[derive(Args)]
@@ -336,6 +347,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 app::migrate(&config).await?;
                 tracing::info!("migrations applied");
             }
+            Ok(())
+        }
+        Command::HashSecret(args) => {
+            let mut secret = String::new();
+            std::io::stdin().read_line(&mut secret)?;
+            let secret = secret.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!secret.is_empty(), "no secret on standard input");
+            println!("{}", actionsd::auth::hash_secret(secret, args.sha256)?);
             Ok(())
         }
         Command::Executor(args) => {

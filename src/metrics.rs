@@ -51,6 +51,8 @@ pub mod names {
     pub const RETENTION_FAILURES: &str = "actionsd_retention_failures_total";
     pub const RETENTION_DELETED: &str = "actionsd_retention_deleted_total";
     pub const RETENTION_DURATION: &str = "actionsd_retention_pass_duration_seconds";
+    pub const AUTH_DENIED: &str = "actionsd_auth_denied_total";
+    pub const LIMITED: &str = "actionsd_limit_exceeded_total";
 
     /// Every name above.
     pub const ALL: &[&str] = &[
@@ -78,6 +80,8 @@ pub mod names {
         RETENTION_FAILURES,
         RETENTION_DELETED,
         RETENTION_DURATION,
+        AUTH_DENIED,
+        LIMITED,
     ];
 }
 
@@ -197,6 +201,14 @@ fn describe() {
     describe_counter!(
         names::RETENTION_DELETED,
         "Rows deleted by retention and by hand, by kind (runs, actions, events)."
+    );
+    describe_counter!(
+        names::AUTH_DENIED,
+        "Requests refused by authentication or authorization, by reason."
+    );
+    describe_counter!(
+        names::LIMITED,
+        "Requests refused RESOURCE_EXHAUSTED by a per-principal limit, by limit."
     );
     describe_histogram!(
         names::RETENTION_DURATION,

@@ -19,6 +19,9 @@ pub mod flyteidl2 {
     pub mod actions {
         tonic::include_proto!("flyteidl2.actions");
     }
+    pub mod auth {
+        tonic::include_proto!("flyteidl2.auth");
+    }
     pub mod cluster {
         tonic::include_proto!("flyteidl2.cluster");
     }

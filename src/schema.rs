@@ -24,7 +24,9 @@ static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
     let ours = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
         .expect("the generated descriptor set is valid");
     for file in ours.file {
-        if file.name().starts_with("actionsd/") {
+        // actionsd's own protos, and the auth service (which the embedded
+        // set lacks).
+        if file.name().starts_with("actionsd/") || file.name().starts_with("flyteidl2/auth/") {
             pool.add_file_descriptor_proto(file)
                 .expect("actionsd's protos fit the flyteidl2 schema");
         }

@@ -19,6 +19,10 @@ pub struct ActionRecord {
     /// Set while a lease is live.
     pub lease_deadline: Option<DateTime<Utc>>,
     pub abort_reason: Option<String>,
+    /// The encoded `EnrichedIdentity` of who aborted the action.
+    pub aborted_by: Option<Bytes>,
+    /// The encoded `EnrichedIdentity` of who signalled the condition.
+    pub signalled_by: Option<Bytes>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub start_time: Option<DateTime<Utc>>,

@@ -71,6 +71,9 @@ pub(super) struct Job {
     pub(super) output_uri: String,
     /// The run's encoded RunSpec.
     pub(super) run_spec: Bytes,
+    /// The run-scoped credential the daemon minted for this attempt
+    /// (authentication on), handed to a Flyte task process.
+    pub(super) task_credential: Option<crate::proto::actionsd::executor::v1::TaskCredential>,
     /// When the lease arrived.
     pub(super) leased_at: Instant,
 }
@@ -257,7 +260,25 @@ fn prepare(ctx: &Context, job: &Job, action: &Action) -> Result<Prepared, Box<Ex
                 &run_settings,
                 &who,
                 &ctx.settings.server,
+                job.task_credential.as_ref(),
             ));
+            // The SDK in the task verifies the daemon's certificate against
+            // its trust store: add the executor's --ca-cert to it.
+            if let (true, Some(ca)) = (
+                ctx.settings.server.starts_with("https://"),
+                ctx.settings.security.ca_cert.as_deref(),
+            ) {
+                match flyte::trust_bundle(ca, &settings.scratch_dir) {
+                    Ok(bundle) => env.push((
+                        "SSL_CERT_FILE".to_owned(),
+                        bundle.to_string_lossy().into_owned(),
+                    )),
+                    Err(err) => tracing::warn!(
+                        error = %err,
+                        "cannot write the trust bundle for task processes; they use the system's roots"
+                    ),
+                }
+            }
             let mut argv = task.argv.iter().map(|arg| values.fill(arg));
             let program = argv.next().unwrap_or_default();
             let program = flyte::program(&program, settings.flyte_bin.as_deref());

@@ -374,14 +374,31 @@ pub(super) struct Identity<'a> {
     pub run_output_base: &'a str,
 }
 
+/// The variable holding a task's run-scoped credential, printed by the
+/// SDK's external token command.
+pub(crate) const TASK_TOKEN_VAR: &str = "ACTIONSD_TASK_TOKEN";
+
 /// The task process's environment, added to the executor's own, in order
 /// (a later entry wins): the container's `env`, the run's `RunSpec.envs`,
 /// then what the runtime needs to find actionsd and its action.
+///
+/// With a task credential (the daemon requires authentication), the SDK
+/// inside the task authenticates with it:
+/// - when the server is `https://HOST` on the default port, as the in-task
+///   API key `_UNION_EAGER_API_KEY` (base64 of `HOST:client id:secret:org`;
+///   the SDK splits it at colons, so it cannot carry a port or scheme),
+///   which the SDK exchanges at the token endpoint (client-credentials);
+/// - otherwise through `FLYTE_AUTH_TYPE=ExternalCommand`, whose command
+///   prints the credential (`printenv ACTIONSD_TASK_TOKEN`); actionsd takes
+///   it as a bearer token directly. `_U_INSECURE` is not set then: the SDK
+///   sends no credentials on a channel it was told is insecure; the
+///   `http://` scheme of the endpoint alone selects plain HTTP.
 pub(super) fn environment(
     task: &Task,
     run: &RunSettings,
     who: &Identity<'_>,
     server: &str,
+    credential: Option<&crate::proto::actionsd::executor::v1::TaskCredential>,
 ) -> Vec<(String, String)> {
     let org = if who.org.is_empty() {
         EMPTY_ORG_ALIAS
@@ -410,10 +427,73 @@ pub(super) fn environment(
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
     );
-    if server.starts_with("http://") {
-        env.push(("_U_INSECURE".to_owned(), "true".to_owned()));
+    match credential {
+        None => {
+            if server.starts_with("http://") {
+                env.push(("_U_INSECURE".to_owned(), "true".to_owned()));
+            }
+        }
+        Some(credential) => {
+            let host = server
+                .strip_prefix("https://")
+                .map(|h| h.trim_end_matches('/'))
+                .filter(|h| !h.is_empty() && !h.contains([':', '/']));
+            match host {
+                Some(host) => {
+                    use base64::Engine as _;
+                    let key = format!(
+                        "{host}:{}:{}:{org}",
+                        credential.client_id, credential.client_secret
+                    );
+                    env.push((
+                        "_UNION_EAGER_API_KEY".to_owned(),
+                        base64::engine::general_purpose::STANDARD.encode(key),
+                    ));
+                }
+                None => {
+                    env.push(("FLYTE_AUTH_TYPE".to_owned(), "ExternalCommand".to_owned()));
+                    env.push((
+                        "FLYTE_AUTH_COMMAND".to_owned(),
+                        format!(r#"["printenv", "{TASK_TOKEN_VAR}"]"#),
+                    ));
+                    env.push((TASK_TOKEN_VAR.to_owned(), credential.client_secret.clone()));
+                }
+            }
+        }
     }
     env
+}
+
+/// Where the system's CA bundle usually is (the first that exists is
+/// used), as OpenSSL and rustls-native-certs look for it.
+const SYSTEM_BUNDLES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// A CA bundle for task processes (`SSL_CERT_FILE`): the system's roots
+/// plus `ca`, written once into `dir` (replaced atomically when `ca`
+/// changes). `SSL_CERT_FILE` replaces the trust store, so the system's
+/// roots are kept in it for whatever else the task reaches over TLS.
+pub(super) fn trust_bundle(ca: &Path, dir: &Path) -> std::io::Result<PathBuf> {
+    let mut bundle = SYSTEM_BUNDLES
+        .iter()
+        .find_map(|path| std::fs::read(path).ok())
+        .unwrap_or_default();
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend(std::fs::read(ca)?);
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("trust.pem");
+    if std::fs::read(&path).ok().as_deref() != Some(bundle.as_slice()) {
+        let partial = dir.join(format!("trust.pem.{}", std::process::id()));
+        std::fs::write(&partial, &bundle)?;
+        std::fs::rename(&partial, &path)?;
+    }
+    Ok(path)
 }
 
 /// A local path for a storage location: a plain path or a `file://` URI.
@@ -693,7 +773,7 @@ mod tests {
             action: "abc",
             run_output_base: "/data/r1",
         };
-        let env = environment(&task, &run, &who, "http://127.0.0.1:1");
+        let env = environment(&task, &run, &who, "http://127.0.0.1:1", None);
         let last = |key: &str| {
             env.iter()
                 .rev()
@@ -705,6 +785,59 @@ mod tests {
         assert_eq!(last("_U_EP_OVERRIDE"), Some("http://127.0.0.1:1"));
         assert_eq!(last("RUN_NAME"), Some("r1"));
         assert_eq!(last("_U_INSECURE"), Some("true"));
+
+        // With a task credential: on a port, the SDK's external token
+        // command, and no `_U_INSECURE` (the SDK would send no token).
+        let credential = crate::proto::actionsd::executor::v1::TaskCredential {
+            client_id: "actionsd-task".into(),
+            client_secret: "the.task.key".into(),
+        };
+        let env = environment(&task, &run, &who, "https://127.0.0.1:1", Some(&credential));
+        let get = |key: &str| {
+            env.iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get("FLYTE_AUTH_TYPE").as_deref(), Some("ExternalCommand"));
+        assert_eq!(
+            get("FLYTE_AUTH_COMMAND").as_deref(),
+            Some(r#"["printenv", "ACTIONSD_TASK_TOKEN"]"#)
+        );
+        assert_eq!(get(TASK_TOKEN_VAR).as_deref(), Some("the.task.key"));
+        assert_eq!(get("_U_INSECURE"), None);
+        assert_eq!(get("_UNION_EAGER_API_KEY"), None);
+        // On https's own port: the in-task API key, as the SDK decodes it.
+        let env = environment(
+            &task,
+            &run,
+            &who,
+            "https://actionsd.example",
+            Some(&credential),
+        );
+        let key = env
+            .iter()
+            .find(|(k, _)| k == "_UNION_EAGER_API_KEY")
+            .map(|(_, v)| v.clone())
+            .expect("an API key");
+        use base64::Engine as _;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .unwrap();
+        let parts: Vec<&str> = std::str::from_utf8(&decoded)
+            .unwrap()
+            .splitn(4, ':')
+            .collect();
+        assert_eq!(
+            parts,
+            [
+                "actionsd.example",
+                "actionsd-task",
+                "the.task.key",
+                EMPTY_ORG_ALIAS
+            ]
+        );
+        assert!(!env.iter().any(|(k, _)| k == "FLYTE_AUTH_TYPE"));
     }
 
     #[test]

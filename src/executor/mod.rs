@@ -363,6 +363,7 @@ impl Running {
             action: leased.action,
             output_uri: leased.output_uri,
             run_spec: leased.run_spec,
+            task_credential: leased.task_credential,
             leased_at: std::time::Instant::now(),
         };
         let handle = self

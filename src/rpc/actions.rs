@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use tracing::{field, info_span, Instrument, Span};
 
 use super::{convert, watch};
+use crate::auth;
 use crate::domain::{ActionId, Command, Error};
 use crate::pipeline::{Registry, Waker};
 use crate::proto::flyteidl2::actions::{
@@ -47,17 +48,47 @@ impl ActionsApi {
         }
     }
 
-    /// Runs one write to commit, then wakes the event feeds.
-    async fn write(&self, command: Result<Command, Error>) -> Result<(), Status> {
+    /// Runs one write to commit, then wakes the event feeds. With
+    /// authentication on, the caller's scope is applied to the action (and,
+    /// for Update, its queue), the caller recorded as who aborted or
+    /// signalled (a client-supplied identity is replaced), and the write
+    /// audited.
+    async fn write(
+        &self,
+        extensions: &http::Extensions,
+        method: &'static str,
+        command: Result<Command, Error>,
+    ) -> Result<(), Status> {
         let _in_flight = self.writes.token();
-        let command = command?;
-        Span::current().record("action", field::display(command.action_id()));
-        let events = self.store.execute(command).await?;
-        if events > 0 {
-            self.waker.wake();
+        let mut command = command?;
+        let id = command.action_id().clone();
+        Span::current().record("action", field::display(&id));
+        let result = async {
+            let queue = match (&command, auth::principal(extensions)) {
+                (Command::Update(_), Some(_)) => self.store.get_action(&id).await?.state.queue,
+                _ => None,
+            };
+            auth::authorize(
+                extensions,
+                &auth::Target::action(&id).with_queue(queue.as_deref()),
+            )?;
+            if let Some(who) = auth::recorded_identity(extensions) {
+                match &mut command {
+                    Command::Abort(abort) => abort.aborted_by = Some(who),
+                    Command::Signal(signal) => signal.signalled_by = Some(who),
+                    _ => {}
+                }
+            }
+            let events = self.store.execute(command).await?;
+            if events > 0 {
+                self.waker.wake();
+            }
+            tracing::debug!(events, "accepted");
+            Ok(())
         }
-        tracing::debug!(events, "accepted");
-        Ok(())
+        .await;
+        auth::audit(extensions, method, &id, &result);
+        result
     }
 
     async fn watch(&self, parent: ActionId) -> Result<WatchStream, Error> {
@@ -127,8 +158,11 @@ impl ActionsService for ActionsApi {
         request: Request<actions::EnqueueRequest>,
     ) -> Result<Response<actions::EnqueueResponse>, Status> {
         let span = rpc_span("Enqueue", request.metadata());
+        let extensions = request.extensions().clone();
         let command = convert::enqueue(request.into_inner()).map(Command::Enqueue);
-        self.write(command).instrument(span).await?;
+        self.write(&extensions, "Enqueue", command)
+            .instrument(span)
+            .await?;
         Ok(Response::new(actions::EnqueueResponse {}))
     }
 
@@ -140,6 +174,7 @@ impl ActionsService for ActionsApi {
         async {
             let parent = convert::watch_parent(request.get_ref())?;
             Span::current().record("action", field::display(&parent));
+            auth::authorize(request.extensions(), &auth::Target::action(&parent))?;
             let stream = self.watch(parent).await?;
             tracing::debug!("watch started");
             Ok(Response::new(stream))
@@ -153,8 +188,11 @@ impl ActionsService for ActionsApi {
         request: Request<actions::UpdateRequest>,
     ) -> Result<Response<actions::UpdateResponse>, Status> {
         let span = rpc_span("Update", request.metadata());
+        let extensions = request.extensions().clone();
         let command = convert::update(request.into_inner()).map(Command::Update);
-        self.write(command).instrument(span).await?;
+        self.write(&extensions, "Update", command)
+            .instrument(span)
+            .await?;
         Ok(Response::new(actions::UpdateResponse {}))
     }
 
@@ -163,8 +201,11 @@ impl ActionsService for ActionsApi {
         request: Request<actions::AbortRequest>,
     ) -> Result<Response<actions::AbortResponse>, Status> {
         let span = rpc_span("Abort", request.metadata());
+        let extensions = request.extensions().clone();
         let command = convert::abort(request.into_inner()).map(Command::Abort);
-        self.write(command).instrument(span).await?;
+        self.write(&extensions, "Abort", command)
+            .instrument(span)
+            .await?;
         Ok(Response::new(actions::AbortResponse {}))
     }
 
@@ -173,8 +214,11 @@ impl ActionsService for ActionsApi {
         request: Request<actions::SignalRequest>,
     ) -> Result<Response<actions::SignalResponse>, Status> {
         let span = rpc_span("Signal", request.metadata());
+        let extensions = request.extensions().clone();
         let command = convert::signal(request.into_inner()).map(Command::Signal);
-        self.write(command).instrument(span).await?;
+        self.write(&extensions, "Signal", command)
+            .instrument(span)
+            .await?;
         Ok(Response::new(actions::SignalResponse {}))
     }
 }

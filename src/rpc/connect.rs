@@ -38,9 +38,11 @@ use super::executor::ExecutorApi;
 use super::flyte::FlyteApi;
 use super::status::connect_code;
 use super::{ActionsApi, ReadApi};
+use crate::auth::service::AuthMetadataApi;
 use crate::proto::actionsd::executor::v1::executor_service_server::ExecutorService;
 use crate::proto::actionsd::read::v1::read_service_server::ReadService;
 use crate::proto::flyteidl2::actions::actions_service_server::ActionsService;
+use crate::proto::flyteidl2::auth::auth_metadata_service_server::AuthMetadataService;
 use crate::proto::flyteidl2::cluster::cluster_service_server::ClusterService;
 use crate::proto::flyteidl2::dataproxy::data_proxy_service_server::DataProxyService;
 use crate::proto::flyteidl2::workflow::run_service_server::RunService;
@@ -48,7 +50,8 @@ use crate::schema;
 
 /// The services served over Connect (and whose calls all carry exactly one
 /// request message, on every protocol).
-pub(crate) const SERVICES: [&str; 6] = [
+pub(crate) const SERVICES: [&str; 7] = [
+    "/flyteidl2.auth.AuthMetadataService/",
     "/flyteidl2.actions.ActionsService/",
     "/actionsd.executor.v1.ExecutorService/",
     "/actionsd.read.v1.ReadService/",
@@ -165,8 +168,17 @@ impl ConnectLayer {
                 read,
                 max_message_size,
                 flyte: None,
+                auth: None,
             }),
         }
+    }
+
+    /// Serves `flyteidl2.auth.AuthMetadataService` too (authentication on).
+    pub fn with_auth(mut self, auth: AuthMetadataApi) -> Self {
+        Arc::get_mut(&mut self.handler)
+            .expect("the layer is configured before it is used")
+            .auth = Some(auth);
+        self
     }
 
     /// Serves the Flyte SDK's services too (see `rpc::flyte`).
@@ -244,6 +256,7 @@ struct Handler {
     read: ReadApi,
     max_message_size: usize,
     flyte: Option<FlyteApi>,
+    auth: Option<AuthMetadataApi>,
 }
 
 impl Handler {
@@ -334,6 +347,20 @@ impl Handler {
             }
             ("/actionsd.read.v1.ReadService/WatchRun", Kind::Stream(codec)) => {
                 self.server_stream(request, codec, types, |r| read.watch_run(r))
+                    .await
+            }
+            ("/flyteidl2.auth.AuthMetadataService/GetOAuth2Metadata", Kind::Unary(codec))
+                if self.auth.is_some() =>
+            {
+                let auth = self.auth.as_ref().expect("checked");
+                self.unary(request, codec, types, |r| auth.get_o_auth2_metadata(r))
+                    .await
+            }
+            ("/flyteidl2.auth.AuthMetadataService/GetPublicClientConfig", Kind::Unary(codec))
+                if self.auth.is_some() =>
+            {
+                let auth = self.auth.as_ref().expect("checked");
+                self.unary(request, codec, types, |r| auth.get_public_client_config(r))
                     .await
             }
             _ => match &self.flyte {

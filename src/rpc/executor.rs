@@ -39,6 +39,8 @@ pub struct ExecutorApi {
     logs: Option<LogStore>,
     /// Lease streams end with UNAVAILABLE when it fires.
     shutdown: CancellationToken,
+    /// Mints each lease's task credential (authentication on).
+    task_credentials: Option<Arc<crate::auth::tokens::Issuer>>,
 }
 
 impl ExecutorApi {
@@ -58,7 +60,14 @@ impl ExecutorApi {
             lease_ttl,
             logs: None,
             shutdown,
+            task_credentials: None,
         }
+    }
+
+    /// Gives every lease a run-scoped task credential signed by `issuer`.
+    pub fn with_task_credentials(mut self, issuer: Arc<crate::auth::tokens::Issuer>) -> Self {
+        self.task_credentials = Some(issuer);
+        self
     }
 
     /// Accepts attempt logs into `logs`.
@@ -68,7 +77,11 @@ impl ExecutorApi {
     }
 }
 
-fn leased(lease: Lease) -> pb::LeaseResponse {
+fn leased(lease: Lease, issuer: Option<&crate::auth::tokens::Issuer>) -> pb::LeaseResponse {
+    let task_credential = issuer.map(|issuer| pb::TaskCredential {
+        client_id: crate::auth::tokens::TASK_CLIENT_ID.to_owned(),
+        client_secret: issuer.task_key(&lease.id, lease.attempt),
+    });
     pb::LeaseResponse {
         event: Some(lease_response::Event::Leased(pb::LeasedAction {
             action_id: Some(action_id_to_proto(&lease.id)),
@@ -77,6 +90,7 @@ fn leased(lease: Lease) -> pb::LeaseResponse {
             attempt: lease.attempt,
             lease_deadline: Some(convert::timestamp_to_proto(lease.deadline)),
             output_uri: lease.output_uri,
+            task_credential,
         })),
     }
 }
@@ -120,7 +134,28 @@ impl ExecutorService for ExecutorApi {
         &self,
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<Self::LeaseStream>, Status> {
+        let request_extensions = request.extensions().clone();
         let request = convert::lease_request(request.into_inner(), self.lease_ttl)?;
+        crate::auth::authorize(
+            &request_extensions,
+            &crate::auth::Target::queue(&request.queue),
+        )?;
+        if let Some(authorized) = request_extensions.get::<crate::auth::Authorized>() {
+            if request.capacity > authorized.max_lease_capacity {
+                ::metrics::counter!(crate::metrics::names::LIMITED, "limit" => "lease_capacity")
+                    .increment(1);
+                tracing::warn!(
+                    principal = %authorized.principal.name,
+                    capacity = request.capacity,
+                    "lease capacity over the limit"
+                );
+                return Err(Status::resource_exhausted(format!(
+                    "capacity {} is over the limit of {} per lease stream (auth.limits.max_lease_capacity)",
+                    request.capacity, authorized.max_lease_capacity
+                )));
+            }
+        }
+        let issuer = self.task_credentials.clone();
         let span = info_span!(
             "lease",
             executor = %request.executor,
@@ -139,7 +174,7 @@ impl ExecutorService for ExecutorApi {
             match store.leases_of(&request.executor).instrument(span.clone()).await {
                 Ok(held) => {
                     for lease in held {
-                        yield Ok(leased(lease));
+                        yield Ok(leased(lease, issuer.as_deref()));
                     }
                 }
                 Err(err) => {
@@ -157,7 +192,7 @@ impl ExecutorService for ExecutorApi {
                             span.in_scope(|| {
                                 tracing::debug!(action = %lease.id, attempt = lease.attempt, "leased");
                             });
-                            yield Ok(leased(lease));
+                            yield Ok(leased(lease, issuer.as_deref()));
                         }
                     }
                     Err(err) => {
@@ -220,13 +255,21 @@ impl ExecutorService for ExecutorApi {
         let span = info_span!("rpc", method = "Finish", action = field::Empty);
         async {
             let _in_flight = self.writes.token();
+            let extensions = request.extensions().clone();
             let finish = convert::finish(request.into_inner())?;
             Span::current().record("action", field::display(&finish.id));
-            let events = self.store.execute(Command::Finish(finish)).await?;
-            if events > 0 {
-                self.waker.wake();
+            let id = finish.id.clone();
+            let result = async {
+                self.authorize_queue(&extensions, &finish.id).await?;
+                let events = self.store.execute(Command::Finish(finish)).await?;
+                if events > 0 {
+                    self.waker.wake();
+                }
+                Ok(Response::new(pb::FinishResponse {}))
             }
-            Ok(Response::new(pb::FinishResponse {}))
+            .await;
+            crate::auth::audit(&extensions, "Finish", &id, &result);
+            result
         }
         .instrument(span)
         .await
@@ -241,6 +284,7 @@ impl ExecutorService for ExecutorApi {
             let Some(logs) = &self.logs else {
                 return Err(Status::unimplemented("this daemon keeps no logs"));
             };
+            let extensions = request.extensions().clone();
             let request = request.into_inner();
             if request.executor_id.is_empty() {
                 return Err(Error::invalid("executor_id", "must not be empty").into());
@@ -253,6 +297,10 @@ impl ExecutorService for ExecutorApi {
             // Only the executor that holds (or last held) this attempt's
             // lease writes its log.
             let state = self.store.get_action(&id).await?.state;
+            crate::auth::authorize(
+                &extensions,
+                &crate::auth::Target::action(&id).with_queue(state.queue.as_deref()),
+            )?;
             if state.attempt != request.attempt
                 || state.lease_holder.as_deref() != Some(request.executor_id.as_str())
             {
@@ -269,6 +317,25 @@ impl ExecutorService for ExecutorApi {
         }
         .instrument(span)
         .await
+    }
+}
+
+impl ExecutorApi {
+    /// The scope check of a method that names an action: its queue must be
+    /// one of the caller's (looked up only when authentication is on).
+    async fn authorize_queue(
+        &self,
+        extensions: &http::Extensions,
+        id: &crate::domain::ActionId,
+    ) -> Result<(), Status> {
+        if crate::auth::principal(extensions).is_none() {
+            return Ok(());
+        }
+        let state = self.store.get_action(id).await?.state;
+        crate::auth::authorize(
+            extensions,
+            &crate::auth::Target::action(id).with_queue(state.queue.as_deref()),
+        )
     }
 }
 

@@ -27,6 +27,7 @@ use tracing::{field, info_span, Instrument, Span};
 use super::convert::{self, action_id_to_proto, decode_stored, timestamp_to_proto};
 use super::watch::MessageStream;
 use super::ActionsApi;
+use crate::auth;
 use crate::blob::{keys, Blobs, DownloadGrant, UploadGrant};
 use crate::domain::{
     output_uri, ActionFilter, ActionId, ActionKind, ActionRecord, Error, PageRequest, Phase,
@@ -74,6 +75,8 @@ pub struct FlyteApi {
     /// the Host the request came to, or the bound address.
     public_url: Option<String>,
     local_addr: SocketAddr,
+    /// The listener serves TLS: URLs made from the Host are `https`.
+    tls: bool,
     max_message_size: usize,
     shutdown: CancellationToken,
 }
@@ -81,6 +84,7 @@ pub struct FlyteApi {
 pub struct FlyteSettings {
     pub public_url: Option<String>,
     pub local_addr: SocketAddr,
+    pub tls: bool,
     pub max_message_size: usize,
 }
 
@@ -102,6 +106,7 @@ impl FlyteApi {
             logs,
             public_url: settings.public_url,
             local_addr: settings.local_addr,
+            tls: settings.tls,
             max_message_size: settings.max_message_size,
             shutdown,
         }
@@ -118,7 +123,8 @@ impl FlyteApi {
             .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
             .map(str::to_owned)
             .unwrap_or_else(|| self.local_addr.to_string());
-        format!("http://{host}")
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{host}")
     }
 
     /// The root action of `run`: `a0` for runs created here, else the
@@ -356,8 +362,19 @@ impl DataProxyService for FlyteApi {
         &self,
         request: Request<dp::CreateUploadLocationRequest>,
     ) -> Result<Response<dp::CreateUploadLocationResponse>, Status> {
-        async {
+        let extensions = request.extensions().clone();
+        let target = format!(
+            "{}/{}/{}",
+            request.get_ref().project,
+            request.get_ref().domain,
+            request.get_ref().filename
+        );
+        let result = async {
             let base = self.base_url(&request);
+            auth::authorize(
+                request.extensions(),
+                &auth::Target::project(&request.get_ref().project, &request.get_ref().domain),
+            )?;
             let r = request.into_inner();
             for (field, value) in [
                 ("project", &r.project),
@@ -424,7 +441,9 @@ impl DataProxyService for FlyteApi {
             }))
         }
         .instrument(span("CreateUploadLocation"))
-        .await
+        .await;
+        auth::audit(&extensions, "CreateUploadLocation", &target, &result);
+        result
     }
 
     async fn create_download_link(
@@ -433,6 +452,7 @@ impl DataProxyService for FlyteApi {
     ) -> Result<Response<dp::CreateDownloadLinkResponse>, Status> {
         async {
             let base = self.base_url(&request);
+            let extensions = request.extensions().clone();
             let r = request.into_inner();
             let artifact = dp::ArtifactType::try_from(r.artifact_type)
                 .ok()
@@ -453,6 +473,7 @@ impl DataProxyService for FlyteApi {
             let id =
                 convert::action_id("action_attempt_id.action_id", attempt_id.action_id.as_ref())?;
             Span::current().record("action", field::display(&id));
+            auth::authorize(&extensions, &auth::Target::action(&id))?;
             let record = self.store.get_action(&id).await?;
             let spec =
                 decode_stored::<actions_pb::Action>("spec", &id, &record.spec).unwrap_or_default();
@@ -529,14 +550,20 @@ impl DataProxyService for FlyteApi {
         &self,
         request: Request<dp::UploadInputsRequest>,
     ) -> Result<Response<dp::UploadInputsResponse>, Status> {
-        async {
+        let extensions = request.extensions().clone();
+        let result = async {
             let r = request.into_inner();
             let (org, project, domain) = match &r.id {
                 Some(dp::upload_inputs_request::Id::RunId(run)) => {
                     let run = convert::run_id("run_id", Some(run))?;
+                    auth::authorize(&extensions, &auth::Target::run(&run))?;
                     (run.org, run.project, run.domain)
                 }
-                Some(dp::upload_inputs_request::Id::ProjectId(p)) => project_scope(Some(p))?,
+                Some(dp::upload_inputs_request::Id::ProjectId(p)) => {
+                    let (org, project, domain) = project_scope(Some(p))?;
+                    auth::authorize(&extensions, &auth::Target::project(&project, &domain))?;
+                    (org, project, domain)
+                }
                 None => return Err(Error::invalid("id", "run_id or project_id is required").into()),
             };
             let offloaded = self
@@ -547,7 +574,9 @@ impl DataProxyService for FlyteApi {
             }))
         }
         .instrument(span("UploadInputs"))
-        .await
+        .await;
+        auth::audit(&extensions, "UploadInputs", &"inputs", &result);
+        result
     }
 
     async fn get_action_data(
@@ -557,6 +586,7 @@ impl DataProxyService for FlyteApi {
         async {
             let id = convert::action_id("action_id", request.get_ref().action_id.as_ref())?;
             Span::current().record("action", field::display(&id));
+            auth::authorize(request.extensions(), &auth::Target::action(&id))?;
             let record = self.store.get_action(&id).await?;
             let spec = decode_stored::<actions_pb::Action>("spec", &id, &record.spec);
             let inputs_uri = spec.map(|a| a.input_uri).unwrap_or_default();
@@ -595,8 +625,10 @@ impl DataProxyService for FlyteApi {
         &self,
         request: Request<dp::TailLogsRequest>,
     ) -> Result<Response<Self::TailLogsStream>, Status> {
+        let extensions = request.extensions().clone();
         let r = request.into_inner();
         let id = convert::action_id("action_id", r.action_id.as_ref())?;
+        auth::authorize(&extensions, &auth::Target::action(&id))?;
         let record = self.store.get_action(&id).await?;
         let attempt = if r.attempt == 0 {
             record.state.attempt.max(1)
@@ -655,7 +687,9 @@ impl RunService for FlyteApi {
         &self,
         request: Request<wf::CreateRunRequest>,
     ) -> Result<Response<wf::CreateRunResponse>, Status> {
-        async {
+        let extensions = request.extensions().clone();
+        let mut audited: Option<RunId> = None;
+        let result = async {
             let r = request.into_inner();
             let run = match &r.id {
                 Some(wf::create_run_request::Id::RunId(run)) => {
@@ -673,6 +707,8 @@ impl RunService for FlyteApi {
                 None => return Err(Error::invalid("id", "run_id or project_id is required").into()),
             };
             Span::current().record("action", field::display(&run));
+            auth::authorize(&extensions, &auth::Target::run(&run))?;
+            audited = Some(run.clone());
             let task_spec = match r.task {
                 Some(wf::create_run_request::Task::TaskSpec(spec)) => spec,
                 Some(wf::create_run_request::Task::TaskId(_)) => {
@@ -741,14 +777,22 @@ impl RunService for FlyteApi {
                 }),
                 run_spec: r.run_spec,
             };
-            ActionsService::enqueue(&self.actions, Request::new(enqueue)).await?;
+            ActionsService::enqueue(
+                &self.actions,
+                Request::from_parts(Default::default(), extensions.clone(), enqueue),
+            )
+            .await?;
             let record = self.store.get_action(&root).await?;
             Ok(Response::new(wf::CreateRunResponse {
                 run: Some(run_of(&action_details(&record, false))),
             }))
         }
         .instrument(span("CreateRun"))
-        .await
+        .await;
+        if let Some(run) = &audited {
+            auth::audit(&extensions, "CreateRun", run, &result);
+        }
+        result
     }
 
     async fn abort_run(
@@ -756,16 +800,22 @@ impl RunService for FlyteApi {
         request: Request<wf::AbortRunRequest>,
     ) -> Result<Response<wf::AbortRunResponse>, Status> {
         async {
+            let extensions = request.extensions().clone();
             let r = request.into_inner();
             let run = convert::run_id("run_id", r.run_id.as_ref())?;
             Span::current().record("action", field::display(&run));
+            auth::authorize(&extensions, &auth::Target::run(&run))?;
             let root = self.root(&run).await?;
             let abort = actions_pb::AbortRequest {
                 action_id: Some(action_id_to_proto(&root.state.id)),
                 reason: Some(r.reason.unwrap_or_else(|| "aborted by the user".to_owned())),
                 aborted_by: None,
             };
-            ActionsService::abort(&self.actions, Request::new(abort)).await?;
+            ActionsService::abort(
+                &self.actions,
+                Request::from_parts(Default::default(), extensions, abort),
+            )
+            .await?;
             Ok(Response::new(wf::AbortRunResponse {}))
         }
         .instrument(span("AbortRun"))
@@ -779,6 +829,7 @@ impl RunService for FlyteApi {
         async {
             let run = convert::run_id("run_id", request.get_ref().run_id.as_ref())?;
             Span::current().record("action", field::display(&run));
+            auth::authorize(request.extensions(), &auth::Target::run(&run))?;
             let root = self.root(&run).await?;
             let run_spec = self.store.run_spec(&run).await?;
             Ok(Response::new(wf::GetRunDetailsResponse {
@@ -799,6 +850,7 @@ impl RunService for FlyteApi {
         async {
             let id = convert::action_id("action_id", request.get_ref().action_id.as_ref())?;
             Span::current().record("action", field::display(&id));
+            auth::authorize(request.extensions(), &auth::Target::action(&id))?;
             let record = self.store.get_action(&id).await?;
             Ok(Response::new(wf::GetActionDetailsResponse {
                 details: Some(self.details(&record).await?),
@@ -813,6 +865,7 @@ impl RunService for FlyteApi {
         request: Request<wf::WatchActionDetailsRequest>,
     ) -> Result<Response<Self::WatchActionDetailsStream>, Status> {
         let id = convert::action_id("action_id", request.get_ref().action_id.as_ref())?;
+        auth::authorize(request.extensions(), &auth::Target::action(&id))?;
         // Subscribe before the first read, so no change is missed.
         let subscription = self.registry.subscribe(id.clone());
         let first = self.store.get_action(&id).await?;
@@ -860,6 +913,7 @@ impl RunService for FlyteApi {
         request: Request<wf::ListRunsRequest>,
     ) -> Result<Response<wf::ListRunsResponse>, Status> {
         async {
+            let extensions = request.extensions().clone();
             let r = request.into_inner();
             let list = r.request.unwrap_or_default();
             if !list.filters.is_empty() || !list.raw_filters.is_empty() {
@@ -889,6 +943,13 @@ impl RunService for FlyteApi {
                     ))
                 }
             };
+            auth::authorize(
+                &extensions,
+                &auth::Target::project(
+                    filter.project.as_deref().unwrap_or_default(),
+                    filter.domain.as_deref().unwrap_or_default(),
+                ),
+            )?;
             let limit = match list.limit as usize {
                 0 => DEFAULT_LIMIT,
                 n if n <= MAX_LIMIT => n,
@@ -995,6 +1056,7 @@ impl FlyteServices {
             FlyteSettings {
                 public_url: config.blobs.public_url.clone(),
                 local_addr,
+                tls: config.tls.is_some(),
                 max_message_size,
             },
             shutdown,

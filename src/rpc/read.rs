@@ -7,6 +7,7 @@ use tracing::{field, info_span, Instrument, Span};
 
 use super::convert::{self, decode_stored, timestamp_to_proto};
 use super::watch;
+use crate::auth;
 use crate::domain::{
     ActionFilter, ActionKind, ActionPosition, ActionRecord, ActionState, Error, HistoryEntry,
     PageRequest, Phase, RunFilter, RunPosition, RunRecord,
@@ -125,6 +126,14 @@ fn summary(record: &ActionRecord) -> read::ActionSummary {
         kind: kind_to_proto(record.kind).into(),
         lease_deadline: record.lease_deadline.map(timestamp_to_proto),
         abort_reason: record.abort_reason.clone().unwrap_or_default(),
+        aborted_by: record
+            .aborted_by
+            .as_ref()
+            .and_then(|b| decode_stored("aborted_by", &record.state.id, b)),
+        signalled_by: record
+            .signalled_by
+            .as_ref()
+            .and_then(|b| decode_stored("signalled_by", &record.state.id, b)),
         created_at: Some(timestamp_to_proto(record.created_at)),
         updated_at: Some(timestamp_to_proto(record.updated_at)),
         start_time: record.start_time.map(timestamp_to_proto),
@@ -188,6 +197,7 @@ impl ReadService for ReadApi {
         async {
             let id = convert::action_id("id", request.get_ref().id.as_ref())?;
             Span::current().record("action", field::display(&id));
+            auth::authorize(request.extensions(), &auth::Target::action(&id))?;
             let record = self.store.get_action(&id).await?;
             let spec = decode_stored::<actions::Action>("spec", &id, &record.spec);
             Ok(Response::new(read::GetActionResponse {
@@ -205,6 +215,12 @@ impl ReadService for ReadApi {
     ) -> Result<Response<read::ListActionsResponse>, Status> {
         async {
             let (filter, page) = list_actions_request(request.get_ref())?;
+            let target = filter
+                .run
+                .as_ref()
+                .map(auth::Target::run)
+                .unwrap_or_default();
+            auth::authorize(request.extensions(), &target)?;
             let page = self.store.list_actions(&filter, &page).await?;
             Ok(Response::new(read::ListActionsResponse {
                 actions: page.items.iter().map(summary).collect(),
@@ -220,6 +236,10 @@ impl ReadService for ReadApi {
         request: Request<read::ListRunsRequest>,
     ) -> Result<Response<read::ListRunsResponse>, Status> {
         async {
+            auth::authorize(
+                request.extensions(),
+                &auth::Target::project(&request.get_ref().project, &request.get_ref().domain),
+            )?;
             let request = request.get_ref();
             let filter = RunFilter {
                 org: optional(&request.org),
@@ -248,7 +268,9 @@ impl ReadService for ReadApi {
     ) -> Result<Response<read::DeleteRunResponse>, Status> {
         async {
             let run = convert::run_id("run_id", request.get_ref().run_id.as_ref())?;
-            let deleted = self.store.delete_run(&run).await?;
+            let result = self.store.delete_run(&run).await.map_err(Status::from);
+            auth::audit(request.extensions(), "DeleteRun", &run, &result);
+            let deleted = result?;
             crate::retention::record(deleted);
             tracing::info!(run = %run, actions = deleted.actions, "run deleted by request");
             Ok(Response::new(read::DeleteRunResponse {
@@ -267,6 +289,7 @@ impl ReadService for ReadApi {
         async {
             let id = convert::action_id("id", request.get_ref().id.as_ref())?;
             Span::current().record("action", field::display(&id));
+            auth::authorize(request.extensions(), &auth::Target::action(&id))?;
             let history = self.store.history(&id).await?;
             Ok(Response::new(read::GetHistoryResponse {
                 events: history.iter().map(history_event).collect(),
@@ -283,6 +306,7 @@ impl ReadService for ReadApi {
         async {
             let run = convert::run_id("run", request.get_ref().run.as_ref())?;
             Span::current().record("action", field::display(&run));
+            auth::authorize(request.extensions(), &auth::Target::run(&run))?;
             // Subscribe first: see `watch::snapshot_then_live`.
             let subscription = self.registry.subscribe_run(run.clone());
             let filter = ActionFilter {

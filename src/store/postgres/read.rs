@@ -20,7 +20,8 @@ macro_rules! record_columns {
     () => {
         concat!(
             state_columns!(),
-            ", spec, lease_deadline, abort_reason, created_at, updated_at,",
+            ", spec, lease_deadline, abort_reason, aborted_by, signalled_by,",
+            " created_at, updated_at,",
             " start_time, end_time, deadline"
         )
     };
@@ -32,7 +33,8 @@ macro_rules! listing_columns {
     () => {
         concat!(
             state_columns!(),
-            ", ''::bytea AS spec, lease_deadline, abort_reason, created_at, updated_at,",
+            ", ''::bytea AS spec, lease_deadline, abort_reason, aborted_by, signalled_by,",
+            " created_at, updated_at,",
             " start_time, end_time, deadline"
         )
     };
@@ -47,6 +49,14 @@ fn record_from_row(row: &PgRow) -> Result<ActionRecord, Error> {
         spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
         lease_deadline: time::get_opt(row, "lease_deadline")?,
         abort_reason: row.try_get("abort_reason").map_err(db_error)?,
+        aborted_by: row
+            .try_get::<Option<Vec<u8>>, _>("aborted_by")
+            .map_err(db_error)?
+            .map(Bytes::from),
+        signalled_by: row
+            .try_get::<Option<Vec<u8>>, _>("signalled_by")
+            .map_err(db_error)?
+            .map(Bytes::from),
         created_at: time::get(row, "created_at")?,
         updated_at: time::get(row, "updated_at")?,
         start_time: time::get_opt(row, "start_time")?,
