@@ -1,0 +1,309 @@
+//! The statements of a Postgres write transaction ([`CommandTx`]).
+
+use async_trait::async_trait;
+use sqlx::PgConnection;
+
+use super::{db_error, trip};
+use crate::domain::{
+    AbortAction, ActionId, Current, EnqueueAction, Error, FinishAction, Phase, RunId, RunSettings,
+    SignalAction, Transition, UpdateStatus,
+};
+use crate::store::apply::{CommandTx, Stored};
+use crate::store::rows::{terminal_phases, BindId, CurrentRow, ParentRow, StoredRow};
+
+/// A transaction's connection.
+pub(super) struct PgTx<'c> {
+    pub conn: &'c mut PgConnection,
+}
+
+#[async_trait]
+impl CommandTx for PgTx<'_> {
+    async fn stored(&mut self, id: &ActionId) -> Result<Option<Stored>, Error> {
+        trip();
+        let row: Option<StoredRow> = sqlx::query_as(
+            "SELECT a.spec, r.run_spec, r.root_name = a.name AS is_root FROM actions a JOIN runs r \
+               ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+             WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4 AND a.name = $5",
+        )
+        .bind_id(id)
+        .fetch_optional(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        Ok(row.map(|row| Stored {
+            spec: row.spec,
+            run_spec: row.run_spec,
+            is_root: row.is_root,
+        }))
+    }
+
+    async fn insert_run(&mut self, id: &ActionId, run: &RunSettings) -> Result<bool, Error> {
+        trip();
+        let inserted = sqlx::query(
+            "INSERT INTO runs (org, project, domain, name, root_name, run_spec, queue, max_action_concurrency) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT ON CONSTRAINT runs_pkey DO NOTHING",
+        )
+        .bind_id(id)
+        .bind(run.run_spec.as_ref())
+        .bind(&run.queue)
+        .bind(i32::try_from(run.max_action_concurrency).unwrap_or(i32::MAX))
+        .execute(&mut *self.conn)
+        .await
+        .map_err(db_error)?
+        .rows_affected();
+        Ok(inserted > 0)
+    }
+
+    async fn run_root(&mut self, run: &RunId) -> Result<String, Error> {
+        trip();
+        sqlx::query_scalar(
+            "SELECT root_name FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4",
+        )
+        .bind(&run.org)
+        .bind(&run.project)
+        .bind(&run.domain)
+        .bind(&run.name)
+        .fetch_one(&mut *self.conn)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn lock_parent(
+        &mut self,
+        id: &ActionId,
+        parent: &str,
+    ) -> Result<Option<(Phase, Option<String>)>, Error> {
+        trip();
+        // FOR SHARE: an Abort of the parent waits for this insert to
+        // commit, then its cascade sees the new child.
+        let row: Option<ParentRow> = sqlx::query_as(
+            "SELECT a.phase, r.queue FROM actions a JOIN runs r \
+               ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+             WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4 AND a.name = $5 \
+             FOR SHARE OF a",
+        )
+        .bind(&id.run.org)
+        .bind(&id.run.project)
+        .bind(&id.run.domain)
+        .bind(&id.run.name)
+        .bind(parent)
+        .fetch_optional(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        Ok(row.map(|row| (row.phase, row.queue)))
+    }
+
+    async fn insert_action(
+        &mut self,
+        action: &EnqueueAction,
+        queue: Option<&str>,
+    ) -> Result<bool, Error> {
+        trip();
+        let timeout_secs = action.condition_timeout.map(|t| t.as_secs_f64());
+        let inserted = sqlx::query(concat!(
+            "WITH changed AS (",
+            " INSERT INTO actions (org, project, domain, run_name, name, parent_name, kind, phase, spec, queue,",
+            "   output_uri, condition_type, deadline, run_output_base)",
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now() + make_interval(secs => $13), $14)",
+            " ON CONFLICT ON CONSTRAINT actions_pkey DO NOTHING",
+            " RETURNING ",
+            state_columns!(),
+            ")",
+            insert_events_from_changed!()
+        ))
+        .bind_id(&action.id)
+        .bind(&action.parent)
+        .bind(action.kind)
+        .bind(action.phase)
+        .bind(action.spec.as_ref())
+        .bind(queue)
+        .bind(&action.output_uri)
+        .bind(action.condition_type)
+        .bind(timeout_secs)
+        .bind(&action.run_output_base)
+        .execute(&mut *self.conn)
+        .await
+        .map_err(db_error)?
+        .rows_affected();
+        Ok(inserted > 0)
+    }
+
+    async fn lock_current(&mut self, id: &ActionId) -> Result<Option<Current>, Error> {
+        trip();
+        let row: Option<CurrentRow> = sqlx::query_as(
+            "SELECT kind, phase, attempt, parent_name, condition_type, value, lease_holder, \
+                    run_output_base, address FROM actions \
+             WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5 FOR UPDATE",
+        )
+        .bind_id(id)
+        .fetch_optional(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        row.map(CurrentRow::into_current).transpose()
+    }
+
+    async fn write_update(&mut self, update: &UpdateStatus, next: Transition) -> Result<(), Error> {
+        trip();
+        sqlx::query(concat!(
+            "WITH changed AS (",
+            " UPDATE actions SET phase = $6, attempt = $7, version = version + 1, updated_at = now(),",
+            "   start_time = COALESCE($8, start_time),",
+            "   end_time = CASE WHEN $9 THEN COALESCE($10, end_time, now()) ELSE end_time END,",
+            "   address = COALESCE($11, address)",
+            " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5",
+            " RETURNING ",
+            state_columns!(),
+            ")",
+            insert_events_from_changed!()
+        ))
+        .bind_id(&update.id)
+        .bind(next.phase)
+        .bind(i64::from(next.attempt))
+        .bind(update.start_time)
+        .bind(next.phase.is_terminal())
+        .bind(update.end_time)
+        .bind(update.address.as_deref())
+        .execute(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn abort_subtree(&mut self, abort: &AbortAction) -> Result<usize, Error> {
+        // Walks the whole subtree (terminal actions keep their phase, but
+        // their descendants are still aborted). Repeated until nothing
+        // changes: a child inserted by a concurrent Enqueue that committed
+        // while this statement waited for its lock is picked up by the
+        // next round.
+        let cascade = format!(
+            concat!(
+                "WITH RECURSIVE subtree(name) AS (",
+                "  SELECT $5::text",
+                "  UNION SELECT a.name FROM actions a JOIN subtree s ON a.parent_name = s.name",
+                "  WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4",
+                "), changed AS (",
+                "  UPDATE actions a SET phase = $9, version = a.version + 1, updated_at = now(),",
+                "    end_time = now(), abort_reason = $6, aborted_by = $7, error = $8",
+                "  FROM subtree s",
+                "  WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4",
+                "    AND a.name = s.name AND a.phase NOT IN {terminal}",
+                "  RETURNING a.org, a.project, a.domain, a.run_name, a.name, a.parent_name, a.version,",
+                "    a.phase, a.attempt, a.output_uri, a.error, a.value, a.queue, a.lease_holder,",
+                "    a.kind, a.run_output_base, a.address",
+                ")",
+                insert_events_from_changed!()
+            ),
+            terminal = terminal_phases()
+        );
+        let mut total = 0usize;
+        loop {
+            trip();
+            let changed = sqlx::query(&cascade)
+                .bind_id(&abort.id)
+                .bind(&abort.reason)
+                .bind(abort.aborted_by.as_deref())
+                .bind(abort.error.as_ref())
+                .bind(Phase::Aborted)
+                .execute(&mut *self.conn)
+                .await
+                .map_err(db_error)?
+                .rows_affected();
+            if changed == 0 {
+                break;
+            }
+            total += usize::try_from(changed).unwrap_or(usize::MAX);
+        }
+        Ok(total)
+    }
+
+    async fn write_signal(&mut self, signal: &SignalAction) -> Result<(), Error> {
+        trip();
+        sqlx::query(concat!(
+            "WITH changed AS (",
+            " UPDATE actions SET phase = $8, value = $6, signalled_by = $7, version = version + 1,",
+            "   updated_at = now(), end_time = now()",
+            " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5",
+            " RETURNING ",
+            state_columns!(),
+            ")",
+            insert_events_from_changed!()
+        ))
+        .bind_id(&signal.id)
+        .bind(signal.value.literal.as_ref())
+        .bind(signal.signalled_by.as_deref())
+        .bind(Phase::Succeeded)
+        .execute(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn write_retry(&mut self, finish: &FinishAction) -> Result<(), Error> {
+        trip();
+        sqlx::query(concat!(
+            "WITH changed AS (",
+            " UPDATE actions SET phase = $7, attempt = attempt + 1, error = $6,",
+            "   lease_holder = NULL, lease_deadline = NULL,",
+            "   version = version + 1, updated_at = now()",
+            " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5",
+            " RETURNING ",
+            state_columns!(),
+            ")",
+            insert_events_from_changed!()
+        ))
+        .bind_id(&finish.id)
+        .bind(finish.error.as_deref())
+        .bind(Phase::Queued)
+        .execute(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn write_finish(&mut self, finish: &FinishAction, output_uri: &str) -> Result<(), Error> {
+        trip();
+        sqlx::query(concat!(
+            "WITH changed AS (",
+            " UPDATE actions SET phase = $6, output_uri = $7, error = $8, lease_deadline = NULL,",
+            "   end_time = now(), version = version + 1, updated_at = now()",
+            " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5",
+            " RETURNING ",
+            state_columns!(),
+            ")",
+            insert_events_from_changed!()
+        ))
+        .bind_id(&finish.id)
+        .bind(finish.phase)
+        .bind(output_uri)
+        .bind(finish.error.as_deref())
+        .execute(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn savepoint(&mut self, first: bool) -> Result<(), Error> {
+        trip();
+        // One round trip: release the previous command's savepoint (its
+        // changes stay in the transaction) and take this one's.
+        let savepoint = if first {
+            "SAVEPOINT command"
+        } else {
+            "RELEASE SAVEPOINT command; SAVEPOINT command"
+        };
+        sqlx::Executor::execute(&mut *self.conn, sqlx::raw_sql(savepoint))
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> Result<(), Error> {
+        trip();
+        sqlx::Executor::execute(
+            &mut *self.conn,
+            sqlx::raw_sql("ROLLBACK TO SAVEPOINT command"),
+        )
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+}

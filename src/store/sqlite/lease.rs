@@ -1,0 +1,192 @@
+//! The statements of SQLite claims and heartbeats ([`LeaseTx`]). The
+//! transaction holds the write lock: claimers take turns, so candidates and
+//! runs need no row locks.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{FromRow, Row};
+
+use super::tx::SqliteTx;
+use super::{db_error, micros, time_from_micros, trip};
+use crate::domain::{output_uri, ActionId, ActionKind, ClaimRequest, Error, Lease, Phase, RunId};
+use crate::store::lease::{Candidate, LeaseTx, Released};
+use crate::store::rows::{attempt_from_db, queued_task, terminal_phases, BindId, IdRow};
+
+#[async_trait]
+impl LeaseTx for SqliteTx<'_> {
+    type Position = (i64, ActionId);
+
+    async fn held(&mut self, executor: &str, count_waiting: bool) -> Result<(i64, i64), Error> {
+        trip();
+        sqlx::query_as(&format!(
+            "SELECT count(*), coalesce(sum(?2 AND EXISTS ( \
+               SELECT 1 FROM actions c \
+               WHERE c.org = a.org AND c.project = a.project AND c.domain = a.domain \
+                 AND c.run_name = a.run_name AND c.parent_name = a.name \
+                 AND c.phase NOT IN {terminal})), 0) \
+             FROM actions a WHERE a.lease_holder = ?1 AND a.lease_deadline IS NOT NULL \
+             AND a.phase NOT IN {terminal}",
+            terminal = terminal_phases()
+        ))
+        .bind(executor)
+        .bind(count_waiting)
+        .fetch_one(&mut *self.conn)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn candidates(
+        &mut self,
+        queue: &str,
+        after: Option<&Self::Position>,
+        limit: usize,
+    ) -> Result<Vec<Candidate<Self::Position>>, Error> {
+        trip();
+        let (after_time, after_id) = (after.map(|(t, _)| *t), after.map(|(_, id)| id));
+        let rows = sqlx::query(&format!(
+            "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.created_at, \
+                    r.max_action_concurrency \
+             FROM actions a JOIN runs r \
+               ON r.org = a.org AND r.project = a.project AND r.domain = a.domain \
+              AND r.name = a.run_name \
+             WHERE a.queue = ?1 AND {queued} \
+               AND (?3 IS NULL \
+                    OR (a.created_at, a.org, a.project, a.domain, a.run_name, a.name) \
+                       > (?3, ?4, ?5, ?6, ?7, ?8)) \
+             ORDER BY a.created_at, a.org, a.project, a.domain, a.run_name, a.name \
+             LIMIT ?2",
+            queued = queued_task("a.")
+        ))
+        .bind(queue)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(after_time)
+        .bind(after_id.map(|id| id.run.org.as_str()))
+        .bind(after_id.map(|id| id.run.project.as_str()))
+        .bind(after_id.map(|id| id.run.domain.as_str()))
+        .bind(after_id.map(|id| id.run.name.as_str()))
+        .bind(after_id.map(|id| id.name.as_str()))
+        .fetch_all(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                let id = IdRow::from_row(row).map_err(db_error)?.into_id();
+                Ok(Candidate {
+                    position: (row.try_get("created_at").map_err(db_error)?, id.clone()),
+                    id,
+                    limit: row.try_get("max_action_concurrency").map_err(db_error)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn run_leases(&mut self, run: &RunId) -> Result<i64, Error> {
+        trip();
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM actions \
+             WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 \
+               AND lease_deadline IS NOT NULL AND phase NOT IN {}",
+            terminal_phases()
+        ))
+        .bind(&run.org)
+        .bind(&run.project)
+        .bind(&run.domain)
+        .bind(&run.name)
+        .fetch_one(&mut *self.conn)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn lease(
+        &mut self,
+        ids: &[ActionId],
+        request: &ClaimRequest,
+    ) -> Result<Vec<Lease>, Error> {
+        let deadline = self.now.saturating_add(micros(request.lease_ttl));
+        let mut leases = Vec::with_capacity(ids.len());
+        for id in ids {
+            trip();
+            let row = sqlx::query(
+                "UPDATE actions SET phase = ?9, lease_holder = ?6, lease_deadline = ?7, \
+                   version = version + 1, updated_at = ?8 \
+                 WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5 \
+                 RETURNING org, project, domain, run_name, name, spec, attempt, lease_deadline, \
+                   run_output_base, \
+                   (SELECT run_spec FROM runs r WHERE r.org = actions.org \
+                      AND r.project = actions.project AND r.domain = actions.domain \
+                      AND r.name = actions.run_name) AS run_spec",
+            )
+            .bind_id(id)
+            .bind(&request.executor)
+            .bind(deadline)
+            .bind(self.now)
+            .bind(Phase::Initializing)
+            .fetch_one(&mut *self.conn)
+            .await
+            .map_err(db_error)?;
+            leases.push(lease_from_row(&row)?);
+            self.append_event(id).await?;
+        }
+        Ok(leases)
+    }
+
+    async fn release_ended(&mut self, executor: &str) -> Result<Vec<Released>, Error> {
+        trip();
+        let rows = sqlx::query(&format!(
+            "UPDATE actions SET lease_deadline = NULL \
+             WHERE lease_holder = ?1 AND lease_deadline IS NOT NULL AND phase IN {} \
+             RETURNING org, project, domain, run_name, name, attempt, phase, abort_reason",
+            terminal_phases()
+        ))
+        .bind(executor)
+        .fetch_all(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                Ok(Released {
+                    id: IdRow::from_row(row).map_err(db_error)?.into_id(),
+                    attempt: attempt_from_db(row.try_get("attempt").map_err(db_error)?)?,
+                    phase: row.try_get("phase").map_err(db_error)?,
+                    abort_reason: row.try_get("abort_reason").map_err(db_error)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn extend(&mut self, executor: &str, ttl: Duration) -> Result<DateTime<Utc>, Error> {
+        trip();
+        let deadline = self.now.saturating_add(micros(ttl));
+        sqlx::query(&format!(
+            "UPDATE actions SET lease_deadline = ?2 \
+             WHERE lease_holder = ?1 AND lease_deadline IS NOT NULL AND phase NOT IN {}",
+            terminal_phases()
+        ))
+        .bind(executor)
+        .bind(deadline)
+        .execute(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        time_from_micros(deadline)
+    }
+}
+
+/// A lease from a row with the action's key columns, `spec`, `attempt`,
+/// `lease_deadline`, `run_output_base` and the run's `run_spec`.
+pub(super) fn lease_from_row(row: &SqliteRow) -> Result<Lease, Error> {
+    let id = IdRow::from_row(row).map_err(db_error)?.into_id();
+    let attempt = attempt_from_db(row.try_get("attempt").map_err(db_error)?)?;
+    let base: String = row.try_get("run_output_base").map_err(db_error)?;
+    Ok(Lease {
+        output_uri: output_uri(ActionKind::Task, "", &base, &id.name, attempt),
+        id,
+        spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
+        run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
+        attempt,
+        deadline: time_from_micros(row.try_get("lease_deadline").map_err(db_error)?)?,
+    })
+}
