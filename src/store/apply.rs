@@ -94,6 +94,23 @@ pub(crate) trait CommandTx: Send {
     /// Ends the attempt in `finish.phase` with its outputs at `output_uri`.
     async fn write_finish(&mut self, finish: &FinishAction, output_uri: &str) -> Result<(), Error>;
 
+    /// Reads, and locks, what the commands of a batch will ask for, in a
+    /// few statements for the whole batch; later calls for them are
+    /// answered from what was read. A backend without it reads each when
+    /// asked.
+    async fn prefetch(&mut self, _commands: &[Command]) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// Whether each command of a batch runs within a savepoint. Without
+    /// savepoints a statement that fails fails the transaction, and the
+    /// batch is applied again one command per transaction; a rule's
+    /// refusal needs no savepoint, since every command decides before it
+    /// writes.
+    fn savepoints(&self) -> bool {
+        true
+    }
+
     /// Starts a command's savepoint (releasing the previous one's).
     async fn savepoint(&mut self, first: bool) -> Result<(), Error>;
 
@@ -200,10 +217,14 @@ async fn finish(tx: &mut impl CommandTx, finish: &FinishAction) -> Result<Applie
 }
 
 /// Applies a batch in the caller's transaction. A lone command runs as is
-/// (its failure fails the transaction); in a larger batch each command runs
-/// within a savepoint, so a command that fails is undone and reports its
-/// error while the others stay. `Err` when the transaction as a whole
-/// failed: a conflict ([`Error::Conflict`]) or a failing savepoint.
+/// (its failure fails the transaction). In a larger batch a command a rule
+/// refuses reports its error while the others stay: every command decides
+/// before it writes, so a refusal leaves nothing to undo. A statement that
+/// fails is undone by the command's savepoint where the backend takes them
+/// ([`CommandTx::savepoints`]); otherwise the batch fails with
+/// [`Error::Conflict`], to be applied again one command per transaction.
+/// `Err` when the transaction as a whole failed (nothing is committed): a
+/// conflict, or the store failing.
 pub(crate) async fn apply_batch(
     tx: &mut impl CommandTx,
     commands: &[Command],
@@ -214,18 +235,39 @@ pub(crate) async fn apply_batch(
             result => Ok(vec![result]),
         };
     }
+    tx.prefetch(commands).await?;
+    let savepoints = tx.savepoints();
     let mut results = Vec::with_capacity(commands.len());
     for (index, command) in commands.iter().enumerate() {
-        tx.savepoint(index == 0).await?;
+        if savepoints {
+            tx.savepoint(index == 0).await?;
+        }
         let result = apply(tx, command).await;
         match &result {
             Err(Error::Conflict) => return Err(Error::Conflict),
-            Err(_) => tx.rollback_to_savepoint().await?,
-            Ok(_) => {}
+            Err(err) if savepoints || !is_refusal(err) => {
+                if !savepoints {
+                    return Err(match err {
+                        Error::Unavailable(_) => err.clone(),
+                        _ => Error::Conflict,
+                    });
+                }
+                tx.rollback_to_savepoint().await?;
+            }
+            _ => {}
         }
         results.push(result);
     }
     Ok(results)
+}
+
+/// Whether `err` is a rule's refusal (decided before the command wrote),
+/// not a failure of the store.
+fn is_refusal(err: &Error) -> bool {
+    !matches!(
+        err,
+        Error::Internal(_) | Error::Unavailable(_) | Error::Conflict | Error::ResourceExhausted(_)
+    )
 }
 
 /// Whether a batch's transaction is committed: when some command wrote or

@@ -391,7 +391,7 @@ impl Store for PgStore {
         bounded(self.timeout, async move {
             trip();
             let mut conn = self.pool.begin().await.map_err(db_error)?;
-            let leases = super::lease::claim(&mut tx::PgTx { conn: &mut conn }, request).await?;
+            let leases = super::lease::claim(&mut tx::PgTx::new(&mut conn), request).await?;
             trip();
             conn.commit().await.map_err(db_error)?;
             Ok(leases)
@@ -425,7 +425,7 @@ impl Store for PgStore {
             trip();
             let mut conn = self.pool.begin().await.map_err(db_error)?;
             let outcome =
-                super::lease::heartbeat(&mut tx::PgTx { conn: &mut conn }, executor, ttl).await?;
+                super::lease::heartbeat(&mut tx::PgTx::new(&mut conn), executor, ttl).await?;
             trip();
             conn.commit().await.map_err(db_error)?;
             Ok(outcome)
@@ -693,7 +693,7 @@ async fn transaction(
 ) -> Result<Vec<Result<usize, Error>>, Error> {
     trip();
     let mut conn = pool.begin().await.map_err(db_error)?;
-    let applied = apply::apply_batch(&mut tx::PgTx { conn: &mut conn }, commands).await?;
+    let applied = apply::apply_batch(&mut tx::PgTx::new(&mut conn), commands).await?;
     trip();
     if apply::worth_committing(&applied) {
         conn.commit().await.map_err(db_error)?;

@@ -1,24 +1,225 @@
 //! The statements of a Postgres write transaction ([`CommandTx`]).
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use sqlx::PgConnection;
 
 use super::{db_error, trip};
 use crate::domain::{
-    AbortAction, ActionId, Current, EnqueueAction, Error, FinishAction, Phase, RunId, RunSettings,
-    SignalAction, Transition, UpdateStatus,
+    AbortAction, ActionId, Command, Current, EnqueueAction, Error, FinishAction, Phase, RunId,
+    RunSettings, SignalAction, Transition, UpdateStatus,
 };
 use crate::store::apply::{CommandTx, Stored};
-use crate::store::rows::{terminal_phases, BindId, CurrentRow, ParentRow, StoredRow};
+use crate::store::rows::{terminal_phases, BindId, CurrentRow, IdRow, ParentRow, StoredRow};
 
-/// A transaction's connection.
+/// A transaction's connection, with what [`CommandTx::prefetch`] read for
+/// its batch.
 pub(super) struct PgTx<'c> {
     pub conn: &'c mut PgConnection,
+    read: Prefetched,
+}
+
+/// Rows read for a batch, by action. An entry holds `None` when the action
+/// does not exist. Entries of an action the batch writes are dropped, so
+/// what the next command reads is the row as written.
+#[derive(Default)]
+struct Prefetched {
+    stored: HashMap<ActionId, Option<Stored>>,
+    parents: HashMap<ActionId, Option<(Phase, Option<String>)>>,
+    current: HashMap<ActionId, Option<Current>>,
+}
+
+impl<'c> PgTx<'c> {
+    pub fn new(conn: &'c mut PgConnection) -> Self {
+        Self {
+            conn,
+            read: Prefetched::default(),
+        }
+    }
+
+    /// Drops what was read of `id` once the batch writes it.
+    fn forget(&mut self, id: &ActionId) {
+        self.read.stored.remove(id);
+        self.read.parents.remove(id);
+        self.read.current.remove(id);
+    }
+}
+
+/// The key columns of `ids` as five arrays, for `unnest`.
+fn key_arrays(ids: &[&ActionId]) -> [Vec<String>; 5] {
+    let column = |get: fn(&ActionId) -> &String| ids.iter().map(|id| get(id).clone()).collect();
+    [
+        column(|id| &id.run.org),
+        column(|id| &id.run.project),
+        column(|id| &id.run.domain),
+        column(|id| &id.run.name),
+        column(|id| &id.name),
+    ]
+}
+
+/// Selects from `actions a` (joined with its run `r`) the rows of the keys
+/// bound as `$1..$5` arrays.
+macro_rules! of_keys {
+    () => {
+        " FROM actions a JOIN runs r \
+            ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+          WHERE (a.org, a.project, a.domain, a.run_name, a.name) IN ( \
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])) \
+          ORDER BY a.org, a.project, a.domain, a.run_name, a.name"
+    };
+}
+
+impl PgTx<'_> {
+    /// The stored content of `ids`, in one statement.
+    async fn prefetch_stored(&mut self, ids: &[&ActionId]) -> Result<(), Error> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            id: IdRow,
+            #[sqlx(flatten)]
+            stored: StoredRow,
+        }
+        trip();
+        let [org, project, domain, run, name] = key_arrays(ids);
+        let rows: Vec<Row> = sqlx::query_as(concat!(
+            "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.spec, r.run_spec,",
+            " r.root_name = a.name AS is_root",
+            of_keys!()
+        ))
+        .bind(org)
+        .bind(project)
+        .bind(domain)
+        .bind(run)
+        .bind(name)
+        .fetch_all(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        for id in ids {
+            self.read.stored.insert((*id).clone(), None);
+        }
+        for row in rows {
+            let stored = Stored {
+                spec: row.stored.spec,
+                run_spec: row.stored.run_spec,
+                is_root: row.stored.is_root,
+            };
+            self.read.stored.insert(row.id.into_id(), Some(stored));
+        }
+        Ok(())
+    }
+
+    /// Parents' phases and run queues, `FOR SHARE`, in one statement.
+    async fn prefetch_parents(&mut self, ids: &[&ActionId]) -> Result<(), Error> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            id: IdRow,
+            #[sqlx(flatten)]
+            parent: ParentRow,
+        }
+        trip();
+        let [org, project, domain, run, name] = key_arrays(ids);
+        let rows: Vec<Row> = sqlx::query_as(concat!(
+            "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.phase, r.queue",
+            of_keys!(),
+            " FOR SHARE OF a"
+        ))
+        .bind(org)
+        .bind(project)
+        .bind(domain)
+        .bind(run)
+        .bind(name)
+        .fetch_all(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        for id in ids {
+            self.read.parents.insert((*id).clone(), None);
+        }
+        for row in rows {
+            let parent = (row.parent.phase, row.parent.queue);
+            self.read.parents.insert(row.id.into_id(), Some(parent));
+        }
+        Ok(())
+    }
+
+    /// The rows the rules read, `FOR UPDATE`, in one statement.
+    async fn prefetch_current(&mut self, ids: &[&ActionId]) -> Result<(), Error> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            id: IdRow,
+            #[sqlx(flatten)]
+            current: CurrentRow,
+        }
+        trip();
+        let [org, project, domain, run, name] = key_arrays(ids);
+        let rows: Vec<Row> = sqlx::query_as(concat!(
+            "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.kind, a.phase, a.attempt,",
+            " a.parent_name, a.condition_type, a.value, a.lease_holder, a.run_output_base, a.address",
+            of_keys!(),
+            " FOR UPDATE OF a"
+        ))
+        .bind(org)
+        .bind(project)
+        .bind(domain)
+        .bind(run)
+        .bind(name)
+        .fetch_all(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        for id in ids {
+            self.read.current.insert((*id).clone(), None);
+        }
+        for row in rows {
+            let current = row.current.into_current()?;
+            self.read.current.insert(row.id.into_id(), Some(current));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl CommandTx for PgTx<'_> {
+    async fn prefetch(&mut self, commands: &[Command]) -> Result<(), Error> {
+        let mut enqueued = Vec::new();
+        let mut parents = Vec::new();
+        let mut changed = Vec::new();
+        for command in commands {
+            match command {
+                Command::Enqueue(action) => {
+                    enqueued.push(&action.id);
+                    if let Some(parent) = &action.parent {
+                        parents.push(action.id.sibling(parent.clone()));
+                    }
+                }
+                other => changed.push(other.action_id()),
+            }
+        }
+        // Distinct, in key order, so batches lock rows in one order.
+        parents.sort_by_key(ToString::to_string);
+        parents.dedup();
+        if !enqueued.is_empty() {
+            self.prefetch_stored(&enqueued).await?;
+        }
+        if !parents.is_empty() {
+            let parents: Vec<&ActionId> = parents.iter().collect();
+            self.prefetch_parents(&parents).await?;
+        }
+        if !changed.is_empty() {
+            self.prefetch_current(&changed).await?;
+        }
+        Ok(())
+    }
+
+    fn savepoints(&self) -> bool {
+        false
+    }
+
     async fn stored(&mut self, id: &ActionId) -> Result<Option<Stored>, Error> {
+        if let Some(stored) = self.read.stored.get(id) {
+            return Ok(stored.clone());
+        }
         trip();
         let row: Option<StoredRow> = sqlx::query_as(
             "SELECT a.spec, r.run_spec, r.root_name = a.name AS is_root FROM actions a JOIN runs r \
@@ -72,6 +273,9 @@ impl CommandTx for PgTx<'_> {
         id: &ActionId,
         parent: &str,
     ) -> Result<Option<(Phase, Option<String>)>, Error> {
+        if let Some(found) = self.read.parents.get(&id.sibling(parent.to_owned())) {
+            return Ok(found.clone());
+        }
         trip();
         // FOR SHARE: an Abort of the parent waits for this insert to
         // commit, then its cascade sees the new child.
@@ -97,6 +301,7 @@ impl CommandTx for PgTx<'_> {
         action: &EnqueueAction,
         queue: Option<&str>,
     ) -> Result<bool, Error> {
+        self.forget(&action.id);
         trip();
         let timeout_secs = action.condition_timeout.map(|t| t.as_secs_f64());
         let inserted = sqlx::query(concat!(
@@ -128,6 +333,9 @@ impl CommandTx for PgTx<'_> {
     }
 
     async fn lock_current(&mut self, id: &ActionId) -> Result<Option<Current>, Error> {
+        if let Some(current) = self.read.current.get(id) {
+            return Ok(current.clone());
+        }
         trip();
         let row: Option<CurrentRow> = sqlx::query_as(
             "SELECT kind, phase, attempt, parent_name, condition_type, value, lease_holder, \
@@ -142,6 +350,7 @@ impl CommandTx for PgTx<'_> {
     }
 
     async fn write_update(&mut self, update: &UpdateStatus, next: Transition) -> Result<(), Error> {
+        self.forget(&update.id);
         trip();
         sqlx::query(concat!(
             "WITH changed AS (",
@@ -194,6 +403,8 @@ impl CommandTx for PgTx<'_> {
             ),
             terminal = terminal_phases()
         );
+        // The cascade changes rows the batch may have read.
+        self.read = Prefetched::default();
         let mut total = 0usize;
         loop {
             trip();
@@ -216,6 +427,7 @@ impl CommandTx for PgTx<'_> {
     }
 
     async fn write_signal(&mut self, signal: &SignalAction) -> Result<(), Error> {
+        self.forget(&signal.id);
         trip();
         sqlx::query(concat!(
             "WITH changed AS (",
@@ -238,6 +450,7 @@ impl CommandTx for PgTx<'_> {
     }
 
     async fn write_retry(&mut self, finish: &FinishAction) -> Result<(), Error> {
+        self.forget(&finish.id);
         trip();
         sqlx::query(concat!(
             "WITH changed AS (",
