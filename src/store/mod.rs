@@ -177,6 +177,7 @@ mod commit;
 #[cfg(test)]
 mod conformance;
 mod rows;
+mod sql;
 pub use commit::GroupCommit;
 
 /// Compares the migrations a database has applied with those built in:

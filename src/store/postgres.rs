@@ -544,13 +544,10 @@ impl Store for PgStore {
                 oldest: row.get::<DateTime<Utc>, _>(2),
             });
         }
-        let leases_held: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM actions \
-             WHERE lease_deadline IS NOT NULL AND phase NOT IN {TERMINAL_PHASES}"
-        ))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db_error)?;
+        let leases_held: i64 = sqlx::query_scalar(&super::sql::leases_held())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)?;
         Ok(super::QueueStats {
             queues,
             leases_held,

@@ -567,13 +567,10 @@ impl Store for SqliteStore {
                 oldest: time_from_micros(row.get::<i64, _>(2))?,
             });
         }
-        let leases_held: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM actions \
-             WHERE lease_deadline IS NOT NULL AND phase NOT IN {TERMINAL_PHASES}"
-        ))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db_error)?;
+        let leases_held: i64 = sqlx::query_scalar(&super::sql::leases_held())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)?;
         Ok(super::QueueStats {
             queues,
             leases_held,

@@ -12,6 +12,7 @@ use crate::domain::{
 };
 use crate::store::apply::{CommandTx, Stored};
 use crate::store::rows::{terminal_phases, BindId, CurrentRow, IdRow, ParentRow, StoredRow};
+use crate::store::sql;
 
 /// A transaction's connection, with what [`CommandTx::prefetch`] read for
 /// its batch.
@@ -221,15 +222,11 @@ impl CommandTx for PgTx<'_> {
             return Ok(stored.clone());
         }
         trip();
-        let row: Option<StoredRow> = sqlx::query_as(
-            "SELECT a.spec, r.run_spec, r.root_name = a.name AS is_root FROM actions a JOIN runs r \
-               ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
-             WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4 AND a.name = $5",
-        )
-        .bind_id(id)
-        .fetch_optional(&mut *self.conn)
-        .await
-        .map_err(db_error)?;
+        let row: Option<StoredRow> = sqlx::query_as(sql::STORED)
+            .bind_id(id)
+            .fetch_optional(&mut *self.conn)
+            .await
+            .map_err(db_error)?;
         Ok(row.map(|row| Stored {
             spec: row.spec,
             run_spec: row.run_spec,
@@ -256,16 +253,14 @@ impl CommandTx for PgTx<'_> {
 
     async fn run_root(&mut self, run: &RunId) -> Result<String, Error> {
         trip();
-        sqlx::query_scalar(
-            "SELECT root_name FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4",
-        )
-        .bind(&run.org)
-        .bind(&run.project)
-        .bind(&run.domain)
-        .bind(&run.name)
-        .fetch_one(&mut *self.conn)
-        .await
-        .map_err(db_error)
+        sqlx::query_scalar(sql::RUN_ROOT)
+            .bind(&run.org)
+            .bind(&run.project)
+            .bind(&run.domain)
+            .bind(&run.name)
+            .fetch_one(&mut *self.conn)
+            .await
+            .map_err(db_error)
     }
 
     async fn lock_parent(
@@ -279,20 +274,15 @@ impl CommandTx for PgTx<'_> {
         trip();
         // FOR SHARE: an Abort of the parent waits for this insert to
         // commit, then its cascade sees the new child.
-        let row: Option<ParentRow> = sqlx::query_as(
-            "SELECT a.phase, r.queue FROM actions a JOIN runs r \
-               ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
-             WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4 AND a.name = $5 \
-             FOR SHARE OF a",
-        )
-        .bind(&id.run.org)
-        .bind(&id.run.project)
-        .bind(&id.run.domain)
-        .bind(&id.run.name)
-        .bind(parent)
-        .fetch_optional(&mut *self.conn)
-        .await
-        .map_err(db_error)?;
+        let row: Option<ParentRow> = sqlx::query_as(&format!("{} FOR SHARE OF a", sql::PARENT))
+            .bind(&id.run.org)
+            .bind(&id.run.project)
+            .bind(&id.run.domain)
+            .bind(&id.run.name)
+            .bind(parent)
+            .fetch_optional(&mut *self.conn)
+            .await
+            .map_err(db_error)?;
         Ok(row.map(|row| (row.phase, row.queue)))
     }
 
@@ -337,15 +327,11 @@ impl CommandTx for PgTx<'_> {
             return Ok(current.clone());
         }
         trip();
-        let row: Option<CurrentRow> = sqlx::query_as(
-            "SELECT kind, phase, attempt, parent_name, condition_type, value, lease_holder, \
-                    run_output_base, address FROM actions \
-             WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5 FOR UPDATE",
-        )
-        .bind_id(id)
-        .fetch_optional(&mut *self.conn)
-        .await
-        .map_err(db_error)?;
+        let row: Option<CurrentRow> = sqlx::query_as(&format!("{} FOR UPDATE", sql::CURRENT))
+            .bind_id(id)
+            .fetch_optional(&mut *self.conn)
+            .await
+            .map_err(db_error)?;
         row.map(CurrentRow::into_current).transpose()
     }
 

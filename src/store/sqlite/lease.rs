@@ -15,6 +15,7 @@ use super::{db_error, micros, time_from_micros, trip};
 use crate::domain::{output_uri, ActionId, ActionKind, ClaimRequest, Error, Lease, Phase, RunId};
 use crate::store::lease::{Candidate, LeaseTx, Released};
 use crate::store::rows::{attempt_from_db, queued_task, terminal_phases, BindId, IdRow};
+use crate::store::sql;
 
 #[async_trait]
 impl LeaseTx for SqliteTx<'_> {
@@ -22,21 +23,12 @@ impl LeaseTx for SqliteTx<'_> {
 
     async fn held(&mut self, executor: &str, count_waiting: bool) -> Result<(i64, i64), Error> {
         trip();
-        sqlx::query_as(&format!(
-            "SELECT count(*), coalesce(sum(?2 AND EXISTS ( \
-               SELECT 1 FROM actions c \
-               WHERE c.org = a.org AND c.project = a.project AND c.domain = a.domain \
-                 AND c.run_name = a.run_name AND c.parent_name = a.name \
-                 AND c.phase NOT IN {terminal})), 0) \
-             FROM actions a WHERE a.lease_holder = ?1 AND a.lease_deadline IS NOT NULL \
-             AND a.phase NOT IN {terminal}",
-            terminal = terminal_phases()
-        ))
-        .bind(executor)
-        .bind(count_waiting)
-        .fetch_one(&mut *self.conn)
-        .await
-        .map_err(db_error)
+        sqlx::query_as(&sql::held())
+            .bind(executor)
+            .bind(count_waiting)
+            .fetch_one(&mut *self.conn)
+            .await
+            .map_err(db_error)
     }
 
     async fn candidates(
@@ -86,19 +78,14 @@ impl LeaseTx for SqliteTx<'_> {
 
     async fn run_leases(&mut self, run: &RunId) -> Result<i64, Error> {
         trip();
-        sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM actions \
-             WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 \
-               AND lease_deadline IS NOT NULL AND phase NOT IN {}",
-            terminal_phases()
-        ))
-        .bind(&run.org)
-        .bind(&run.project)
-        .bind(&run.domain)
-        .bind(&run.name)
-        .fetch_one(&mut *self.conn)
-        .await
-        .map_err(db_error)
+        sqlx::query_scalar(&sql::run_leases())
+            .bind(&run.org)
+            .bind(&run.project)
+            .bind(&run.domain)
+            .bind(&run.name)
+            .fetch_one(&mut *self.conn)
+            .await
+            .map_err(db_error)
     }
 
     async fn lease(
@@ -136,16 +123,11 @@ impl LeaseTx for SqliteTx<'_> {
 
     async fn release_ended(&mut self, executor: &str) -> Result<Vec<Released>, Error> {
         trip();
-        let rows = sqlx::query(&format!(
-            "UPDATE actions SET lease_deadline = NULL \
-             WHERE lease_holder = ?1 AND lease_deadline IS NOT NULL AND phase IN {} \
-             RETURNING org, project, domain, run_name, name, attempt, phase, abort_reason",
-            terminal_phases()
-        ))
-        .bind(executor)
-        .fetch_all(&mut *self.conn)
-        .await
-        .map_err(db_error)?;
+        let rows = sqlx::query(&sql::release_ended())
+            .bind(executor)
+            .fetch_all(&mut *self.conn)
+            .await
+            .map_err(db_error)?;
         rows.iter()
             .map(|row| {
                 Ok(Released {

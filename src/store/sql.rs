@@ -1,0 +1,74 @@
+//! Statements both backends run as they are: SQLite reads `$N` parameters
+//! as Postgres does, and both have row values and RETURNING. What differs
+//! (row locks, time arithmetic, feed columns) stays in each backend.
+
+use crate::store::rows::terminal_phases;
+
+/// An existing action's stored content, for a repeated Enqueue (the key
+/// as `$1..$5`).
+pub(crate) const STORED: &str = "SELECT a.spec, r.run_spec, r.root_name = a.name AS is_root \
+     FROM actions a JOIN runs r \
+       ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+     WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4 AND a.name = $5";
+
+/// The name of a run's root action (the run's key as `$1..$4`).
+pub(crate) const RUN_ROOT: &str =
+    "SELECT root_name FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4";
+
+/// A parent's phase and its run's queue (the run as `$1..$4`, the parent's
+/// name as `$5`); Postgres appends its row lock.
+pub(crate) const PARENT: &str = "SELECT a.phase, r.queue FROM actions a JOIN runs r \
+       ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+     WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4 AND a.name = $5";
+
+/// What the rules read of an action's row (the key as `$1..$5`);
+/// Postgres appends its row lock.
+pub(crate) const CURRENT: &str =
+    "SELECT kind, phase, attempt, parent_name, condition_type, value, lease_holder, \
+       run_output_base, address FROM actions \
+     WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5";
+
+/// An executor's unfinished leases (`$1`), and how many of them wait on
+/// unfinished children (counted when `$2`).
+pub(crate) fn held() -> String {
+    format!(
+        "SELECT count(*), coalesce(sum(CASE WHEN $2 AND EXISTS ( \
+           SELECT 1 FROM actions c \
+           WHERE (c.org, c.project, c.domain, c.run_name, c.parent_name) \
+               = (a.org, a.project, a.domain, a.run_name, a.name) \
+             AND c.phase NOT IN {terminal}) THEN 1 ELSE 0 END), 0) \
+         FROM actions a WHERE a.lease_holder = $1 AND a.lease_deadline IS NOT NULL \
+         AND a.phase NOT IN {terminal}",
+        terminal = terminal_phases()
+    )
+}
+
+/// A run's live leases (the run as `$1..$4`).
+pub(crate) fn run_leases() -> String {
+    format!(
+        "SELECT count(*) FROM actions \
+         WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 \
+           AND lease_deadline IS NOT NULL AND phase NOT IN {}",
+        terminal_phases()
+    )
+}
+
+/// Releases the leases of executor `$1` whose action ended, returning
+/// them.
+pub(crate) fn release_ended() -> String {
+    format!(
+        "UPDATE actions SET lease_deadline = NULL \
+         WHERE lease_holder = $1 AND lease_deadline IS NOT NULL AND phase IN {} \
+         RETURNING org, project, domain, run_name, name, attempt, phase, abort_reason",
+        terminal_phases()
+    )
+}
+
+/// Live leases of every executor.
+pub(crate) fn leases_held() -> String {
+    format!(
+        "SELECT count(*) FROM actions \
+         WHERE lease_deadline IS NOT NULL AND phase NOT IN {}",
+        terminal_phases()
+    )
+}
