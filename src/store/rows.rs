@@ -202,6 +202,27 @@ pub(crate) struct StoredRow {
     pub is_root: bool,
 }
 
+/// A lease released because its action ended.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct ReleasedRow {
+    #[sqlx(flatten)]
+    pub id: IdRow,
+    pub attempt: i64,
+    pub phase: Phase,
+    pub abort_reason: Option<String>,
+}
+
+impl ReleasedRow {
+    pub fn into_released(self) -> Result<crate::store::lease::Released, Error> {
+        Ok(crate::store::lease::Released {
+            id: self.id.into_id(),
+            attempt: attempt_from_db(self.attempt)?,
+            phase: self.phase,
+            abort_reason: self.abort_reason,
+        })
+    }
+}
+
 /// A parent's phase and its run's queue.
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct ParentRow {

@@ -2,7 +2,10 @@
 //! as Postgres does, and both have row values and RETURNING. What differs
 //! (row locks, time arithmetic, feed columns) stays in each backend.
 
-use crate::store::rows::terminal_phases;
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
+
+use crate::domain::{ActionId, RunId};
+use crate::store::rows::{terminal_phases, ParentRow, ReleasedRow};
 
 /// An existing action's stored content, for a repeated Enqueue (the key
 /// as `$1..$5`).
@@ -71,4 +74,104 @@ pub(crate) fn leases_held() -> String {
          WHERE lease_deadline IS NOT NULL AND phase NOT IN {}",
         terminal_phases()
     )
+}
+
+/// Binds a run's key columns (org, project, domain, name) to `$1..$4`.
+macro_rules! bind_run {
+    ($query:expr, $run:expr) => {
+        $query
+            .bind(&$run.org)
+            .bind(&$run.project)
+            .bind(&$run.domain)
+            .bind(&$run.name)
+    };
+}
+
+/// Runs [`RUN_ROOT`].
+pub(crate) async fn run_root<'c, DB, E>(conn: E, run: &RunId) -> Result<String, sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q String: Encode<'q, DB> + Type<DB>,
+    (String,): for<'r> FromRow<'r, DB::Row>,
+{
+    bind_run!(sqlx::query_scalar(RUN_ROOT), run)
+        .fetch_one(conn)
+        .await
+}
+
+/// Runs [`run_leases`].
+pub(crate) async fn count_run_leases<'c, DB, E>(conn: E, run: &RunId) -> Result<i64, sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q String: Encode<'q, DB> + Type<DB>,
+    (i64,): for<'r> FromRow<'r, DB::Row>,
+{
+    let sql = run_leases();
+    bind_run!(sqlx::query_scalar(&sql), run)
+        .fetch_one(conn)
+        .await
+}
+
+/// Runs [`PARENT`] with the backend's row lock (`lock`, may be empty).
+pub(crate) async fn parent<'c, DB, E>(
+    conn: E,
+    id: &ActionId,
+    parent: &str,
+    lock: &str,
+) -> Result<Option<ParentRow>, sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q String: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    ParentRow: for<'r> FromRow<'r, DB::Row>,
+{
+    let sql = format!("{PARENT}{lock}");
+    bind_run!(sqlx::query_as(&sql), id.run)
+        .bind(parent)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Runs [`held`].
+pub(crate) async fn count_held<'c, DB, E>(
+    conn: E,
+    executor: &str,
+    count_waiting: bool,
+) -> Result<(i64, i64), sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    bool: for<'q> Encode<'q, DB> + Type<DB>,
+    (i64, i64): for<'r> FromRow<'r, DB::Row>,
+{
+    let sql = held();
+    sqlx::query_as(&sql)
+        .bind(executor)
+        .bind(count_waiting)
+        .fetch_one(conn)
+        .await
+}
+
+/// Runs [`release_ended`].
+pub(crate) async fn release<'c, DB, E>(
+    conn: E,
+    executor: &str,
+) -> Result<Vec<ReleasedRow>, sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    ReleasedRow: for<'r> FromRow<'r, DB::Row>,
+{
+    let sql = release_ended();
+    sqlx::query_as(&sql).bind(executor).fetch_all(conn).await
 }

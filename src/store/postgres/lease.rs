@@ -12,7 +12,7 @@ use super::tx::PgTx;
 use super::{db_error, time, trip};
 use crate::domain::{output_uri, ActionId, ActionKind, ClaimRequest, Error, Lease, Phase, RunId};
 use crate::store::lease::{in_order_of, Candidate, LeaseTx, Released};
-use crate::store::rows::{attempt_from_db, queued_task, terminal_phases, IdRow};
+use crate::store::rows::{attempt_from_db, queued_task, terminal_phases, IdRow, ReleasedRow};
 use crate::store::sql;
 
 #[async_trait]
@@ -21,10 +21,7 @@ impl LeaseTx for PgTx<'_> {
 
     async fn held(&mut self, executor: &str, count_waiting: bool) -> Result<(i64, i64), Error> {
         trip();
-        sqlx::query_as(&sql::held())
-            .bind(executor)
-            .bind(count_waiting)
-            .fetch_one(&mut *self.conn)
+        sql::count_held(&mut *self.conn, executor, count_waiting)
             .await
             .map_err(db_error)
     }
@@ -88,12 +85,7 @@ impl LeaseTx for PgTx<'_> {
         .await
         .map_err(db_error)?;
         trip();
-        sqlx::query_scalar(&sql::run_leases())
-            .bind(&run.org)
-            .bind(&run.project)
-            .bind(&run.domain)
-            .bind(&run.name)
-            .fetch_one(&mut *self.conn)
+        sql::count_run_leases(&mut *self.conn, run)
             .await
             .map_err(db_error)
     }
@@ -148,20 +140,11 @@ impl LeaseTx for PgTx<'_> {
 
     async fn release_ended(&mut self, executor: &str) -> Result<Vec<Released>, Error> {
         trip();
-        let rows = sqlx::query(&sql::release_ended())
-            .bind(executor)
-            .fetch_all(&mut *self.conn)
+        sql::release(&mut *self.conn, executor)
             .await
-            .map_err(db_error)?;
-        rows.iter()
-            .map(|row| {
-                Ok(Released {
-                    id: IdRow::from_row(row).map_err(db_error)?.into_id(),
-                    attempt: attempt_from_db(row.try_get("attempt").map_err(db_error)?)?,
-                    phase: row.try_get("phase").map_err(db_error)?,
-                    abort_reason: row.try_get("abort_reason").map_err(db_error)?,
-                })
-            })
+            .map_err(db_error)?
+            .into_iter()
+            .map(ReleasedRow::into_released)
             .collect()
     }
 

@@ -253,14 +253,7 @@ impl CommandTx for PgTx<'_> {
 
     async fn run_root(&mut self, run: &RunId) -> Result<String, Error> {
         trip();
-        sqlx::query_scalar(sql::RUN_ROOT)
-            .bind(&run.org)
-            .bind(&run.project)
-            .bind(&run.domain)
-            .bind(&run.name)
-            .fetch_one(&mut *self.conn)
-            .await
-            .map_err(db_error)
+        sql::run_root(&mut *self.conn, run).await.map_err(db_error)
     }
 
     async fn lock_parent(
@@ -274,13 +267,7 @@ impl CommandTx for PgTx<'_> {
         trip();
         // FOR SHARE: an Abort of the parent waits for this insert to
         // commit, then its cascade sees the new child.
-        let row: Option<ParentRow> = sqlx::query_as(&format!("{} FOR SHARE OF a", sql::PARENT))
-            .bind(&id.run.org)
-            .bind(&id.run.project)
-            .bind(&id.run.domain)
-            .bind(&id.run.name)
-            .bind(parent)
-            .fetch_optional(&mut *self.conn)
+        let row = sql::parent(&mut *self.conn, id, parent, " FOR SHARE OF a")
             .await
             .map_err(db_error)?;
         Ok(row.map(|row| (row.phase, row.queue)))

@@ -14,7 +14,9 @@ use super::tx::SqliteTx;
 use super::{db_error, micros, time_from_micros, trip};
 use crate::domain::{output_uri, ActionId, ActionKind, ClaimRequest, Error, Lease, Phase, RunId};
 use crate::store::lease::{Candidate, LeaseTx, Released};
-use crate::store::rows::{attempt_from_db, queued_task, terminal_phases, BindId, IdRow};
+use crate::store::rows::{
+    attempt_from_db, queued_task, terminal_phases, BindId, IdRow, ReleasedRow,
+};
 use crate::store::sql;
 
 #[async_trait]
@@ -23,10 +25,7 @@ impl LeaseTx for SqliteTx<'_> {
 
     async fn held(&mut self, executor: &str, count_waiting: bool) -> Result<(i64, i64), Error> {
         trip();
-        sqlx::query_as(&sql::held())
-            .bind(executor)
-            .bind(count_waiting)
-            .fetch_one(&mut *self.conn)
+        sql::count_held(&mut *self.conn, executor, count_waiting)
             .await
             .map_err(db_error)
     }
@@ -78,12 +77,7 @@ impl LeaseTx for SqliteTx<'_> {
 
     async fn run_leases(&mut self, run: &RunId) -> Result<i64, Error> {
         trip();
-        sqlx::query_scalar(&sql::run_leases())
-            .bind(&run.org)
-            .bind(&run.project)
-            .bind(&run.domain)
-            .bind(&run.name)
-            .fetch_one(&mut *self.conn)
+        sql::count_run_leases(&mut *self.conn, run)
             .await
             .map_err(db_error)
     }
@@ -123,20 +117,11 @@ impl LeaseTx for SqliteTx<'_> {
 
     async fn release_ended(&mut self, executor: &str) -> Result<Vec<Released>, Error> {
         trip();
-        let rows = sqlx::query(&sql::release_ended())
-            .bind(executor)
-            .fetch_all(&mut *self.conn)
+        sql::release(&mut *self.conn, executor)
             .await
-            .map_err(db_error)?;
-        rows.iter()
-            .map(|row| {
-                Ok(Released {
-                    id: IdRow::from_row(row).map_err(db_error)?.into_id(),
-                    attempt: attempt_from_db(row.try_get("attempt").map_err(db_error)?)?,
-                    phase: row.try_get("phase").map_err(db_error)?,
-                    abort_reason: row.try_get("abort_reason").map_err(db_error)?,
-                })
-            })
+            .map_err(db_error)?
+            .into_iter()
+            .map(ReleasedRow::into_released)
             .collect()
     }
 

@@ -13,7 +13,7 @@ use crate::domain::{
     SignalAction, Transition, UpdateStatus,
 };
 use crate::store::apply::{CommandTx, Stored};
-use crate::store::rows::{terminal_phases, BindId, CurrentRow, ParentRow, StoredRow};
+use crate::store::rows::{terminal_phases, BindId, CurrentRow, StoredRow};
 use crate::store::sql;
 
 /// A transaction's connection and its one time (as Postgres's `now()`), in
@@ -83,14 +83,7 @@ impl CommandTx for SqliteTx<'_> {
 
     async fn run_root(&mut self, run: &RunId) -> Result<String, Error> {
         trip();
-        sqlx::query_scalar(sql::RUN_ROOT)
-            .bind(&run.org)
-            .bind(&run.project)
-            .bind(&run.domain)
-            .bind(&run.name)
-            .fetch_one(&mut *self.conn)
-            .await
-            .map_err(db_error)
+        sql::run_root(&mut *self.conn, run).await.map_err(db_error)
     }
 
     async fn lock_parent(
@@ -99,13 +92,7 @@ impl CommandTx for SqliteTx<'_> {
         parent: &str,
     ) -> Result<Option<(Phase, Option<String>)>, Error> {
         trip();
-        let row: Option<ParentRow> = sqlx::query_as(sql::PARENT)
-            .bind(&id.run.org)
-            .bind(&id.run.project)
-            .bind(&id.run.domain)
-            .bind(&id.run.name)
-            .bind(parent)
-            .fetch_optional(&mut *self.conn)
+        let row = sql::parent(&mut *self.conn, id, parent, "")
             .await
             .map_err(db_error)?;
         Ok(row.map(|row| (row.phase, row.queue)))
