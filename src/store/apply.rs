@@ -111,11 +111,16 @@ pub(crate) trait CommandTx: Send {
         true
     }
 
-    /// Starts a command's savepoint (releasing the previous one's).
-    async fn savepoint(&mut self, first: bool) -> Result<(), Error>;
+    /// Starts a command's savepoint (releasing the previous one's); only
+    /// called when [`CommandTx::savepoints`] says so.
+    async fn savepoint(&mut self, _first: bool) -> Result<(), Error> {
+        Err(Error::Internal("this store takes no savepoints".to_owned()))
+    }
 
     /// Undoes the command since its savepoint.
-    async fn rollback_to_savepoint(&mut self) -> Result<(), Error>;
+    async fn rollback_to_savepoint(&mut self) -> Result<(), Error> {
+        Err(Error::Internal("this store takes no savepoints".to_owned()))
+    }
 }
 
 /// Applies one command.
@@ -274,6 +279,26 @@ fn is_refusal(err: &Error) -> bool {
 /// was accepted. A batch whose every command failed is rolled back.
 pub(crate) fn worth_committing(results: &[Result<Applied, Error>]) -> bool {
     results.iter().any(Result::is_ok)
+}
+
+/// Ends a batch's transaction (see [`worth_committing`]) and resolves each
+/// command's result. `Err` when the commit failed: nothing was committed.
+pub(crate) async fn end_batch<DB: sqlx::Database>(
+    tx: sqlx::Transaction<'_, DB>,
+    commands: &[Command],
+    applied: Vec<Result<Applied, Error>>,
+    db_error: fn(sqlx::Error) -> Error,
+) -> Result<Vec<Result<usize, Error>>, Error> {
+    if worth_committing(&applied) {
+        tx.commit().await.map_err(db_error)?;
+    } else {
+        tx.rollback().await.map_err(db_error)?;
+    }
+    Ok(commands
+        .iter()
+        .zip(applied)
+        .map(|(command, applied)| resolve(command, applied))
+        .collect())
 }
 
 /// The command's result once its transaction has committed: a repeated

@@ -692,16 +692,7 @@ async fn transaction(
     let mut conn = pool.begin().await.map_err(db_error)?;
     let applied = apply::apply_batch(&mut tx::PgTx::new(&mut conn), commands).await?;
     trip();
-    if apply::worth_committing(&applied) {
-        conn.commit().await.map_err(db_error)?;
-    } else {
-        conn.rollback().await.map_err(db_error)?;
-    }
-    Ok(commands
-        .iter()
-        .zip(applied)
-        .map(|(command, applied)| apply::resolve(command, applied))
-        .collect())
+    apply::end_batch(conn, commands, applied, db_error).await
 }
 
 /// Counts one statement sent to Postgres (`actionsd_store_round_trips_total`).

@@ -466,30 +466,4 @@ impl CommandTx for PgTx<'_> {
         .map_err(db_error)?;
         Ok(())
     }
-
-    async fn savepoint(&mut self, first: bool) -> Result<(), Error> {
-        trip();
-        // One round trip: release the previous command's savepoint (its
-        // changes stay in the transaction) and take this one's.
-        let savepoint = if first {
-            "SAVEPOINT command"
-        } else {
-            "RELEASE SAVEPOINT command; SAVEPOINT command"
-        };
-        sqlx::Executor::execute(&mut *self.conn, sqlx::raw_sql(savepoint))
-            .await
-            .map_err(db_error)?;
-        Ok(())
-    }
-
-    async fn rollback_to_savepoint(&mut self) -> Result<(), Error> {
-        trip();
-        sqlx::Executor::execute(
-            &mut *self.conn,
-            sqlx::raw_sql("ROLLBACK TO SAVEPOINT command"),
-        )
-        .await
-        .map_err(db_error)?;
-        Ok(())
-    }
 }
