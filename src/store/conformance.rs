@@ -1139,3 +1139,90 @@ conformance!(
     reap_requeues_expired_leases_then_fails_them,
     reap_times_out_conditions_past_their_deadline
 );
+
+/// A batch whose commands read what earlier commands of the same batch
+/// wrote (a root and its child, an Abort of the root, then commands that
+/// must see it aborted), through `batch` (the store's own batch function):
+/// every command sees the batch's earlier writes, whatever the store read
+/// ahead for the batch.
+pub(crate) async fn a_batch_sees_its_own_writes<F, Fut>(store: &dyn Store, batch: F)
+where
+    F: Fn(Vec<Command>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Result<usize, Error>>>,
+{
+    let results = batch(vec![
+        Command::Enqueue(task("a0", None)),
+        Command::Enqueue(task("c1", Some("a0"))),
+        update("c1", 1, Phase::Running),
+        abort("a0"),
+        Command::Enqueue(task("c2", Some("a0"))),
+        update("c1", 1, Phase::Succeeded),
+        Command::Enqueue(task("c1", Some("a0"))),
+        abort("a0"),
+    ])
+    .await;
+    let outcome: Vec<Result<usize, &'static str>> = results
+        .iter()
+        .map(|result| match result {
+            Ok(events) => Ok(*events),
+            Err(Error::ParentTerminal { .. }) => Err("parent terminal"),
+            Err(Error::FailedPrecondition(_)) => Err("failed precondition"),
+            Err(other) => panic!("unexpected error {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        outcome,
+        vec![
+            Ok(1),
+            Ok(1),
+            Ok(1),
+            // a0 and c1.
+            Ok(2),
+            Err("parent terminal"),
+            Err("failed precondition"),
+            Ok(0),
+            Err("failed precondition"),
+        ]
+    );
+    let snapshot = store
+        .watch_snapshot(&id("a0"), None, 100)
+        .await
+        .expect("snapshot")
+        .items;
+    let states: Vec<(&str, i64, Phase)> = snapshot
+        .iter()
+        .map(|s| (s.id.name.as_str(), s.version, s.phase))
+        .collect();
+    assert_eq!(
+        states,
+        [("a0", 2, Phase::Aborted), ("c1", 3, Phase::Aborted)]
+    );
+}
+
+/// A batch whose every command is refused writes nothing and reports
+/// each command's own error.
+pub(crate) async fn a_batch_of_refusals_writes_nothing<F, Fut>(store: &dyn Store, batch: F)
+where
+    F: Fn(Vec<Command>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Result<usize, Error>>>,
+{
+    let start = feed_mark(store).await;
+    let results = batch(vec![
+        Command::Enqueue(task("c1", Some("nobody"))),
+        update("zz", 1, Phase::Running),
+        abort("zz"),
+    ])
+    .await;
+    assert!(
+        matches!(
+            results.as_slice(),
+            [
+                Err(Error::ParentNotFound(_)),
+                Err(Error::ActionNotFound(_)),
+                Err(Error::ActionNotFound(_))
+            ]
+        ),
+        "{results:?}"
+    );
+    assert!(read_all(store, start, 10).await.is_empty());
+}

@@ -787,6 +787,32 @@ mod tests {
         .await;
     }
 
+    #[sqlx::test(migrations = "./migrations/postgres")]
+    #[cfg_attr(
+        not(actionsd_postgres),
+        ignore = "the Postgres suite needs DATABASE_URL"
+    )]
+    async fn a_batch_sees_its_own_writes(pool: PgPool) {
+        let store = store(&pool);
+        crate::store::conformance::a_batch_sees_its_own_writes(&store, |commands| {
+            commit_batch(pool.clone(), commands)
+        })
+        .await;
+    }
+
+    #[sqlx::test(migrations = "./migrations/postgres")]
+    #[cfg_attr(
+        not(actionsd_postgres),
+        ignore = "the Postgres suite needs DATABASE_URL"
+    )]
+    async fn a_batch_of_refusals_writes_nothing(pool: PgPool) {
+        let store = store(&pool);
+        crate::store::conformance::a_batch_of_refusals_writes_nothing(&store, |commands| {
+            commit_batch(pool.clone(), commands)
+        })
+        .await;
+    }
+
     /// A server that accepts the connection and then answers nonsense (a
     /// proxy cut mid-handshake, a wrong port) fails sqlx with a Protocol
     /// error: the database is unavailable, not an internal failure.

@@ -794,6 +794,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_batch_sees_its_own_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let pool = store.pool().clone();
+        let writer = store.writer.clone();
+        crate::store::conformance::a_batch_sees_its_own_writes(&store, |commands| {
+            commit_batch(pool.clone(), writer.clone(), commands)
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_refusals_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let pool = store.pool().clone();
+        let writer = store.writer.clone();
+        crate::store::conformance::a_batch_of_refusals_writes_nothing(&store, |commands| {
+            commit_batch(pool.clone(), writer.clone(), commands)
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn concurrent_enqueues_all_land() {
         let dir = tempfile::tempdir().unwrap();
         let store = std::sync::Arc::new(open(&dir).await);
