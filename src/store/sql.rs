@@ -4,8 +4,10 @@
 
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
 
+use crate::domain::Error;
 use crate::domain::{ActionId, RunId};
-use crate::store::rows::{terminal_phases, ParentRow, ReleasedRow};
+use crate::store::lease::Candidate;
+use crate::store::rows::{queued_task, terminal_phases, IdRow, ParentRow, ReleasedRow};
 
 /// An existing action's stored content, for a repeated Enqueue (the key
 /// as `$1..$5`).
@@ -174,4 +176,70 @@ where
 {
     let sql = release_ended();
     sqlx::query_as(&sql).bind(executor).fetch_all(conn).await
+}
+
+/// Up to `limit` queued task actions of `queue` after `after`, in the
+/// claim order, each with its run's `max_action_concurrency`; `lock` is
+/// the backend's row lock (may be empty). `position` reads a row's
+/// `created_at` as the backend stores it.
+pub(crate) async fn candidates<'c, DB, E, T>(
+    conn: E,
+    queue: &str,
+    after: Option<&(T, ActionId)>,
+    limit: usize,
+    lock: &str,
+    position: impl Fn(&DB::Row) -> Result<T, Error>,
+    db_error: fn(sqlx::Error) -> Error,
+) -> Result<Vec<Candidate<(T, ActionId)>>, Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    T: Clone + Send + Sync + Type<DB>,
+    Option<T>: for<'q> Encode<'q, DB> + Type<DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    bool: for<'q> Encode<'q, DB> + Type<DB>,
+    i64: for<'q> Encode<'q, DB> + Type<DB>,
+    i32: for<'r> sqlx::Decode<'r, DB> + Type<DB>,
+    IdRow: for<'r> FromRow<'r, DB::Row>,
+    for<'r> &'r str: sqlx::ColumnIndex<DB::Row>,
+{
+    use sqlx::Row;
+    let sql = format!(
+        "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.created_at, \
+                r.max_action_concurrency \
+         FROM actions a JOIN runs r \
+           ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+         WHERE a.queue = $1 AND {queued} \
+           AND ($9 OR (a.created_at, a.org, a.project, a.domain, a.run_name, a.name) \
+                      > ($3, $4, $5, $6, $7, $8)) \
+         ORDER BY a.created_at, a.org, a.project, a.domain, a.run_name, a.name \
+         LIMIT $2{lock}",
+        queued = queued_task("a.")
+    );
+    let after_id = after.map(|(_, id)| id);
+    let rows = sqlx::query(&sql)
+        .bind(queue)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(after.map(|(time, _)| time.clone()))
+        .bind(after_id.map(|id| id.run.org.as_str()))
+        .bind(after_id.map(|id| id.run.project.as_str()))
+        .bind(after_id.map(|id| id.run.domain.as_str()))
+        .bind(after_id.map(|id| id.run.name.as_str()))
+        .bind(after_id.map(|id| id.name.as_str()))
+        .bind(after.is_none())
+        .fetch_all(conn)
+        .await
+        .map_err(db_error)?;
+    rows.iter()
+        .map(|row| {
+            let id = IdRow::from_row(row).map_err(db_error)?.into_id();
+            Ok(Candidate {
+                position: (position(row)?, id.clone()),
+                id,
+                limit: row.try_get("max_action_concurrency").map_err(db_error)?,
+            })
+        })
+        .collect()
 }

@@ -12,7 +12,7 @@ use super::tx::PgTx;
 use super::{db_error, time, trip};
 use crate::domain::{output_uri, ActionId, ActionKind, ClaimRequest, Error, Lease, Phase, RunId};
 use crate::store::lease::{in_order_of, Candidate, LeaseTx, Released};
-use crate::store::rows::{attempt_from_db, queued_task, terminal_phases, IdRow, ReleasedRow};
+use crate::store::rows::{attempt_from_db, terminal_phases, IdRow, ReleasedRow};
 use crate::store::sql;
 
 #[async_trait]
@@ -33,41 +33,16 @@ impl LeaseTx for PgTx<'_> {
         limit: usize,
     ) -> Result<Vec<Candidate<Self::Position>>, Error> {
         trip();
-        let (after_time, after_id) = (after.map(|(t, _)| *t), after.map(|(_, id)| id));
-        let rows = sqlx::query(&format!(
-            "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.created_at, \
-                    r.max_action_concurrency \
-             FROM actions a JOIN runs r \
-               ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
-             WHERE a.queue = $1 AND {queued} \
-               AND ($3::timestamptz IS NULL \
-                    OR (a.created_at, a.org, a.project, a.domain, a.run_name, a.name) \
-                       > ($3, $4, $5, $6, $7, $8)) \
-             ORDER BY a.created_at, a.org, a.project, a.domain, a.run_name, a.name \
-             LIMIT $2 FOR UPDATE OF a SKIP LOCKED",
-            queued = queued_task("a.")
-        ))
-        .bind(queue)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .bind(after_time)
-        .bind(after_id.map(|id| id.run.org.as_str()))
-        .bind(after_id.map(|id| id.run.project.as_str()))
-        .bind(after_id.map(|id| id.run.domain.as_str()))
-        .bind(after_id.map(|id| id.run.name.as_str()))
-        .bind(after_id.map(|id| id.name.as_str()))
-        .fetch_all(&mut *self.conn)
+        sql::candidates(
+            &mut *self.conn,
+            queue,
+            after,
+            limit,
+            " FOR UPDATE OF a SKIP LOCKED",
+            |row| time::get(row, "created_at"),
+            db_error,
+        )
         .await
-        .map_err(db_error)?;
-        rows.iter()
-            .map(|row| {
-                let id = IdRow::from_row(row).map_err(db_error)?.into_id();
-                Ok(Candidate {
-                    position: (time::get(row, "created_at")?, id.clone()),
-                    id,
-                    limit: row.try_get("max_action_concurrency").map_err(db_error)?,
-                })
-            })
-            .collect()
     }
 
     async fn run_leases(&mut self, run: &RunId) -> Result<i64, Error> {

@@ -14,9 +14,7 @@ use super::tx::SqliteTx;
 use super::{db_error, micros, time_from_micros, trip};
 use crate::domain::{output_uri, ActionId, ActionKind, ClaimRequest, Error, Lease, Phase, RunId};
 use crate::store::lease::{Candidate, LeaseTx, Released};
-use crate::store::rows::{
-    attempt_from_db, queued_task, terminal_phases, BindId, IdRow, ReleasedRow,
-};
+use crate::store::rows::{attempt_from_db, terminal_phases, BindId, IdRow, ReleasedRow};
 use crate::store::sql;
 
 #[async_trait]
@@ -37,42 +35,16 @@ impl LeaseTx for SqliteTx<'_> {
         limit: usize,
     ) -> Result<Vec<Candidate<Self::Position>>, Error> {
         trip();
-        let (after_time, after_id) = (after.map(|(t, _)| *t), after.map(|(_, id)| id));
-        let rows = sqlx::query(&format!(
-            "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.created_at, \
-                    r.max_action_concurrency \
-             FROM actions a JOIN runs r \
-               ON r.org = a.org AND r.project = a.project AND r.domain = a.domain \
-              AND r.name = a.run_name \
-             WHERE a.queue = ?1 AND {queued} \
-               AND (?3 IS NULL \
-                    OR (a.created_at, a.org, a.project, a.domain, a.run_name, a.name) \
-                       > (?3, ?4, ?5, ?6, ?7, ?8)) \
-             ORDER BY a.created_at, a.org, a.project, a.domain, a.run_name, a.name \
-             LIMIT ?2",
-            queued = queued_task("a.")
-        ))
-        .bind(queue)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .bind(after_time)
-        .bind(after_id.map(|id| id.run.org.as_str()))
-        .bind(after_id.map(|id| id.run.project.as_str()))
-        .bind(after_id.map(|id| id.run.domain.as_str()))
-        .bind(after_id.map(|id| id.run.name.as_str()))
-        .bind(after_id.map(|id| id.name.as_str()))
-        .fetch_all(&mut *self.conn)
+        sql::candidates(
+            &mut *self.conn,
+            queue,
+            after,
+            limit,
+            "",
+            |row| row.try_get("created_at").map_err(db_error),
+            db_error,
+        )
         .await
-        .map_err(db_error)?;
-        rows.iter()
-            .map(|row| {
-                let id = IdRow::from_row(row).map_err(db_error)?.into_id();
-                Ok(Candidate {
-                    position: (row.try_get("created_at").map_err(db_error)?, id.clone()),
-                    id,
-                    limit: row.try_get("max_action_concurrency").map_err(db_error)?,
-                })
-            })
-            .collect()
     }
 
     async fn run_leases(&mut self, run: &RunId) -> Result<i64, Error> {
