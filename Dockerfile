@@ -17,6 +17,13 @@ COPY --from=build /src/target/release/actionsctl /usr/local/bin/actionsctl
 USER actionsd
 # The default store (no ACTIONSD_DATABASE_URL) is an SQLite file under
 # $XDG_DATA_HOME: /var/lib/actionsd/actionsd/actionsd.db, on a volume.
+# A container is reached through its own interface, so the image listens on
+# 0.0.0.0. actionsd refuses a non-loopback address without TLS and
+# authentication, and the image does not decide that for you: give it TLS
+# (ACTIONSD_TLS_CERT/ACTIONSD_TLS_KEY or a config file) and authentication,
+# or say explicitly that the network is trusted with
+# ACTIONSD_DANGEROUSLY_ALLOW_INSECURE_PUBLIC_LISTENER=true (see README,
+# Docker, and docs/security.md).
 ENV ACTIONSD_LISTEN=0.0.0.0:8091 \
     XDG_DATA_HOME=/var/lib/actionsd
 VOLUME /var/lib/actionsd

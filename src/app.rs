@@ -39,6 +39,7 @@ use crate::server::ListenerSettings;
 use crate::store::postgres::{PgStore, PoolSettings};
 use crate::store::sqlite::{SqliteSettings, SqliteStore};
 use crate::store::{Detached, GroupCommit, Store};
+use crate::tls::Tls;
 
 pub struct Application {
     config: Arc<Config>,
@@ -46,6 +47,8 @@ pub struct Application {
     local_addr: SocketAddr,
     /// The admin listener for `/metrics`, when configured.
     admin: Option<TcpListener>,
+    /// TLS on both listeners, when configured.
+    tls: Option<Tls>,
     store: Arc<dyn Store>,
     pipeline: Pipeline,
     blobs: Blobs,
@@ -160,6 +163,10 @@ impl Application {
     /// Connects to the database (migrating it if configured), starts the
     /// event pipeline and binds the listening socket.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // The listener rule and the certificate first: they fail the start
+        // before any database work.
+        config.check_public_listeners()?;
+        let tls = config.tls.as_ref().map(Tls::new).transpose()?;
         let store: Arc<dyn Store> = Arc::new(Detached::new(
             open_store(&config, config.database.migrate_on_start).await?,
         ));
@@ -184,6 +191,7 @@ impl Application {
             listener,
             local_addr,
             admin,
+            tls,
             store,
             pipeline,
             blobs,
@@ -221,6 +229,7 @@ impl Application {
             listener,
             local_addr,
             admin,
+            tls,
             store,
             pipeline,
             blobs,
@@ -243,6 +252,7 @@ impl Application {
             shutdown.clone(),
         );
         let read_api = ReadApi::new(store.clone(), pipeline.registry());
+        let purge_blobs = blobs.clone();
         let flyte = crate::rpc::flyte::FlyteServices::new(
             &config,
             local_addr,
@@ -358,25 +368,31 @@ impl Application {
                 admin,
                 service,
                 listener_settings.clone(),
+                tls.clone(),
                 shutdown.clone(),
             ))
         });
+        let tls_reload = match (&tls, &config.tls) {
+            (Some(tls), Some(settings)) => Some(tokio::spawn(tls.clone().watch(
+                settings.clone(),
+                crate::tls::hangup_signal(),
+                shutdown.clone(),
+            ))),
+            _ => None,
+        };
         let retention = tokio::spawn({
             let (store, settings, shutdown) =
                 (store.clone(), config.retention.clone(), shutdown.clone());
-            async move {
-                if settings.enabled {
-                    crate::retention::run(store, settings, shutdown).await;
-                }
-            }
+            crate::retention::run(store, Some(purge_blobs), settings, shutdown)
         });
         let mut server = tokio::spawn(crate::server::serve(
             listener,
             service,
             listener_settings,
+            tls.clone(),
             shutdown.clone(),
         ));
-        info!(address = %local_addr, "actionsd listening");
+        info!(address = %local_addr, tls = tls.is_some(), "actionsd listening");
 
         tokio::select! {
             // The server ends by itself only after the token fired; checking
@@ -406,6 +422,7 @@ impl Application {
         ]
         .into_iter()
         .chain(admin_server.map(|task| ("metrics listener", task)))
+        .chain(tls_reload.map(|task| ("TLS reload", task)))
         {
             if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
                 warn!(task = name, "did not stop before the shutdown deadline");

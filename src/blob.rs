@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use hmac::{Hmac, Mac};
 use object_store::path::{Path, PathPart};
 use object_store::{ObjectStore, PutPayload};
@@ -302,6 +302,28 @@ impl Blobs {
             .await
             .map_err(|_| store_error("list", "timed out"))?
     }
+
+    /// Deletes every object under `prefix` (deleting what is already gone
+    /// succeeds). Returns how many objects were deleted.
+    pub async fn delete_prefix(&self, prefix: &Path) -> Result<u64, Error> {
+        let delete = async {
+            let locations = self
+                .store
+                .list(Some(prefix))
+                .map_ok(|meta| meta.location)
+                .boxed();
+            let deleted: Vec<Path> = self
+                .store
+                .delete_stream(locations)
+                .try_collect()
+                .await
+                .map_err(|e| store_error("delete", e))?;
+            Ok(deleted.len() as u64)
+        };
+        tokio::time::timeout(CALL_TIMEOUT, delete)
+            .await
+            .map_err(|_| store_error("delete", "timed out"))?
+    }
 }
 
 /// A path segment; empty values (an open-source org) become `_`.
@@ -317,6 +339,17 @@ pub mod keys {
     pub fn run_base(run: &RunId) -> Path {
         Path::from_iter([
             part("runs"),
+            part(&run.org),
+            part(&run.project),
+            part(&run.domain),
+            part(&run.name),
+        ])
+    }
+
+    /// Every log of a run: `logs/<org>/<project>/<domain>/<run>`.
+    pub fn run_logs(run: &RunId) -> Path {
+        Path::from_iter([
+            part("logs"),
             part(&run.org),
             part(&run.project),
             part(&run.domain),

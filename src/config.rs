@@ -92,6 +92,14 @@ pub enum ConfigError {
         setting: &'static str,
         message: String,
     },
+    /// A non-loopback listener without both TLS and authentication, and
+    /// without `dangerously_allow_insecure_public_listener`.
+    #[error("refusing to listen on {address} ({setting}) without {missing}: anyone who can reach it could read and change every run")]
+    InsecurePublicListener {
+        setting: &'static str,
+        address: SocketAddr,
+        missing: &'static str,
+    },
 }
 
 /// Log output format.
@@ -119,6 +127,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub retention: RetentionConfig,
     pub tracing: TracingConfig,
+    /// TLS on the listener (and the metrics listener); `None`: plain HTTP.
+    pub tls: Option<crate::tls::TlsSettings>,
+    /// Listen on a non-loopback address without TLS and authentication.
+    pub dangerously_allow_insecure_public_listener: bool,
 }
 
 /// OpenTelemetry trace export.
@@ -235,6 +247,11 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     pub workers: Option<usize>,
     pub blob_url: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    /// `true` only: the flag can allow, never forbid what the file allows.
+    pub dangerously_allow_insecure_public_listener: bool,
 }
 
 /// The config file: every setting, all optional.
@@ -262,6 +279,22 @@ struct FileConfig {
     blobs: FileBlobs,
     #[serde(default)]
     logs: FileLogs,
+    #[serde(default)]
+    tls: FileTls,
+    dangerously_allow_insecure_public_listener: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    client_auth: Option<crate::tls::ClientAuth>,
+    #[serde(default, with = "humantime_serde")]
+    handshake_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    reload_interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -435,7 +468,8 @@ impl Config {
         Self::merge(FileConfig::default(), overrides)
     }
 
-    fn merge(file: FileConfig, o: Overrides) -> Result<Self, ConfigError> {
+    fn merge(mut file: FileConfig, o: Overrides) -> Result<Self, ConfigError> {
+        let tls = tls_settings(std::mem::take(&mut file.tls), &o)?;
         let defaults = crate::blob::BlobLimits::default();
         let s3 = crate::blob::S3Settings {
             bucket: String::new(),
@@ -474,6 +508,12 @@ impl Config {
             },
         };
         let config = Self {
+            tls,
+            dangerously_allow_insecure_public_listener: o
+                .dangerously_allow_insecure_public_listener
+                || file
+                    .dangerously_allow_insecure_public_listener
+                    .unwrap_or(false),
             listen: match (o.listen, file.listen) {
                 (Some(listen), _) => listen,
                 (None, Some(text)) => {
@@ -701,6 +741,107 @@ impl Config {
         )?;
         Ok(())
     }
+
+    /// Whether callers must authenticate. Always `false` for now: there is
+    /// no authentication yet, so a non-loopback listener needs
+    /// `dangerously_allow_insecure_public_listener` even with TLS. When
+    /// authentication is configured this returns `true`, and TLS plus
+    /// authentication is enough for a public listener.
+    pub fn auth_enabled(&self) -> bool {
+        false
+    }
+
+    /// The daemon listens on a non-loopback address (`listen`, or
+    /// `metrics.listen`) only with TLS and authentication, or when
+    /// `dangerously_allow_insecure_public_listener` says so.
+    /// Checked when the daemon is built (not at load: `migrate` listens on
+    /// nothing).
+    pub fn check_public_listeners(&self) -> Result<(), ConfigError> {
+        if self.dangerously_allow_insecure_public_listener {
+            return Ok(());
+        }
+        let missing = match (self.tls.is_some(), self.auth_enabled()) {
+            (true, true) => return Ok(()),
+            (false, false) => "TLS and authentication",
+            (false, true) => "TLS",
+            (true, false) => "authentication",
+        };
+        let metrics = self.metrics.listen.filter(|_| self.metrics.enabled);
+        for (setting, address) in [("listen", Some(self.listen)), ("metrics.listen", metrics)] {
+            let Some(address) = address else { continue };
+            if !address.ip().to_canonical().is_loopback() {
+                return Err(ConfigError::InsecurePublicListener {
+                    setting,
+                    address,
+                    missing,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `[tls]` section with `--tls-*` flags over it: none of cert and key
+/// means plain HTTP; one without the other is an error.
+fn tls_settings(
+    file: FileTls,
+    o: &Overrides,
+) -> Result<Option<crate::tls::TlsSettings>, ConfigError> {
+    let cert = o.tls_cert.clone().or(file.cert);
+    let key = o.tls_key.clone().or(file.key);
+    let client_ca = o.tls_client_ca.clone().or(file.client_ca);
+    let (cert, key) = match (cert, key) {
+        (Some(cert), Some(key)) => (cert, key),
+        (None, None) => {
+            if client_ca.is_some() || file.client_auth.is_some() {
+                return Err(ConfigError::Invalid {
+                    setting: "tls.client_ca",
+                    message: "client certificates need TLS: set tls.cert and tls.key too"
+                        .to_owned(),
+                });
+            }
+            return Ok(None);
+        }
+        (Some(_), None) => {
+            return Err(ConfigError::Invalid {
+                setting: "tls.key",
+                message: "tls.cert is set but tls.key is not; give both".to_owned(),
+            })
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Invalid {
+                setting: "tls.cert",
+                message: "tls.key is set but tls.cert is not; give both".to_owned(),
+            })
+        }
+    };
+    if client_ca.is_none() && file.client_auth.is_some() {
+        return Err(ConfigError::Invalid {
+            setting: "tls.client_auth",
+            message: "needs tls.client_ca, the CA that client certificates must chain to"
+                .to_owned(),
+        });
+    }
+    let settings = crate::tls::TlsSettings {
+        cert,
+        key,
+        client_ca,
+        client_auth: file.client_auth.unwrap_or(crate::tls::ClientAuth::Required),
+        handshake_timeout: file.handshake_timeout.unwrap_or(Duration::from_secs(10)),
+        reload_interval: file.reload_interval.unwrap_or(Duration::from_secs(5)),
+    };
+    for (setting, value) in [
+        ("tls.handshake_timeout", settings.handshake_timeout),
+        ("tls.reload_interval", settings.reload_interval),
+    ] {
+        if value.is_zero() {
+            return Err(ConfigError::Invalid {
+                setting,
+                message: "must be greater than 0".to_owned(),
+            });
+        }
+    }
+    Ok(Some(settings))
 }
 
 #[cfg(test)]
@@ -875,6 +1016,75 @@ mod tests {
         let err = Config::load(Some(&path), Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("line 2"), "{err}");
         assert!(err.to_string().contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn a_public_listener_needs_tls_and_auth_or_the_flag() {
+        let public = |allow: bool, tls: bool| {
+            Config::with_overrides(Overrides {
+                listen: Some("0.0.0.0:8091".parse().unwrap()),
+                tls_cert: tls.then(|| "cert.pem".into()),
+                tls_key: tls.then(|| "key.pem".into()),
+                dangerously_allow_insecure_public_listener: allow,
+                ..Overrides::default()
+            })
+            .unwrap()
+            .check_public_listeners()
+        };
+        let err = public(false, false).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "refusing to listen on 0.0.0.0:8091 (listen) without TLS and authentication"
+            ),
+            "{err}"
+        );
+        // TLS alone is not enough while there is no authentication.
+        let err = public(false, true).unwrap_err();
+        assert!(err.to_string().contains("without authentication"), "{err}");
+        assert!(public(true, false).is_ok());
+        for loopback in ["127.0.0.1:8091", "[::1]:8091", "[::ffff:127.0.0.1]:8091"] {
+            let config = Config::with_overrides(Overrides {
+                listen: Some(loopback.parse().unwrap()),
+                ..Overrides::default()
+            })
+            .unwrap();
+            assert!(config.check_public_listeners().is_ok(), "{loopback}");
+        }
+        let file: FileConfig = toml::from_str(
+            "dangerously_allow_insecure_public_listener = true\nlisten = \"0.0.0.0:1\"\n",
+        )
+        .unwrap();
+        let config = Config::merge(file, Overrides::default()).unwrap();
+        assert!(config.check_public_listeners().is_ok());
+        // A public metrics listener counts too.
+        let file: FileConfig = toml::from_str("[metrics]\nlisten = \"0.0.0.0:9091\"\n").unwrap();
+        let err = Config::merge(file, Overrides::default())
+            .unwrap()
+            .check_public_listeners()
+            .unwrap_err();
+        assert!(err.to_string().contains("(metrics.listen)"), "{err}");
+    }
+
+    #[test]
+    fn tls_needs_both_cert_and_key() {
+        let file: FileConfig = toml::from_str(
+            "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"\nclient_auth = \"optional\"\n",
+        )
+        .unwrap();
+        let tls = Config::merge(file, Overrides::default())
+            .unwrap()
+            .tls
+            .unwrap();
+        assert_eq!(tls.client_auth, crate::tls::ClientAuth::Optional);
+        assert_eq!(tls.handshake_timeout, Duration::from_secs(10));
+        let file: FileConfig = toml::from_str("[tls]\ncert = \"c.pem\"\n").unwrap();
+        let err = Config::merge(file, Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid setting tls.key"),
+            "{err}"
+        );
+        let file: FileConfig = toml::from_str("[tls]\nclient_ca = \"ca.pem\"\n").unwrap();
+        assert!(Config::merge(file, Overrides::default()).is_err());
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub async fn run(
     settings: DevSettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    if config.tls.is_some() {
+        anyhow::bail!(
+            "actionsd dev serves plain HTTP on loopback for local development; \
+             remove the [tls] settings (or --tls-* flags), or run `actionsd serve` with an executor"
+        );
+    }
     let flyte_bin = settings
         .flyte_bin
         .map(|p| std::path::absolute(&p).unwrap_or(p));
@@ -105,6 +111,7 @@ pub async fn run(
     let scratch = dir.join("executor");
     let executor_settings = ExecutorSettings {
         server: format!("http://{address}"),
+        security: Default::default(),
         executor_id: format!("dev-{}", std::process::id()),
         queue: "default".to_owned(),
         capacity,

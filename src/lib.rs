@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod blob;
+pub mod client;
 pub mod config;
 pub mod ctl;
 pub mod dev;
@@ -19,3 +20,4 @@ pub mod server;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

@@ -96,6 +96,37 @@ struct ServeArgs {
     /// Event pipeline workers [default: 16].
     #[arg(long, env = "ACTIONSD_WORKERS")]
     workers: Option<usize>,
+    /// PEM certificate chain for TLS on the listener (tls.cert).
+    #[arg(long, env = "ACTIONSD_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (tls.key).
+    #[arg(long, env = "ACTIONSD_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates that client certificates must chain to
+    /// (tls.client_ca); clients must then present one (tls.client_auth).
+    #[arg(long, env = "ACTIONSD_TLS_CLIENT_CA", value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+    /// Listen on a non-loopback address even without TLS and
+    /// authentication: anyone who can reach the port can read and change
+    /// every run. Only for a network you trust.
+    #[arg(long, env = "ACTIONSD_DANGEROUSLY_ALLOW_INSECURE_PUBLIC_LISTENER")]
+    dangerously_allow_insecure_public_listener: bool,
+}
+
+impl ServeArgs {
+    /// The common flags, and these with the common ones left empty.
+    fn split(mut self) -> (CommonArgs, ServeArgs) {
+        let common = std::mem::replace(
+            &mut self.common,
+            CommonArgs {
+                config: None,
+                database_url: None,
+                log_format: None,
+                blob_url: None,
+            },
+        );
+        (common, self)
+    }
 }
 
 #[derive(Args)]
@@ -154,6 +185,34 @@ struct ExecutorArgs {
     /// Log format.
     #[arg(long, env = "ACTIONSD_LOG_FORMAT", value_enum, default_value_t)]
     log_format: LogFormat,
+    /// Bearer token sent with every call (`authorization: Bearer …`).
+    #[arg(
+        long,
+        env = "ACTIONSD_TOKEN",
+        hide_env_values = true,
+        value_parser = actionsd::client::parse_token
+    )]
+    token: Option<SecretString>,
+    /// PEM CA certificate the daemon's certificate must chain to (with an
+    /// https:// --server) [default: the system's roots].
+    #[arg(long, env = "ACTIONSD_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// PEM client certificate, for a daemon that verifies clients (mTLS).
+    #[arg(
+        long,
+        env = "ACTIONSD_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "client_key"
+    )]
+    client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(
+        long,
+        env = "ACTIONSD_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
 }
 
 impl ExecutorArgs {
@@ -189,6 +248,12 @@ impl ExecutorArgs {
         };
         ExecutorSettings {
             server: self.server,
+            security: actionsd::client::ClientSecurity {
+                token: self.token,
+                ca_cert: self.ca_cert,
+                client_cert: self.client_cert,
+                client_key: self.client_key,
+            },
             executor_id,
             queue: self.queue,
             capacity: self.capacity,
@@ -200,18 +265,22 @@ impl ExecutorArgs {
     }
 }
 
-fn load(
-    common: CommonArgs,
-    listen: Option<SocketAddr>,
-    workers: Option<usize>,
-) -> anyhow::Result<Config> {
-    let overrides = Overrides {
-        listen,
+fn load(common: CommonArgs, serve: Option<ServeArgs>) -> anyhow::Result<Config> {
+    let mut overrides = Overrides {
         database_url: common.database_url.map(SecretString::from),
         log_format: common.log_format,
-        workers,
         blob_url: common.blob_url,
+        ..Overrides::default()
     };
+    if let Some(serve) = serve {
+        overrides.listen = serve.listen;
+        overrides.workers = serve.workers;
+        overrides.tls_cert = serve.tls_cert;
+        overrides.tls_key = serve.tls_key;
+        overrides.tls_client_ca = serve.tls_client_ca;
+        overrides.dangerously_allow_insecure_public_listener =
+            serve.dangerously_allow_insecure_public_listener;
+    }
     Ok(Config::load(common.config.as_deref(), overrides)?)
 }
 
@@ -232,7 +301,8 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
-            let config = load(args.common, args.listen, args.workers)?;
+            let (common, serve) = args.split();
+            let config = load(common, Some(serve))?;
             let traces = telemetry::init_with(config.log_format, Some(&config.tracing));
             let signals = ShutdownSignals::install()?;
             let app = Application::build(config).await?;
@@ -242,7 +312,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             result
         }
         Command::Dev(args) => {
-            let config = load(args.serve.common, args.serve.listen, args.serve.workers)?;
+            let (common, serve) = args.serve.split();
+            let config = load(common, Some(serve))?;
             let traces = telemetry::init_with(config.log_format, Some(&config.tracing));
             let shutdown = CancellationToken::new();
             ShutdownSignals::install()?.cancel_on_signal(shutdown.clone());
@@ -256,7 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             result
         }
         Command::Migrate(args) => {
-            let config = load(args.common, None, None)?;
+            let config = load(args.common, None)?;
             telemetry::init(config.log_format);
             if args.check {
                 app::check_migrations(&config).await?;

@@ -33,6 +33,9 @@ pub mod names {
     pub const UPDATES_COALESCED: &str = "actionsd_updates_coalesced_total";
     pub const FEED_EVENTS: &str = "actionsd_feed_events_total";
     pub const FEED_FAILURES: &str = "actionsd_feed_read_failures_total";
+    pub const FEED_LAG: &str = "actionsd_feed_lag_seconds";
+    pub const COMMIT_BATCH_SIZE: &str = "actionsd_commit_batch_size";
+    pub const COMMIT_DURATION: &str = "actionsd_commit_duration_seconds";
     pub const POOL_CONNECTIONS: &str = "actionsd_store_pool_connections";
     pub const POOL_MAX: &str = "actionsd_store_pool_max_connections";
     pub const STORE_UP: &str = "actionsd_store_up";
@@ -58,6 +61,9 @@ pub mod names {
         UPDATES_COALESCED,
         FEED_EVENTS,
         FEED_FAILURES,
+        FEED_LAG,
+        COMMIT_BATCH_SIZE,
+        COMMIT_DURATION,
         POOL_CONNECTIONS,
         POOL_MAX,
         STORE_UP,
@@ -83,6 +89,10 @@ const BUCKETS: [f64; 16] = [
     60.0,
 ];
 
+/// Commands per group commit: powers of two up to the largest batch
+/// setting worth having.
+const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
 /// The process-wide recorder: installed on first use, shared by every
 /// daemon in the process (tests run several).
 pub fn handle() -> &'static PrometheusHandle {
@@ -90,6 +100,11 @@ pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &BUCKETS)
+            .expect("the bucket list is not empty")
+            .set_buckets_for_metric(
+                Matcher::Full(names::COMMIT_BATCH_SIZE.to_owned()),
+                &BATCH_BUCKETS,
+            )
             .expect("the bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -128,6 +143,21 @@ fn describe() {
         "Events read from the event log and handed to subscribers."
     );
     describe_counter!(names::FEED_FAILURES, "Failed reads of the event log.");
+    describe_histogram!(
+        names::FEED_LAG,
+        Unit::Seconds,
+        "From an event's write (its transaction's time) to its hand-over to the subscribers of this daemon."
+    );
+    describe_histogram!(
+        names::COMMIT_BATCH_SIZE,
+        Unit::Count,
+        "Commands applied per group-commit transaction."
+    );
+    describe_histogram!(
+        names::COMMIT_DURATION,
+        Unit::Seconds,
+        "Group-commit transaction latency, from taking the batch to its outcome."
+    );
     describe_gauge!(
         names::POOL_CONNECTIONS,
         "Store pool connections by state (in_use, idle)."

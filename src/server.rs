@@ -8,6 +8,12 @@
 //! timeout of its own choosing. hyper-util's connection builder has them
 //! (or, for idle time, the hook to add it); this loop adds the connection
 //! bound and graceful shutdown on the daemon's token.
+//!
+//! With TLS configured (see `crate::tls`), each accepted connection first
+//! completes a TLS handshake within `tls.handshake_timeout` (it holds a
+//! connection permit meanwhile, so handshakes in progress count against
+//! `server.max_connections`); then HTTP/2 or HTTP/1.1 is served over it,
+//! as over plain TCP.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,6 +29,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -34,6 +41,7 @@ use tower::Service;
 use tracing::{debug, info, warn};
 
 use crate::rpc::connect::error_response;
+use crate::tls::Tls;
 
 /// Connections accepted beyond `max_connections` are answered
 /// RESOURCE_EXHAUSTED on every request for this long, then closed; at most
@@ -64,6 +72,7 @@ pub async fn serve<S>(
     listener: TcpListener,
     service: S,
     settings: ListenerSettings,
+    tls: Option<Tls>,
     stop: CancellationToken,
 ) where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
@@ -105,8 +114,17 @@ pub async fn serve<S>(
                     idle_timeout: settings.idle_timeout,
                     stop: stop.clone(),
                 };
+                let tls = tls.clone();
+                let stop = stop.clone();
                 connections.spawn(async move {
-                    connection.serve(stream, peer).await;
+                    match tls {
+                        None => connection.serve(stream, peer).await,
+                        Some(tls) => {
+                            if let Some(stream) = handshake(&tls, stream, peer, &stop).await {
+                                connection.serve(stream, peer).await;
+                            }
+                        }
+                    }
                     drop(permit);
                 });
             }
@@ -123,8 +141,21 @@ pub async fn serve<S>(
                 };
                 let builder = builder.clone();
                 let limit = settings.max_connections;
+                let tls = tls.clone();
+                let stop = stop.clone();
                 connections.spawn(async move {
-                    refuse(&builder, stream, limit).await;
+                    // The handshake and the answer share the linger time.
+                    let _ = tokio::time::timeout(OVERFLOW_LINGER, async {
+                        match tls {
+                            None => refuse(&builder, stream, limit).await,
+                            Some(tls) => {
+                                if let Some(stream) = handshake(&tls, stream, peer, &stop).await {
+                                    refuse(&builder, stream, limit).await;
+                                }
+                            }
+                        }
+                    })
+                    .await;
                     drop(permit);
                 });
             }
@@ -149,6 +180,33 @@ fn connection_builder(settings: &ListenerSettings) -> auto::Builder<TokioExecuto
     builder
 }
 
+/// The server side of a TLS handshake, within `tls.handshake_timeout`;
+/// `None` (the connection is dropped) when it fails or takes too long, e.g.
+/// a plain HTTP client on the TLS port, or when shutdown begins meanwhile.
+async fn handshake(
+    tls: &Tls,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: &CancellationToken,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let accept = tokio::time::timeout(tls.handshake_timeout, tls.acceptor().accept(stream));
+    let result = tokio::select! {
+        result = accept => result,
+        () = stop.cancelled() => return None,
+    };
+    match result {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(err)) => {
+            debug!(%peer, error = %err, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
 fn configure(stream: &TcpStream, settings: &ListenerSettings) {
     if let Err(err) = stream.set_nodelay(true) {
         debug!(error = %err, "cannot set TCP_NODELAY");
@@ -161,7 +219,10 @@ fn configure(stream: &TcpStream, settings: &ListenerSettings) {
 
 /// Answers every request of a connection over the limit with
 /// RESOURCE_EXHAUSTED (in the request's protocol) for a short while.
-async fn refuse(builder: &auto::Builder<TokioExecutor>, stream: TcpStream, limit: usize) {
+async fn refuse<I>(builder: &auto::Builder<TokioExecutor>, stream: I, limit: usize)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |request: Request<Incoming>| async move {
         let status = Status::resource_exhausted(format!(
             "the daemon is at its limit of {limit} connections; retry later"
@@ -169,7 +230,7 @@ async fn refuse(builder: &auto::Builder<TokioExecutor>, stream: TcpStream, limit
         Ok::<_, Infallible>(error_response(request.headers(), &status))
     });
     let connection = builder.serve_connection(TokioIo::new(stream), service);
-    let _ = tokio::time::timeout(OVERFLOW_LINGER, connection).await;
+    let _ = connection.await;
 }
 
 struct Connection<S> {
@@ -187,7 +248,10 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    async fn serve(self, stream: TcpStream, peer: SocketAddr) {
+    async fn serve<I>(self, stream: I, peer: SocketAddr)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let activity = Arc::new(Activity {
             in_flight: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),

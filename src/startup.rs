@@ -96,6 +96,22 @@ fn hint_for(cause: &(dyn std::error::Error + 'static)) -> Option<String> {
                 "fix the setting (flag, ACTIONSD_* variable or config file); see `actionsd serve --help`"
                     .into()
             }
+            ConfigError::InsecurePublicListener { .. } => {
+                "listen on 127.0.0.1 for local use; or configure [tls] and authentication \
+                 (docs/security.md); or, on a network you trust, pass \
+                 --dangerously-allow-insecure-public-listener"
+                    .into()
+            }
+        });
+    }
+    if let Some(tls) = cause.downcast_ref::<crate::tls::TlsError>() {
+        return Some(match tls {
+            crate::tls::TlsError::Read { .. } => {
+                "check tls.cert, tls.key and tls.client_ca (--tls-cert, --tls-key, --tls-client-ca)".into()
+            }
+            crate::tls::TlsError::Invalid { .. } => {
+                "give PEM files: the certificate chain (server first), its private key, and CA certificates for tls.client_ca".into()
+            }
         });
     }
     if let Some(open) = cause.downcast_ref::<OpenError>() {

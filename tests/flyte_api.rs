@@ -619,13 +619,25 @@ async fn logs_are_bounded_and_belong_to_the_lease(db: TestDb) {
 
 async fn shipped_output_is_tailed(db: TestDb) {
     use actionsd::executor::ship::LogShipper;
+    use actionsd::proto::actionsd::executor::v1::executor_service_client::ExecutorServiceClient;
     let blob_dir = tempfile::tempdir().unwrap();
     let daemon = start(&db, blob_dir.path(), None).await;
     let mut c = clients(&daemon).await;
     let run = create_run(&mut c, "flyte-ship", Bytes::new()).await;
     let leased = lease(&mut c, "exec-1", "flyte-ship").await;
+    // The executor's clients carry its (here: no) bearer token.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", daemon.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let executor = ExecutorServiceClient::new(
+        actionsd::client::ClientSecurity::default()
+            .wrap(channel)
+            .unwrap(),
+    );
     let (shipper, task) = LogShipper::start(
-        c.executor.clone(),
+        executor,
         "exec-1".into(),
         leased.action_id.clone().unwrap(),
         leased.attempt,

@@ -105,6 +105,49 @@ pub struct Global {
         value_parser = humantime::parse_duration
     )]
     pub timeout: Duration,
+    /// Bearer token sent with every call (`authorization: Bearer …`).
+    #[arg(
+        long,
+        global = true,
+        env = "ACTIONSD_TOKEN",
+        hide_env_values = true,
+        value_parser = crate::client::parse_token
+    )]
+    pub token: Option<secrecy::SecretString>,
+    /// PEM CA certificate the daemon's certificate must chain to (with an
+    /// https:// --server) [default: the system's roots].
+    #[arg(long, global = true, env = "ACTIONSD_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate, for a daemon that verifies clients (mTLS).
+    #[arg(
+        long,
+        global = true,
+        env = "ACTIONSD_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "ACTIONSD_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
+}
+
+impl Global {
+    /// The connection settings these flags give.
+    pub fn security(&self) -> crate::client::ClientSecurity {
+        crate::client::ClientSecurity {
+            token: self.token.clone(),
+            ca_cert: self.ca_cert.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        }
+    }
 }
 
 /// A run, by name.

@@ -10,7 +10,9 @@ mod watch;
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+use crate::client::AuthChannel;
 
 use self::cli::{AbortArgs, ActionRef, Cli, Command, Global, LsArgs, RunsArgs, SignalArgs};
 use self::error::{error_chain, exit, Failure, Result};
@@ -95,8 +97,13 @@ fn endpoint(global: &Global) -> Result<Endpoint> {
             "--server {url:?} is not a valid URL: the scheme must be http or https"
         )));
     }
-    Ok(Endpoint::from_shared(url.clone())
-        .map_err(|e| Failure::usage(format!("--server {url:?} is not a valid URL: {e}")))?
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| Failure::usage(format!("--server {url:?} is not a valid URL: {e}")))?;
+    let endpoint = global
+        .security()
+        .apply(endpoint, &url)
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    Ok(endpoint
         .connect_timeout(global.timeout)
         // Keeps an idle `watch` alive through proxies and notices a daemon
         // that went away without closing the connection.
@@ -107,13 +114,19 @@ fn endpoint(global: &Global) -> Result<Endpoint> {
 }
 
 /// Connects to the daemon, within `--timeout`.
-pub(crate) async fn connect(global: &Global) -> Result<Channel> {
+pub(crate) async fn connect(global: &Global) -> Result<AuthChannel> {
     let endpoint = endpoint(global)?;
+    let security = global.security();
+    let wrap = |channel| {
+        security
+            .wrap(channel)
+            .map_err(|e| Failure::usage(e.to_string()))
+    };
     let url = server_url(&global.server);
     // The endpoint's own connect timeout (the same --timeout) usually
     // fires first; either way the failure names the connect timeout.
     match tokio::time::timeout(global.timeout, endpoint.connect()).await {
-        Ok(Ok(channel)) => Ok(channel),
+        Ok(Ok(channel)) => wrap(channel),
         Ok(Err(err)) if !connect_timed_out(&err) => Err(Failure::unavailable(format!(
             "cannot connect to {url}: {}",
             error_chain(&err)

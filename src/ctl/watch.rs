@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::time::{Duration, SystemTime};
 
+use crate::client::AuthChannel as Channel;
 use crossterm::style::{Color, Stylize};
 use crossterm::{cursor, queue, terminal};
-use tonic::transport::Channel;
 
 use super::cli::{Global, WatchArgs};
 use super::error::{exit, Failure, Result};

@@ -75,7 +75,9 @@ use prost::Message;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::{self, JoinSet};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+use crate::client::{AuthChannel as Channel, ClientSecurity};
 
 use self::action::{ActionKey, Job};
 use self::lease::LeaseEvent;
@@ -97,8 +99,10 @@ const CANCELLATION_BUFFER: usize = 64;
 /// How the executor runs.
 #[derive(Debug, Clone)]
 pub struct ExecutorSettings {
-    /// actionsd's address, `http://host:port`.
+    /// actionsd's address, `http://host:port` or `https://host:port`.
     pub server: String,
+    /// Token, CA certificate and client certificate for the connection.
+    pub security: ClientSecurity,
     /// Unique per running executor process.
     pub executor_id: String,
     /// The queue to lease task actions from.
@@ -229,7 +233,9 @@ struct Context {
 pub async fn run(settings: ExecutorSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
     settings.validate()?;
     let endpoint = Endpoint::from_shared(settings.server.clone())
-        .with_context(|| format!("invalid server address {:?}", settings.server))?
+        .with_context(|| format!("invalid server address {:?}", settings.server))?;
+    let endpoint = settings.security.apply(endpoint, &settings.server)?;
+    let endpoint = endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .tcp_keepalive(Some(Duration::from_secs(30)))
@@ -237,7 +243,7 @@ pub async fn run(settings: ExecutorSettings, shutdown: CancellationToken) -> any
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
     // Lazy: the executor starts while actionsd is down and keeps trying.
-    let channel = endpoint.connect_lazy();
+    let channel = settings.security.wrap(endpoint.connect_lazy())?;
     tracing::info!(
         server = %settings.server,
         executor_id = %settings.executor_id,

@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use std::sync::{Mutex, PoisonError};
 
+use crate::client::AuthChannel as Channel;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use super::rpc;
 use crate::proto::actionsd::executor::v1::executor_service_client::ExecutorServiceClient;

@@ -46,18 +46,22 @@ pub(super) async fn run(
     let mut shards = Vec::with_capacity(workers);
     let mut worker_tasks = JoinSet::new();
     for _ in 0..workers {
-        let (tx, mut rx) = mpsc::channel::<Arc<Event>>(settings.worker_queue.max(1));
+        let (tx, mut rx) = mpsc::channel::<(Arc<Event>, i64)>(settings.worker_queue.max(1));
         let registry = registry.clone();
         let executors = executors.clone();
         worker_tasks.spawn(async move {
-            while let Some(event) = rx.recv().await {
+            while let Some((event, written_micros)) = rx.recv().await {
                 registry.publish(&event);
                 executors.publish(&event);
+                let lag = chrono::Utc::now().timestamp_micros() - written_micros;
+                ::metrics::histogram!(crate::metrics::names::FEED_LAG)
+                    .record(lag.max(0) as f64 / 1e6);
             }
         });
         shards.push(tx);
     }
 
+    let mut position = super::position::Position::start(store.clone(), cursor).await;
     let mut pending_retry = PENDING_RETRY;
     let mut error_retry = ERROR_RETRY;
     let mut failing_since: Option<Instant> = None;
@@ -71,12 +75,13 @@ pub(super) async fn run(
                 }
                 error_retry = ERROR_RETRY;
                 cursor = batch.cursor;
+                position.advance(cursor);
                 ::metrics::counter!(crate::metrics::names::FEED_EVENTS)
                     .increment(batch.events.len() as u64);
-                for event in batch.events {
+                for (event, written) in batch.events.into_iter().zip(batch.written_micros) {
                     let shard = shard_of(&event.id, workers);
                     // A worker only ends when its sender is dropped.
-                    let _ = shards[shard].send(Arc::new(event)).await;
+                    let _ = shards[shard].send((Arc::new(event), written)).await;
                 }
                 if batch.more {
                     continue;
@@ -129,6 +134,7 @@ pub(super) async fn run(
     }
     drop(shards);
     while worker_tasks.join_next().await.is_some() {}
+    position.stop().await;
 }
 
 /// Forwards wake-ups from other daemons to the feed. Reconnects when the

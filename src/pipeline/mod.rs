@@ -13,6 +13,7 @@
 
 mod executors;
 mod feed;
+mod position;
 mod registry;
 
 use std::sync::Arc;

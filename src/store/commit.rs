@@ -161,7 +161,11 @@ async fn run(
         }
         let (commands, replies): (Vec<Command>, Vec<_>) = requests.drain(..).unzip();
         let size = commands.len();
+        let started = std::time::Instant::now();
         let results = batch(commands).await;
+        ::metrics::histogram!(crate::metrics::names::COMMIT_DURATION)
+            .record(started.elapsed().as_secs_f64());
+        ::metrics::histogram!(crate::metrics::names::COMMIT_BATCH_SIZE).record(size as f64);
         tracing::debug!(commands = size, "group commit");
         for (reply, result) in replies.into_iter().zip(results) {
             // The caller may have gone away; its write is done either way.

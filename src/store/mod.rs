@@ -32,6 +32,9 @@ pub struct FeedCursor {
 pub struct FeedBatch {
     /// Committed events, each read once.
     pub events: Vec<Event>,
+    /// When each event was written (its transaction's time), in
+    /// microseconds since the epoch, one per event: the feed lag's start.
+    pub written_micros: Vec<i64>,
     /// Where the next read starts.
     pub cursor: FeedCursor,
     /// The batch was full: read again at once.
@@ -161,6 +164,23 @@ pub trait Store: ReadStore {
     /// Deletes one run with its actions and events: `RunNotFound`, or
     /// `FailedPrecondition` while any action of it is not terminal.
     async fn delete_run(&self, run: &RunId) -> Result<Deleted, Error>;
+
+    /// Records how far `daemon`'s event feed has read (`None`: it stopped
+    /// reading), valid for `ttl`. Retention deletes a run's events only
+    /// once every unexpired position is past all of them.
+    async fn record_feed_position(
+        &self,
+        daemon: &str,
+        cursor: Option<FeedCursor>,
+        ttl: std::time::Duration,
+    ) -> Result<(), Error>;
+
+    /// Up to `limit` deleted runs whose blobs and logs are still to be
+    /// deleted from the blob store, oldest first.
+    async fn pending_purges(&self, limit: usize) -> Result<Vec<RunId>, Error>;
+
+    /// Marks a deleted run's blobs and logs as deleted.
+    async fn purged(&self, run: &RunId) -> Result<(), Error>;
 
     /// The connection pool's occupancy, for metrics.
     fn pool_stats(&self) -> PoolStats;
@@ -397,6 +417,27 @@ impl Store for Detached {
     async fn delete_run(&self, run: &RunId) -> Result<Deleted, Error> {
         let run = run.clone();
         self.spawn(|store| async move { store.delete_run(&run).await })
+            .await
+    }
+
+    async fn record_feed_position(
+        &self,
+        daemon: &str,
+        cursor: Option<FeedCursor>,
+        ttl: std::time::Duration,
+    ) -> Result<(), Error> {
+        let daemon = daemon.to_owned();
+        self.spawn(|store| async move { store.record_feed_position(&daemon, cursor, ttl).await })
+            .await
+    }
+
+    async fn pending_purges(&self, limit: usize) -> Result<Vec<RunId>, Error> {
+        self.inner.pending_purges(limit).await
+    }
+
+    async fn purged(&self, run: &RunId) -> Result<(), Error> {
+        let run = run.clone();
+        self.spawn(|store| async move { store.purged(&run).await })
             .await
     }
 

@@ -335,7 +335,8 @@ impl Store for PgStore {
 
             let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
             let rows = sqlx::query(concat!(
-                "SELECT xid::text AS xid_text, seq, ",
+                "SELECT xid::text AS xid_text, seq, \
+                 (extract(epoch FROM created_at) * 1000000)::bigint AS written_micros, ",
                 state_columns!(),
                 " FROM events WHERE (xid, seq) > ($1::text::xid8, $2) AND xid < $3::text::xid8",
                 " ORDER BY xid, seq LIMIT $4"
@@ -353,6 +354,7 @@ impl Store for PgStore {
                 more: rows.len() >= limit,
                 pending,
                 events: Vec::with_capacity(rows.len()),
+                written_micros: Vec::with_capacity(rows.len()),
             };
             for row in &rows {
                 let xid: String = row.try_get("xid_text").map_err(db_error)?;
@@ -361,6 +363,9 @@ impl Store for PgStore {
                     minor: row.try_get("seq").map_err(db_error)?,
                 };
                 batch.events.push(state_from_row(row)?);
+                batch
+                    .written_micros
+                    .push(row.try_get("written_micros").map_err(db_error)?);
             }
             Ok(batch)
         })
@@ -524,6 +529,23 @@ impl Store for PgStore {
 
     async fn delete_run(&self, run: &RunId) -> Result<super::Deleted, Error> {
         retention::delete_run(self, run).await
+    }
+
+    async fn record_feed_position(
+        &self,
+        daemon: &str,
+        cursor: Option<FeedCursor>,
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        retention::record_feed_position(self, daemon, cursor, ttl).await
+    }
+
+    async fn pending_purges(&self, limit: usize) -> Result<Vec<RunId>, Error> {
+        retention::pending_purges(self, limit).await
+    }
+
+    async fn purged(&self, run: &RunId) -> Result<(), Error> {
+        retention::purged(self, run).await
     }
 
     async fn queue_stats(&self, limit: usize) -> Result<super::QueueStats, Error> {

@@ -376,7 +376,7 @@ impl Store for SqliteStore {
     async fn read_feed(&self, cursor: FeedCursor, limit: usize) -> Result<FeedBatch, Error> {
         let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = sqlx::query(concat!(
-            "SELECT seq, ",
+            "SELECT seq, created_at, ",
             state_columns!(),
             " FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
         ))
@@ -391,6 +391,7 @@ impl Store for SqliteStore {
             more: rows.len() >= limit,
             pending: false,
             events: Vec::with_capacity(rows.len()),
+            written_micros: Vec::with_capacity(rows.len()),
         };
         for row in &rows {
             batch.cursor = FeedCursor {
@@ -398,6 +399,9 @@ impl Store for SqliteStore {
                 minor: row.try_get("seq").map_err(db_error)?,
             };
             batch.events.push(state_from_row(row)?);
+            batch
+                .written_micros
+                .push(row.try_get("created_at").map_err(db_error)?);
         }
         Ok(batch)
     }
@@ -547,6 +551,23 @@ impl Store for SqliteStore {
 
     async fn delete_run(&self, run: &RunId) -> Result<super::Deleted, Error> {
         retention::delete_run(self, run).await
+    }
+
+    async fn record_feed_position(
+        &self,
+        daemon: &str,
+        cursor: Option<FeedCursor>,
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        retention::record_feed_position(self, daemon, cursor, ttl).await
+    }
+
+    async fn pending_purges(&self, limit: usize) -> Result<Vec<RunId>, Error> {
+        retention::pending_purges(self, limit).await
+    }
+
+    async fn purged(&self, run: &RunId) -> Result<(), Error> {
+        retention::purged(self, run).await
     }
 
     async fn queue_stats(&self, limit: usize) -> Result<super::QueueStats, Error> {

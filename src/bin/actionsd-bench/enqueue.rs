@@ -104,7 +104,7 @@ async fn measure(
 
 /// `clients` tasks, each enqueueing children of its own run's root one
 /// call at a time, for `duration` (and at most 1,000,000 calls).
-async fn enqueue_load(
+pub(crate) async fn enqueue_load(
     channels: &[tonic::transport::Channel],
     clients: usize,
     duration: Duration,

@@ -13,6 +13,7 @@ mod load;
 mod pgbench;
 mod report;
 mod retention;
+mod traces;
 mod watch;
 
 use std::path::PathBuf;
@@ -80,6 +81,9 @@ enum Scenario {
     /// Enqueue latency during a retention pass over 100,000 finished
     /// actions, beside the same load without it.
     Retention,
+    /// Enqueue at 16 clients with OpenTelemetry export off, then on (to an
+    /// OTLP receiver on loopback).
+    Tracing,
 }
 
 /// What every scenario gets.
@@ -181,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Scenario::Drain => drain::drain(&settings, &mut report).await,
             Scenario::Dispatch => drain::dispatch(&settings, &mut report).await,
             Scenario::Retention => retention::retention(&settings, &mut report).await,
+            Scenario::Tracing => traces::tracing(&settings, &mut report).await,
         };
         if let Err(err) = result {
             report.fail(format!("{scenario:?}: {err:#}"));

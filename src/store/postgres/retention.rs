@@ -4,13 +4,20 @@
 //! writer holds is skipped rather than waited for, and writers wait at
 //! most one small batch for a run being deleted (whose writes would be
 //! refused anyway: every action of it is terminal).
+//!
+//! A run is taken only once every daemon with a live feed position has
+//! read past all of its events (`feed_positions`), so no feed ever misses
+//! an event that retention deletes. Deleted runs are queued in
+//! `run_purges` in the same transaction, for their blobs and logs.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 
 use super::{db_error, PgStore, TERMINAL_PHASES};
 use crate::domain::{Error, RunId};
-use crate::store::Deleted;
+use crate::store::{Deleted, FeedCursor};
 
 pub(super) async fn delete_finished_runs(
     store: &PgStore,
@@ -18,8 +25,15 @@ pub(super) async fn delete_finished_runs(
     limit: usize,
 ) -> Result<Deleted, Error> {
     let mut tx = store.pool.begin().await.map_err(db_error)?;
+    // The oldest runs first, locked; of those, the runs with an event that
+    // a live feed position has not passed yet are left for a later pass.
+    // The feed check runs on the few runs of the batch only (one probe of
+    // events_action_idx each), not on every candidate.
     let rows = sqlx::query(&format!(
-        "SELECT r.org, r.project, r.domain, r.name FROM actions a \
+        "WITH floor AS (SELECT xid, seq FROM feed_positions WHERE expires_at > now() \
+             ORDER BY xid, seq LIMIT 1) \
+         SELECT c.org, c.project, c.domain, c.name FROM ( \
+         SELECT r.org, r.project, r.domain, r.name FROM actions a \
          JOIN runs r ON r.org = a.org AND r.project = a.project AND r.domain = a.domain \
              AND r.name = a.run_name AND r.root_name = a.name \
          WHERE a.parent_name IS NULL AND a.end_time < $1 AND a.phase IN {TERMINAL_PHASES} \
@@ -28,7 +42,10 @@ pub(super) async fn delete_finished_runs(
                  AND c.run_name = a.run_name AND c.phase NOT IN {TERMINAL_PHASES}) \
          ORDER BY a.end_time \
          LIMIT $2 \
-         FOR UPDATE OF r SKIP LOCKED"
+         FOR UPDATE OF r SKIP LOCKED) c \
+         WHERE NOT EXISTS (SELECT 1 FROM events e, floor f \
+             WHERE e.org = c.org AND e.project = c.project AND e.domain = c.domain \
+               AND e.run_name = c.name AND (e.xid, e.seq) > (f.xid, f.seq))"
     ))
     .bind(finished_before)
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -100,6 +117,18 @@ async fn delete_runs(conn: &mut PgConnection, runs: &[RunId]) -> Result<Deleted,
         column(|r| &r.domain),
         column(|r| &r.name),
     );
+    sqlx::query(
+        "INSERT INTO run_purges (org, project, domain, name) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&orgs)
+    .bind(&projects)
+    .bind(&domains)
+    .bind(&names)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
     let mut deleted = Deleted::default();
     for (table, run_column) in [
         ("events", "run_name"),
@@ -127,4 +156,64 @@ async fn delete_runs(conn: &mut PgConnection, runs: &[RunId]) -> Result<Deleted,
         }
     }
     Ok(deleted)
+}
+
+pub(super) async fn record_feed_position(
+    store: &PgStore,
+    daemon: &str,
+    cursor: Option<FeedCursor>,
+    ttl: Duration,
+) -> Result<(), Error> {
+    let query = match cursor {
+        Some(cursor) => sqlx::query(
+            "INSERT INTO feed_positions (daemon, xid, seq, expires_at) \
+             VALUES ($1, $2::text::xid8, $3, now() + $4 * interval '1 millisecond') \
+             ON CONFLICT (daemon) DO UPDATE \
+             SET xid = EXCLUDED.xid, seq = EXCLUDED.seq, expires_at = EXCLUDED.expires_at",
+        )
+        .bind(daemon)
+        .bind(cursor.major.to_string())
+        .bind(cursor.minor)
+        .bind(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)),
+        // Expired positions of other daemons go too: nothing reads them.
+        None => sqlx::query(
+            "DELETE FROM feed_positions WHERE daemon = $1 OR expires_at < now() - interval '1 day'",
+        )
+        .bind(daemon),
+    };
+    query.execute(&store.pool).await.map_err(db_error)?;
+    Ok(())
+}
+
+pub(super) async fn pending_purges(store: &PgStore, limit: usize) -> Result<Vec<RunId>, Error> {
+    let rows = sqlx::query(
+        "SELECT org, project, domain, name FROM run_purges ORDER BY deleted_at LIMIT $1",
+    )
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(&store.pool)
+    .await
+    .map_err(db_error)?;
+    Ok(rows
+        .iter()
+        .map(|row| RunId {
+            org: row.get(0),
+            project: row.get(1),
+            domain: row.get(2),
+            name: row.get(3),
+        })
+        .collect())
+}
+
+pub(super) async fn purged(store: &PgStore, run: &RunId) -> Result<(), Error> {
+    sqlx::query(
+        "DELETE FROM run_purges WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4",
+    )
+    .bind(&run.org)
+    .bind(&run.project)
+    .bind(&run.domain)
+    .bind(&run.name)
+    .execute(&store.pool)
+    .await
+    .map_err(db_error)?;
+    Ok(())
 }
