@@ -242,7 +242,14 @@ async fn migrations_apply_to_an_empty_database_once(pool: PgPool) {
     .unwrap();
     assert_eq!(
         tables,
-        vec!["_sqlx_migrations", "actions", "events", "runs"]
+        vec![
+            "_sqlx_migrations",
+            "actions",
+            "events",
+            "feed_positions",
+            "run_purges",
+            "runs"
+        ]
     );
     let applied: Vec<i64> =
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
@@ -251,6 +258,6 @@ async fn migrations_apply_to_an_empty_database_once(pool: PgPool) {
             .unwrap();
     let embedded: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
     assert_eq!(applied, embedded);
-    assert_eq!(embedded.len(), 6);
+    assert_eq!(embedded.len(), 7);
     store.close().await;
 }
