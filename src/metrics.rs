@@ -39,6 +39,7 @@ pub mod names {
     pub const POOL_CONNECTIONS: &str = "actionsd_store_pool_connections";
     pub const POOL_MAX: &str = "actionsd_store_pool_max_connections";
     pub const STORE_UP: &str = "actionsd_store_up";
+    pub const STORE_ROUND_TRIPS: &str = "actionsd_store_round_trips_total";
     pub const QUEUED_ACTIONS: &str = "actionsd_queued_actions";
     pub const OLDEST_QUEUED_AGE: &str = "actionsd_oldest_queued_age_seconds";
     pub const LEASES_HELD: &str = "actionsd_leases_held";
@@ -68,6 +69,7 @@ pub mod names {
         POOL_CONNECTIONS,
         POOL_MAX,
         STORE_UP,
+        STORE_ROUND_TRIPS,
         QUEUED_ACTIONS,
         OLDEST_QUEUED_AGE,
         LEASES_HELD,
@@ -168,6 +170,11 @@ fn describe() {
     describe_gauge!(
         names::STORE_UP,
         "1 while the store answers the health check, else 0."
+    );
+    describe_counter!(
+        names::STORE_ROUND_TRIPS,
+        "Statements the write path sent to the store (store = postgres or sqlite): \
+         with the commands applied, how many round trips a command costs."
     );
     describe_gauge!(
         names::QUEUED_ACTIONS,

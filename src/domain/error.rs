@@ -39,6 +39,12 @@ pub enum Error {
     #[error("{0}")]
     Unavailable(String),
 
+    /// A concurrent change made the store give up (a deadlock or a
+    /// serialization failure); nothing was written and retrying may
+    /// succeed. Reported as UNAVAILABLE.
+    #[error("conflicting concurrent change; retry")]
+    Conflict,
+
     /// A bug or an unexpected store failure. The cause is logged where it
     /// happens; clients only see a generic message.
     #[error("internal error: {0}")]

@@ -91,6 +91,44 @@ pub struct ReapOutcome {
     pub timed_out: usize,
 }
 
+/// The terminal phases an executor may finish with.
+pub fn finishable(phase: Phase) -> bool {
+    matches!(
+        phase,
+        Phase::Succeeded | Phase::Failed | Phase::TimedOut | Phase::Aborted
+    )
+}
+
+/// What happens to an action whose lease expired: it is queued again as
+/// the next attempt while `attempt <= max_system_retries`, else it fails
+/// (with [`ReapSettings::lease_error`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseExpiry {
+    Requeue,
+    Fail,
+}
+
+impl LeaseExpiry {
+    pub fn decide(attempt: u32, max_system_retries: u32) -> Self {
+        if attempt <= max_system_retries {
+            Self::Requeue
+        } else {
+            Self::Fail
+        }
+    }
+
+    /// The phase the action moves to.
+    pub fn phase(self) -> Phase {
+        match self {
+            Self::Requeue => Phase::Queued,
+            Self::Fail => Phase::Failed,
+        }
+    }
+}
+
+/// The phase a condition nobody signalled before its deadline ends in.
+pub const CONDITION_TIMEOUT_PHASE: Phase = Phase::TimedOut;
+
 /// Decides a Finish. `Ok(false)`: the attempt already ended the same way
 /// (a repeated Finish), nothing changes. The executor must hold the lease
 /// of the current attempt; a terminal action (aborted meanwhile, say)

@@ -17,8 +17,8 @@ pub use action::{
 };
 pub use error::Error;
 pub use executor::{
-    decide_finish, output_uri, Cancellation, ClaimRequest, FinishAction, HeartbeatOutcome, Lease,
-    ReapOutcome, ReapSettings,
+    decide_finish, finishable, output_uri, Cancellation, ClaimRequest, FinishAction,
+    HeartbeatOutcome, Lease, LeaseExpiry, ReapOutcome, ReapSettings, CONDITION_TIMEOUT_PHASE,
 };
 pub use ids::{ActionId, RunId, WatchKey, EMPTY_ORG_ALIAS};
 pub use phase::Phase;
@@ -26,4 +26,7 @@ pub use read::{
     ActionFilter, ActionPosition, ActionRecord, HistoryEntry, Page, PageRequest, RunFilter,
     RunPosition, RunRecord, SnapshotPosition, PAGE_BUDGET,
 };
-pub use rules::{decide_enqueue_existing, decide_signal, decide_update, Current, Transition};
+pub use rules::{
+    decide_abort, decide_enqueue_existing, decide_enqueue_parent, decide_signal, decide_update,
+    enqueue_queue, initial_phase, second_root, Current, Transition, DEFAULT_QUEUE,
+};

@@ -156,6 +156,67 @@ pub fn decide_enqueue_existing(
     }
 }
 
+/// Decides an Enqueue under `parent`, from the parent's phase (`None`: no
+/// such action in the run). Children may only be added to a live parent.
+pub fn decide_enqueue_parent(
+    id: &ActionId,
+    parent: &str,
+    parent_phase: Option<Phase>,
+) -> Result<(), Error> {
+    match parent_phase {
+        None => Err(Error::ParentNotFound(id.sibling(parent.to_owned()))),
+        Some(phase) if phase.is_terminal() => Err(Error::ParentTerminal {
+            parent: id.sibling(parent.to_owned()),
+            phase,
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+/// A root Enqueue into a run that already has another root action `root`.
+pub fn second_root(run: &super::RunId, root: &str) -> Error {
+    Error::AlreadyExists(format!(
+        "run {run} already exists with root action '{root}'"
+    ))
+}
+
+/// The queue a new action waits in: task actions only, their own queue,
+/// else the run's (RunSpec.queue), else `default`. Other kinds never wait
+/// for an executor.
+pub fn enqueue_queue(
+    kind: ActionKind,
+    task_queue: Option<&str>,
+    run_queue: Option<&str>,
+) -> Option<String> {
+    (kind == ActionKind::Task).then(|| task_queue.or(run_queue).unwrap_or(DEFAULT_QUEUE).to_owned())
+}
+
+/// The queue of task actions that name none, in a run that names none.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// The phase a new action starts in: tasks wait QUEUED for an executor,
+/// conditions PAUSED for a signal, traces in the phase they report
+/// (SUCCEEDED when they report none).
+pub fn initial_phase(kind: ActionKind, reported: Option<Phase>) -> Phase {
+    match kind {
+        ActionKind::Task => Phase::Queued,
+        ActionKind::Condition => Phase::Paused,
+        ActionKind::Trace => reported.unwrap_or(Phase::Succeeded),
+    }
+}
+
+/// Decides an Abort: only a live action can be aborted (its whole subtree
+/// is then aborted, live descendants of terminal children included).
+pub fn decide_abort(id: &ActionId, current: &Current) -> Result<(), Error> {
+    if current.phase.is_terminal() {
+        return Err(Error::FailedPrecondition(format!(
+            "action {id} is already {}",
+            current.phase
+        )));
+    }
+    Ok(())
+}
+
 fn simple_type_name(value: i32) -> String {
     const NAMES: [&str; 10] = [
         "NONE", "INTEGER", "FLOAT", "STRING", "BOOLEAN", "DATETIME", "DURATION", "BINARY", "ERROR",

@@ -9,8 +9,9 @@ use prost::Message;
 
 use crate::domain::limits::{self, check_id_part, check_text};
 use crate::domain::{
-    AbortAction, ActionId, ActionKind, ActionState, ClaimRequest, EnqueueAction, Error,
-    FinishAction, Phase, RunId, RunSettings, SignalAction, SignalValue, SimpleKind, UpdateStatus,
+    initial_phase, AbortAction, ActionId, ActionKind, ActionState, ClaimRequest, EnqueueAction,
+    Error, FinishAction, Phase, RunId, RunSettings, SignalAction, SignalValue, SimpleKind,
+    UpdateStatus,
 };
 use crate::proto::actionsd::executor::v1 as executor;
 use crate::proto::flyteidl2::{actions, common, core, workflow};
@@ -149,15 +150,16 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
             if !task.queue.is_empty() {
                 task_queue = Some(task.queue.clone());
             }
-            (ActionKind::Task, Phase::Queued)
+            (ActionKind::Task, initial_phase(ActionKind::Task, None))
         }
         Some(actions::action::Spec::Trace(trace)) => {
-            let phase = match trace.phase {
-                0 => Phase::Succeeded,
-                value => Phase::from_wire(value).ok_or_else(|| {
+            let reported = match trace.phase {
+                0 => None,
+                value => Some(Phase::from_wire(value).ok_or_else(|| {
                     Error::invalid("action.trace.phase", format!("unknown phase {value}"))
-                })?,
+                })?),
             };
+            let phase = initial_phase(ActionKind::Trace, reported);
             output_uri = trace
                 .outputs
                 .as_ref()
@@ -200,7 +202,10 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
                     timeout.nanos,
                 )?);
             }
-            (ActionKind::Condition, Phase::Paused)
+            (
+                ActionKind::Condition,
+                initial_phase(ActionKind::Condition, None),
+            )
         }
     };
 
@@ -293,7 +298,7 @@ pub fn finish(request: executor::FinishRequest) -> Result<FinishAction, Error> {
         return Err(Error::invalid("attempt", "must be greater than 0"));
     }
     let phase = Phase::from_wire(request.phase)
-        .filter(|p| crate::rpc::executor::finishable(*p))
+        .filter(|p| crate::domain::finishable(*p))
         .ok_or_else(|| {
             Error::invalid("phase", "must be SUCCEEDED, FAILED, TIMED_OUT or ABORTED")
         })?;

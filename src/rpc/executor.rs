@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use tracing::{field, info_span, Instrument, Span};
 
 use super::convert::{self, action_id_to_proto};
-use crate::domain::{ActionState, Command, Error, Lease, Phase};
+use crate::domain::{ActionState, Command, Error, Lease};
 use crate::logs::LogStore;
 use crate::pipeline::{ExecutorRegistry, Waker};
 use crate::proto::actionsd::executor::v1::{
@@ -337,12 +337,4 @@ impl ExecutorApi {
             &crate::auth::Target::action(id).with_queue(state.queue.as_deref()),
         )
     }
-}
-
-/// The terminal phases an executor may finish with.
-pub fn finishable(phase: Phase) -> bool {
-    matches!(
-        phase,
-        Phase::Succeeded | Phase::Failed | Phase::TimedOut | Phase::Aborted
-    )
 }

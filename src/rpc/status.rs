@@ -18,7 +18,7 @@ pub fn code(err: &Error) -> Code {
         Error::ParentTerminal { .. } => Code::Aborted,
         Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::ResourceExhausted(_) => Code::ResourceExhausted,
-        Error::Unavailable(_) => Code::Unavailable,
+        Error::Unavailable(_) | Error::Conflict => Code::Unavailable,
         Error::Internal(_) => Code::Internal,
     }
 }

@@ -4,6 +4,8 @@
 //! (Postgres today, an embedded backend later) without touching the RPC
 //! layer or the pipeline.
 
+mod apply;
+mod lease;
 mod listing;
 pub mod postgres;
 pub mod sqlite;
@@ -192,6 +194,10 @@ pub trait Store: ReadStore {
 }
 
 mod commit;
+#[cfg(test)]
+mod conformance;
+mod rows;
+mod sql;
 pub use commit::GroupCommit;
 
 /// Compares the migrations a database has applied with those built in:
@@ -512,49 +518,4 @@ where
         }
     }
     Ok(items)
-}
-
-/// How many more actions an executor may lease now, from its unfinished
-/// leases (`held`) and how many of those wait on unfinished children
-/// (`waiting`, counted only when `max_leases` > 0). Waiting parents do not
-/// count against the capacity, so their children can run; `max_leases`
-/// bounds all leases, and so the executor's processes.
-pub(crate) fn free_leases(request: &ClaimRequest, held: i64, waiting: i64) -> i64 {
-    let capacity = i64::from(request.capacity);
-    if request.max_leases == 0 {
-        return capacity - held;
-    }
-    let by_capacity = capacity - (held - waiting);
-    let by_bound = i64::from(request.max_leases) - held;
-    by_capacity.min(by_bound).max(0)
-}
-
-#[cfg(test)]
-mod free_lease_tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    fn request(capacity: u32, max_leases: u32) -> ClaimRequest {
-        ClaimRequest {
-            executor: "e".into(),
-            queue: "q".into(),
-            capacity,
-            max_leases,
-            lease_ttl: Duration::from_secs(30),
-        }
-    }
-
-    #[test]
-    fn waiting_parents_free_their_slot_up_to_the_bound() {
-        // Without a bound every lease counts.
-        assert_eq!(free_leases(&request(2, 0), 2, 0), 0);
-        // One of two leases waits on children: one more may run.
-        assert_eq!(free_leases(&request(2, 8), 2, 1), 1);
-        // Capacity 1, three nested parents waiting: the leaf may run.
-        assert_eq!(free_leases(&request(1, 8), 3, 3), 1);
-        // ...but never past the bound.
-        assert_eq!(free_leases(&request(1, 3), 3, 3), 0);
-        assert_eq!(free_leases(&request(4, 8), 0, 0), 4);
-    }
 }

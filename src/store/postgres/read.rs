@@ -7,7 +7,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{QueryBuilder, Row};
 use tracing::instrument;
 
-use super::{bounded, db_error, phase_from_db, state_from_row, time, PgStore};
+use super::{bounded, db_error, state_from_row, time, PgStore};
 use crate::domain::{
     ActionFilter, ActionId, ActionKind, ActionPosition, ActionRecord, Error, HistoryEntry, Page,
     PageRequest, RunFilter, RunId, RunPosition, RunRecord, PAGE_BUDGET,
@@ -157,10 +157,10 @@ impl ReadStore for PgStore {
                             name: row.try_get("run_name").map_err(db_error)?,
                         },
                         root_name: row.try_get("root_name").map_err(db_error)?,
-                        root_phase: phase_from_db(row.try_get("root_phase").map_err(db_error)?)?,
+                        root_phase: row.try_get("root_phase").map_err(db_error)?,
                         queue: row.try_get("queue").map_err(db_error)?,
                         created_at: time::get(row, "created_at")?,
-                        phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
+                        phase: row.try_get("phase").map_err(db_error)?,
                         actions: row.try_get("actions").map_err(db_error)?,
                     })
                 })

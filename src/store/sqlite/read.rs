@@ -7,7 +7,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row};
 use tracing::instrument;
 
-use super::{db_error, phase_from_db, state_from_row, time_from_micros, SqliteStore};
+use super::{db_error, state_from_row, time_from_micros, SqliteStore};
 use crate::domain::{
     ActionFilter, ActionId, ActionKind, ActionPosition, ActionRecord, Error, HistoryEntry, Page,
     PageRequest, RunFilter, RunId, RunPosition, RunRecord, PAGE_BUDGET,
@@ -162,10 +162,10 @@ impl ReadStore for SqliteStore {
                         name: row.try_get("run_name").map_err(db_error)?,
                     },
                     root_name: row.try_get("root_name").map_err(db_error)?,
-                    root_phase: phase_from_db(row.try_get("root_phase").map_err(db_error)?)?,
+                    root_phase: row.try_get("root_phase").map_err(db_error)?,
                     queue: row.try_get("queue").map_err(db_error)?,
                     created_at: time_from_micros(row.try_get("created_at").map_err(db_error)?)?,
-                    phase: phase_from_db(row.try_get("phase").map_err(db_error)?)?,
+                    phase: row.try_get("phase").map_err(db_error)?,
                     actions: row.try_get("actions").map_err(db_error)?,
                 })
             })

@@ -1,0 +1,156 @@
+//! The statements of Postgres claims and heartbeats ([`LeaseTx`]).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, Row};
+
+use super::tx::PgTx;
+use super::{db_error, time, trip};
+use crate::domain::{output_uri, ActionId, ActionKind, ClaimRequest, Error, Lease, Phase, RunId};
+use crate::store::lease::{in_order_of, Candidate, LeaseTx, Released};
+use crate::store::rows::{attempt_from_db, terminal_phases, IdRow, ReleasedRow};
+use crate::store::sql;
+
+#[async_trait]
+impl LeaseTx for PgTx<'_> {
+    type Position = (DateTime<Utc>, ActionId);
+
+    async fn held(&mut self, executor: &str, count_waiting: bool) -> Result<(i64, i64), Error> {
+        trip();
+        sql::count_held(&mut *self.conn, executor, count_waiting)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn candidates(
+        &mut self,
+        queue: &str,
+        after: Option<&Self::Position>,
+        limit: usize,
+    ) -> Result<Vec<Candidate<Self::Position>>, Error> {
+        trip();
+        sql::candidates(
+            &mut *self.conn,
+            queue,
+            after,
+            limit,
+            " FOR UPDATE OF a SKIP LOCKED",
+            |row| time::get(row, "created_at"),
+            db_error,
+        )
+        .await
+    }
+
+    async fn run_leases(&mut self, run: &RunId) -> Result<i64, Error> {
+        // Two statements: the count must see the leases of a claimer that
+        // held the lock and committed meanwhile.
+        trip();
+        sqlx::query(
+            "SELECT 1 FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4 FOR UPDATE",
+        )
+        .bind(&run.org)
+        .bind(&run.project)
+        .bind(&run.domain)
+        .bind(&run.name)
+        .execute(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        trip();
+        sql::count_run_leases(&mut *self.conn, run)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn lease(
+        &mut self,
+        ids: &[ActionId],
+        request: &ClaimRequest,
+    ) -> Result<Vec<Lease>, Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        trip();
+        let column = |get: fn(&ActionId) -> &str| ids.iter().map(get).collect::<Vec<&str>>();
+        let rows = sqlx::query(concat!(
+            "WITH chosen AS (",
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])",
+            "   AS c(org, project, domain, run_name, name)",
+            "), changed AS (",
+            " UPDATE actions a SET phase = $8, lease_holder = $6,",
+            "   lease_deadline = now() + make_interval(secs => $7),",
+            "   version = a.version + 1, updated_at = now()",
+            " FROM chosen c",
+            " WHERE (a.org, a.project, a.domain, a.run_name, a.name)",
+            "   = (c.org, c.project, c.domain, c.run_name, c.name)",
+            " RETURNING a.*",
+            "), logged AS (",
+            insert_events_from_changed!(),
+            ")",
+            " SELECT c.org, c.project, c.domain, c.run_name, c.name, c.spec, c.attempt,",
+            "   c.lease_deadline, c.run_output_base, r.run_spec",
+            " FROM changed c JOIN runs r",
+            "   ON (r.org, r.project, r.domain, r.name) = (c.org, c.project, c.domain, c.run_name)"
+        ))
+        .bind(column(|id| &id.run.org))
+        .bind(column(|id| &id.run.project))
+        .bind(column(|id| &id.run.domain))
+        .bind(column(|id| &id.run.name))
+        .bind(column(|id| &id.name))
+        .bind(&request.executor)
+        .bind(request.lease_ttl.as_secs_f64())
+        .bind(Phase::Initializing)
+        .fetch_all(&mut *self.conn)
+        .await
+        .map_err(db_error)?;
+        let leases = rows
+            .iter()
+            .map(lease_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        in_order_of(ids, leases)
+    }
+
+    async fn release_ended(&mut self, executor: &str) -> Result<Vec<Released>, Error> {
+        trip();
+        sql::release(&mut *self.conn, executor)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(ReleasedRow::into_released)
+            .collect()
+    }
+
+    async fn extend(&mut self, executor: &str, ttl: Duration) -> Result<DateTime<Utc>, Error> {
+        trip();
+        sqlx::query_scalar(&format!(
+            "WITH extended AS (UPDATE actions SET lease_deadline = now() + make_interval(secs => $2) \
+               WHERE lease_holder = $1 AND lease_deadline IS NOT NULL AND phase NOT IN {}) \
+             SELECT now() + make_interval(secs => $2)",
+            terminal_phases()
+        ))
+        .bind(executor)
+        .bind(ttl.as_secs_f64())
+        .fetch_one(&mut *self.conn)
+        .await
+        .map_err(db_error)
+    }
+}
+
+/// A lease from a row with the action's key columns, `spec`, `attempt`,
+/// `lease_deadline`, `run_output_base` and the run's `run_spec`.
+pub(super) fn lease_from_row(row: &PgRow) -> Result<Lease, Error> {
+    let id = IdRow::from_row(row).map_err(db_error)?.into_id();
+    let attempt = attempt_from_db(row.try_get("attempt").map_err(db_error)?)?;
+    let base: String = row.try_get("run_output_base").map_err(db_error)?;
+    Ok(Lease {
+        output_uri: output_uri(ActionKind::Task, "", &base, &id.name, attempt),
+        id,
+        spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
+        run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
+        attempt,
+        deadline: time::get(row, "lease_deadline")?,
+    })
+}

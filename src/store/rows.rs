@@ -1,0 +1,291 @@
+//! Rows as both backends read them: phases and kinds bound and decoded as
+//! their stored small integers, and the columns of an action's observable
+//! state decoded by `FromRow`.
+
+use bytes::Bytes;
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::{Database, Decode, Encode, Type};
+
+use crate::domain::{output_uri, ActionId, ActionKind, ActionState, Error, Phase, RunId};
+
+/// Implements `Type`, `Encode` and `Decode` for a domain enum stored as
+/// its `i16` discriminant, on every backend.
+macro_rules! stored_as_i16 {
+    ($ty:ty, $what:literal, $from:expr) => {
+        impl<DB: Database> Type<DB> for $ty
+        where
+            i16: Type<DB>,
+        {
+            fn type_info() -> DB::TypeInfo {
+                <i16 as Type<DB>>::type_info()
+            }
+
+            fn compatible(ty: &DB::TypeInfo) -> bool {
+                <i16 as Type<DB>>::compatible(ty)
+            }
+        }
+
+        impl<'q, DB: Database> Encode<'q, DB> for $ty
+        where
+            i16: Encode<'q, DB>,
+        {
+            fn encode_by_ref(
+                &self,
+                buf: &mut <DB as Database>::ArgumentBuffer<'q>,
+            ) -> Result<IsNull, BoxDynError> {
+                (*self as i16).encode_by_ref(buf)
+            }
+        }
+
+        impl<'r, DB: Database> Decode<'r, DB> for $ty
+        where
+            i16: Decode<'r, DB>,
+        {
+            fn decode(value: <DB as Database>::ValueRef<'r>) -> Result<Self, BoxDynError> {
+                let stored = <i16 as Decode<'r, DB>>::decode(value)?;
+                let from: fn(i16) -> Option<$ty> = $from;
+                from(stored)
+                    .ok_or_else(|| format!("unknown {} {stored} in the store", $what).into())
+            }
+        }
+    };
+}
+
+stored_as_i16!(Phase, "phase", |v| Phase::from_wire(i32::from(v)));
+stored_as_i16!(ActionKind, "action kind", ActionKind::from_db);
+
+/// The phases [`Phase::is_terminal`] names, as an SQL list `(5, 6, …)`:
+/// derived, so the SQL cannot disagree with the rule.
+pub(crate) fn terminal_phases() -> &'static str {
+    static LIST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| {
+        let phases: Vec<String> = (1..=16)
+            .filter_map(Phase::from_wire)
+            .filter(|p| p.is_terminal())
+            .map(|p| (p as i16).to_string())
+            .collect();
+        format!("({})", phases.join(", "))
+    })
+}
+
+/// The predicate of queued task actions (what claims take), for the
+/// columns of `alias`: it matches the partial index `actions_queued_idx`,
+/// which is why it is spelled out rather than bound.
+pub(crate) fn queued_task(alias: &str) -> String {
+    format!(
+        "{alias}phase = {} AND {alias}kind = {}",
+        Phase::Queued as i16,
+        ActionKind::Task as i16
+    )
+}
+
+/// The predicate of conditions waiting for a signal, matching the partial
+/// index `actions_condition_deadline_idx`.
+pub(crate) fn waiting_condition() -> String {
+    format!(
+        "kind = {} AND phase = {}",
+        ActionKind::Condition as i16,
+        crate::domain::initial_phase(ActionKind::Condition, None) as i16
+    )
+}
+
+/// An action's key columns.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct IdRow {
+    pub org: String,
+    pub project: String,
+    pub domain: String,
+    pub run_name: String,
+    pub name: String,
+}
+
+impl IdRow {
+    pub fn into_id(self) -> ActionId {
+        ActionId::new(
+            RunId {
+                org: self.org,
+                project: self.project,
+                domain: self.domain,
+                name: self.run_name,
+            },
+            self.name,
+        )
+    }
+}
+
+/// The columns of an action's observable state (of `actions` or of
+/// `events`): `state_columns!` in each backend.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct StateRow {
+    #[sqlx(flatten)]
+    pub id: IdRow,
+    pub parent_name: Option<String>,
+    pub version: i64,
+    pub phase: Phase,
+    pub attempt: i64,
+    pub output_uri: String,
+    pub error: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub queue: Option<String>,
+    pub lease_holder: Option<String>,
+    /// Events written before they carried the kind hold 0: no default.
+    pub kind: i16,
+    pub run_output_base: String,
+    pub address: Option<Vec<u8>>,
+}
+
+impl StateRow {
+    pub fn into_state(self) -> Result<ActionState, Error> {
+        let id = self.id.into_id();
+        let attempt = attempt_from_db(self.attempt)?;
+        Ok(ActionState {
+            output_uri: match ActionKind::from_db(self.kind) {
+                Some(kind) => output_uri(
+                    kind,
+                    &self.output_uri,
+                    &self.run_output_base,
+                    &id.name,
+                    attempt,
+                ),
+                None => self.output_uri,
+            },
+            id,
+            parent: self.parent_name,
+            version: self.version,
+            phase: self.phase,
+            attempt,
+            error: self.error.map(Bytes::from),
+            value: self.value.map(Bytes::from),
+            queue: self.queue,
+            lease_holder: self.lease_holder,
+            address: self.address.map(Bytes::from),
+        })
+    }
+}
+
+/// What the rules read of an action's row (`Current`).
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct CurrentRow {
+    pub kind: ActionKind,
+    pub phase: Phase,
+    pub attempt: i64,
+    pub parent_name: Option<String>,
+    pub condition_type: Option<i32>,
+    pub value: Option<Vec<u8>>,
+    pub lease_holder: Option<String>,
+    pub run_output_base: String,
+    pub address: Option<Vec<u8>>,
+}
+
+impl CurrentRow {
+    pub fn into_current(self) -> Result<crate::domain::Current, Error> {
+        Ok(crate::domain::Current {
+            kind: self.kind,
+            phase: self.phase,
+            attempt: attempt_from_db(self.attempt)?,
+            parent: self.parent_name,
+            condition_type: self.condition_type,
+            value: self.value.map(Bytes::from),
+            lease_holder: self.lease_holder,
+            run_output_base: self.run_output_base,
+            address: self.address.map(Bytes::from),
+        })
+    }
+}
+
+/// The stored content of an existing action, for a repeated Enqueue.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct StoredRow {
+    pub spec: Vec<u8>,
+    pub run_spec: Vec<u8>,
+    pub is_root: bool,
+}
+
+/// A lease released because its action ended.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct ReleasedRow {
+    #[sqlx(flatten)]
+    pub id: IdRow,
+    pub attempt: i64,
+    pub phase: Phase,
+    pub abort_reason: Option<String>,
+}
+
+impl ReleasedRow {
+    pub fn into_released(self) -> Result<crate::store::lease::Released, Error> {
+        Ok(crate::store::lease::Released {
+            id: self.id.into_id(),
+            attempt: attempt_from_db(self.attempt)?,
+            phase: self.phase,
+            abort_reason: self.abort_reason,
+        })
+    }
+}
+
+/// A parent's phase and its run's queue.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct ParentRow {
+    pub phase: Phase,
+    pub queue: Option<String>,
+}
+
+pub(crate) fn attempt_from_db(value: i64) -> Result<u32, Error> {
+    u32::try_from(value)
+        .map_err(|_| Error::Internal(format!("attempt {value} in the store is out of range")))
+}
+
+/// Binds an action's key columns (org, project, domain, run name, name),
+/// in that order, to the next five parameters.
+pub(crate) trait BindId<'q> {
+    fn bind_id(self, id: &'q ActionId) -> Self;
+}
+
+impl<'q, DB: Database> BindId<'q> for sqlx::query::Query<'q, DB, <DB as Database>::Arguments<'q>>
+where
+    &'q String: Encode<'q, DB> + Type<DB>,
+{
+    fn bind_id(self, id: &'q ActionId) -> Self {
+        self.bind(&id.run.org)
+            .bind(&id.run.project)
+            .bind(&id.run.domain)
+            .bind(&id.run.name)
+            .bind(&id.name)
+    }
+}
+
+impl<'q, DB: Database, O> BindId<'q>
+    for sqlx::query::QueryAs<'q, DB, O, <DB as Database>::Arguments<'q>>
+where
+    &'q String: Encode<'q, DB> + Type<DB>,
+{
+    fn bind_id(self, id: &'q ActionId) -> Self {
+        self.bind(&id.run.org)
+            .bind(&id.run.project)
+            .bind(&id.run.domain)
+            .bind(&id.run.name)
+            .bind(&id.name)
+    }
+}
+
+impl<'q, DB: Database, O> BindId<'q>
+    for sqlx::query::QueryScalar<'q, DB, O, <DB as Database>::Arguments<'q>>
+where
+    &'q String: Encode<'q, DB> + Type<DB>,
+{
+    fn bind_id(self, id: &'q ActionId) -> Self {
+        self.bind(&id.run.org)
+            .bind(&id.run.project)
+            .bind(&id.run.domain)
+            .bind(&id.run.name)
+            .bind(&id.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_terminal_list_follows_the_rule() {
+        assert_eq!(super::terminal_phases(), "(5, 6, 7, 8, 10)");
+    }
+}

@@ -1,0 +1,245 @@
+//! Statements both backends run as they are: SQLite reads `$N` parameters
+//! as Postgres does, and both have row values and RETURNING. What differs
+//! (row locks, time arithmetic, feed columns) stays in each backend.
+
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
+
+use crate::domain::Error;
+use crate::domain::{ActionId, RunId};
+use crate::store::lease::Candidate;
+use crate::store::rows::{queued_task, terminal_phases, IdRow, ParentRow, ReleasedRow};
+
+/// An existing action's stored content, for a repeated Enqueue (the key
+/// as `$1..$5`).
+pub(crate) const STORED: &str = "SELECT a.spec, r.run_spec, r.root_name = a.name AS is_root \
+     FROM actions a JOIN runs r \
+       ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+     WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4 AND a.name = $5";
+
+/// The name of a run's root action (the run's key as `$1..$4`).
+pub(crate) const RUN_ROOT: &str =
+    "SELECT root_name FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4";
+
+/// A parent's phase and its run's queue (the run as `$1..$4`, the parent's
+/// name as `$5`); Postgres appends its row lock.
+pub(crate) const PARENT: &str = "SELECT a.phase, r.queue FROM actions a JOIN runs r \
+       ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+     WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4 AND a.name = $5";
+
+/// What the rules read of an action's row (the key as `$1..$5`);
+/// Postgres appends its row lock.
+pub(crate) const CURRENT: &str =
+    "SELECT kind, phase, attempt, parent_name, condition_type, value, lease_holder, \
+       run_output_base, address FROM actions \
+     WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 AND name = $5";
+
+/// An executor's unfinished leases (`$1`), and how many of them wait on
+/// unfinished children (counted when `$2`).
+pub(crate) fn held() -> String {
+    format!(
+        "SELECT count(*), coalesce(sum(CASE WHEN $2 AND EXISTS ( \
+           SELECT 1 FROM actions c \
+           WHERE (c.org, c.project, c.domain, c.run_name, c.parent_name) \
+               = (a.org, a.project, a.domain, a.run_name, a.name) \
+             AND c.phase NOT IN {terminal}) THEN 1 ELSE 0 END), 0) \
+         FROM actions a WHERE a.lease_holder = $1 AND a.lease_deadline IS NOT NULL \
+         AND a.phase NOT IN {terminal}",
+        terminal = terminal_phases()
+    )
+}
+
+/// A run's live leases (the run as `$1..$4`).
+pub(crate) fn run_leases() -> String {
+    format!(
+        "SELECT count(*) FROM actions \
+         WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 \
+           AND lease_deadline IS NOT NULL AND phase NOT IN {}",
+        terminal_phases()
+    )
+}
+
+/// Releases the leases of executor `$1` whose action ended, returning
+/// them.
+pub(crate) fn release_ended() -> String {
+    format!(
+        "UPDATE actions SET lease_deadline = NULL \
+         WHERE lease_holder = $1 AND lease_deadline IS NOT NULL AND phase IN {} \
+         RETURNING org, project, domain, run_name, name, attempt, phase, abort_reason",
+        terminal_phases()
+    )
+}
+
+/// Live leases of every executor.
+pub(crate) fn leases_held() -> String {
+    format!(
+        "SELECT count(*) FROM actions \
+         WHERE lease_deadline IS NOT NULL AND phase NOT IN {}",
+        terminal_phases()
+    )
+}
+
+/// Binds a run's key columns (org, project, domain, name) to `$1..$4`.
+macro_rules! bind_run {
+    ($query:expr, $run:expr) => {
+        $query
+            .bind(&$run.org)
+            .bind(&$run.project)
+            .bind(&$run.domain)
+            .bind(&$run.name)
+    };
+}
+
+/// Runs [`RUN_ROOT`].
+pub(crate) async fn run_root<'c, DB, E>(conn: E, run: &RunId) -> Result<String, sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q String: Encode<'q, DB> + Type<DB>,
+    (String,): for<'r> FromRow<'r, DB::Row>,
+{
+    bind_run!(sqlx::query_scalar(RUN_ROOT), run)
+        .fetch_one(conn)
+        .await
+}
+
+/// Runs [`run_leases`].
+pub(crate) async fn count_run_leases<'c, DB, E>(conn: E, run: &RunId) -> Result<i64, sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q String: Encode<'q, DB> + Type<DB>,
+    (i64,): for<'r> FromRow<'r, DB::Row>,
+{
+    let sql = run_leases();
+    bind_run!(sqlx::query_scalar(&sql), run)
+        .fetch_one(conn)
+        .await
+}
+
+/// Runs [`PARENT`] with the backend's row lock (`lock`, may be empty).
+pub(crate) async fn parent<'c, DB, E>(
+    conn: E,
+    id: &ActionId,
+    parent: &str,
+    lock: &str,
+) -> Result<Option<ParentRow>, sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q String: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    ParentRow: for<'r> FromRow<'r, DB::Row>,
+{
+    let sql = format!("{PARENT}{lock}");
+    bind_run!(sqlx::query_as(&sql), id.run)
+        .bind(parent)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Runs [`held`].
+pub(crate) async fn count_held<'c, DB, E>(
+    conn: E,
+    executor: &str,
+    count_waiting: bool,
+) -> Result<(i64, i64), sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    bool: for<'q> Encode<'q, DB> + Type<DB>,
+    (i64, i64): for<'r> FromRow<'r, DB::Row>,
+{
+    let sql = held();
+    sqlx::query_as(&sql)
+        .bind(executor)
+        .bind(count_waiting)
+        .fetch_one(conn)
+        .await
+}
+
+/// Runs [`release_ended`].
+pub(crate) async fn release<'c, DB, E>(
+    conn: E,
+    executor: &str,
+) -> Result<Vec<ReleasedRow>, sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    ReleasedRow: for<'r> FromRow<'r, DB::Row>,
+{
+    let sql = release_ended();
+    sqlx::query_as(&sql).bind(executor).fetch_all(conn).await
+}
+
+/// Up to `limit` queued task actions of `queue` after `after`, in the
+/// claim order, each with its run's `max_action_concurrency`; `lock` is
+/// the backend's row lock (may be empty). `position` reads a row's
+/// `created_at` as the backend stores it.
+pub(crate) async fn candidates<'c, DB, E, T>(
+    conn: E,
+    queue: &str,
+    after: Option<&(T, ActionId)>,
+    limit: usize,
+    lock: &str,
+    position: impl Fn(&DB::Row) -> Result<T, Error>,
+    db_error: fn(sqlx::Error) -> Error,
+) -> Result<Vec<Candidate<(T, ActionId)>>, Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    T: Clone + Send + Sync + Type<DB>,
+    Option<T>: for<'q> Encode<'q, DB> + Type<DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    bool: for<'q> Encode<'q, DB> + Type<DB>,
+    i64: for<'q> Encode<'q, DB> + Type<DB>,
+    i32: for<'r> sqlx::Decode<'r, DB> + Type<DB>,
+    IdRow: for<'r> FromRow<'r, DB::Row>,
+    for<'r> &'r str: sqlx::ColumnIndex<DB::Row>,
+{
+    use sqlx::Row;
+    let sql = format!(
+        "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.created_at, \
+                r.max_action_concurrency \
+         FROM actions a JOIN runs r \
+           ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+         WHERE a.queue = $1 AND {queued} \
+           AND ($9 OR (a.created_at, a.org, a.project, a.domain, a.run_name, a.name) \
+                      > ($3, $4, $5, $6, $7, $8)) \
+         ORDER BY a.created_at, a.org, a.project, a.domain, a.run_name, a.name \
+         LIMIT $2{lock}",
+        queued = queued_task("a.")
+    );
+    let after_id = after.map(|(_, id)| id);
+    let rows = sqlx::query(&sql)
+        .bind(queue)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(after.map(|(time, _)| time.clone()))
+        .bind(after_id.map(|id| id.run.org.as_str()))
+        .bind(after_id.map(|id| id.run.project.as_str()))
+        .bind(after_id.map(|id| id.run.domain.as_str()))
+        .bind(after_id.map(|id| id.run.name.as_str()))
+        .bind(after_id.map(|id| id.name.as_str()))
+        .bind(after.is_none())
+        .fetch_all(conn)
+        .await
+        .map_err(db_error)?;
+    rows.iter()
+        .map(|row| {
+            let id = IdRow::from_row(row).map_err(db_error)?.into_id();
+            Ok(Candidate {
+                position: (position(row)?, id.clone()),
+                id,
+                limit: row.try_get("max_action_concurrency").map_err(db_error)?,
+            })
+        })
+        .collect()
+}
