@@ -34,7 +34,7 @@ def hash_secret(secret: str, *flags: str) -> str:
 
 
 class Secured:
-    def __init__(self, scratch: Path):
+    def __init__(self, scratch: Path, listen: str = "127.0.0.1:0"):
         self.scratch = scratch
         # A CA, and a server certificate for 127.0.0.1 that it signs.
         self.ca = scratch / "ca.pem"
@@ -73,14 +73,17 @@ class Secured:
         store = f"sqlite://{scratch}/actionsd.db"
         self.log = scratch / "actionsd.log"
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--listen", "127.0.0.1:0", "--config", str(config),
+            [str(BIN), "serve", "--listen", listen, "--config", str(config),
              "--database-url", store, "--log-format", "json"],
             stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
         )
         self.address = wait_for_address(self.proc, self.log)
+        # On the default HTTPS port the URL has no port: the executor then
+        # hands each task its credential as the SDK's in-task API key.
+        server = "https://127.0.0.1" if self.address == "127.0.0.1:443" else f"https://{self.address}"
         self.executor_log = scratch / "executor.log"
         self.executor = subprocess.Popen(
-            [str(BIN), "executor", "--flyte", "--server", f"https://{self.address}",
+            [str(BIN), "executor", "--flyte", "--server", server,
              "--ca-cert", str(self.ca), "--queue", "default", "--capacity", "4",
              "--executor-id", "secured", "--flyte-bin", str(VENV_BIN),
              "--scratch-dir", str(scratch / "work"), "--kill-grace", "500ms",
@@ -178,3 +181,41 @@ def test_a_wrong_client_secret_is_refused(secured):
     done = drive(secured, "not-the-secret")
     assert done.returncode != 0
     assert "AuthenticationError" in done.stderr, done.stderr[-3000:]
+
+
+def test_an_api_key_reaches_a_daemon_on_the_default_https_port(tmp_path):
+    """FLYTE_API_KEY, and the in-task `_UNION_EAGER_API_KEY` the executor
+    hands each task, end to end. The SDK's API key is base64 of
+    `HOST:client id:secret:org`, split at colons, so it names no port and
+    reaches only a daemon on the default HTTPS port. The scenario
+    (api_key_scenario.py) runs in a private network namespace (`unshare`: a
+    user namespace mapping the caller to root, with its own loopback), where
+    binding 127.0.0.1:443 needs no privilege on the host and touches
+    nothing outside."""
+    here = Path(__file__).resolve().parent
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--net", "sh", "-c",
+         'ip link set lo up && cd "$2" && exec "$0" api_key_scenario.py "$1"',
+         sys.executable, str(tmp_path), str(here)],
+        capture_output=True, text=True, timeout=TIMEOUT + 60,
+    )
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["returncode"] == 0, (
+        f"{report['stdout']}\n{report['stderr']}\n--- daemon\n{report['daemon']}"
+        f"\n--- executor\n{report['executor']}"
+    )
+    result = json.loads(report["stdout"].strip().splitlines()[-1])
+    # main(4) = leaf(4) * 10 + 5
+    assert result["output"] == 55, result
+    fields = report["fields"]
+    # The API key's client created the run ...
+    assert any(f.get("principal") == CLIENT_ID and f.get("rpc") == "CreateRun" and f.get("result") == "OK"
+               for f in fields), fields
+    # ... and the parent tasks enqueued their children with the in-task API
+    # key: their run-scoped credential.
+    task_enqueues = [f for f in fields
+                     if str(f.get("principal", "")).startswith("task:") and f.get("rpc") == "Enqueue"]
+    assert task_enqueues and all(f.get("result") == "OK" for f in task_enqueues), fields
+    assert all(result["name"] in f["principal"] for f in task_enqueues), task_enqueues
+    assert not report["secret_logged"]
