@@ -258,6 +258,6 @@ async fn migrations_apply_to_an_empty_database_once(pool: PgPool) {
             .unwrap();
     let embedded: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
     assert_eq!(applied, embedded);
-    assert_eq!(embedded.len(), 7);
+    assert_eq!(embedded.len(), 8);
     store.close().await;
 }

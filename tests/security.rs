@@ -37,6 +37,8 @@ const ADMIN: &str = "admin-token-0123456789";
 const OTHER_USER: &str = "other-user-token-0123456789";
 /// An executor confined to the queue `q1`.
 const Q1_EXECUTOR: &str = "q1-executor-token-0123456789";
+/// A second executor principal on every queue.
+const EXECUTOR_2: &str = "second-executor-token-0123456789";
 const CLIENT_ID: &str = "ci";
 const CLIENT_SECRET: &str = "ci-secret with spaces+plus";
 
@@ -60,6 +62,7 @@ fn settings(limits: Limits) -> AuthSettings {
             token("reader", READER, Role::Reader, Scope::default()),
             token("user", USER, Role::User, Scope::default()),
             token("executor", EXECUTOR, Role::Executor, Scope::default()),
+            token("executor-2", EXECUTOR_2, Role::Executor, Scope::default()),
             token("admin", ADMIN, Role::Admin, Scope::default()),
             token(
                 "other-user",
@@ -988,9 +991,11 @@ async fn a_task_credential_is_confined_to_its_run_and_attempt(db: TestDb) {
         .await
         .expect("the exchanged token watches its run");
 
-    // Once the attempt finishes, the credential is dead.
-    executor
-        .finish(bearer(
+    // An executor's ids are its own: the lease is held as
+    // `<principal>/<executor id>`, and another executor principal naming
+    // the same id can neither finish it nor write its log.
+    let finish = |token: &'static str| {
+        bearer(
             FinishRequest {
                 executor_id: "m1".into(),
                 action_id: leased.action_id.clone(),
@@ -1000,10 +1005,37 @@ async fn a_task_credential_is_confined_to_its_run_and_attempt(db: TestDb) {
                 error: None,
                 retry: false,
             },
-            EXECUTOR,
+            token,
+        )
+    };
+    let mut read = actionsd::proto::actionsd::read::v1::read_service_client::ReadServiceClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", daemon.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let holder = read
+        .get_action(bearer(
+            actionsd::proto::actionsd::read::v1::GetActionRequest {
+                id: leased.action_id.clone(),
+            },
+            READER,
         ))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap()
+        .lease_holder;
+    assert_eq!(holder, "executor/m1");
+    common::expect_code(
+        executor.finish(finish(EXECUTOR_2)).await,
+        Code::FailedPrecondition,
+    );
+
+    // Once the attempt finishes, the credential is dead.
+    executor.finish(finish(EXECUTOR)).await.unwrap();
     common::expect_code(
         client
             .watch_for_updates(bearer(common::watch_request(&run, "a0"), &task))
@@ -1019,11 +1051,10 @@ async fn a_task_credential_is_confined_to_its_run_and_attempt(db: TestDb) {
 conformance!(a_task_credential_is_confined_to_its_run_and_attempt);
 
 /// Abort and Signal record the authenticated principal, whatever the
-/// client claimed, and GetAction shows it.
-#[tokio::test]
-async fn aborts_and_signals_record_the_authenticated_principal() {
+/// client claimed, and GetAction shows it; every change's history event
+/// names who asked for it.
+async fn aborts_and_signals_record_the_authenticated_principal(db: TestDb) {
     use actionsd::proto::flyteidl2::common as pb;
-    let db = TestDb::sqlite();
     let daemon = daemon(&db, settings(generous())).await;
     let mut client = daemon.client().await;
     client
@@ -1113,8 +1144,38 @@ async fn aborts_and_signals_record_the_authenticated_principal() {
         }
         other => panic!("unexpected identity {other:?}"),
     }
+    // History: who asked for each change.
+    for (name, expected) in [
+        (
+            "a0",
+            vec![("user", common::QUEUED), ("user", common::ABORTED)],
+        ),
+        (
+            "c1",
+            vec![("user", common::PAUSED), ("admin", common::SUCCEEDED)],
+        ),
+    ] {
+        let events = read
+            .get_history(bearer(
+                actionsd::proto::actionsd::read::v1::GetHistoryRequest {
+                    id: Some(common::aid(RUN, name)),
+                },
+                READER,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        let seen: Vec<(&str, i32)> = events
+            .iter()
+            .map(|e| (e.changed_by.as_str(), e.phase))
+            .collect();
+        assert_eq!(seen, expected, "history of {name}");
+    }
     daemon.stop().await;
 }
+
+conformance!(aborts_and_signals_record_the_authenticated_principal);
 
 #[tokio::test]
 async fn write_rate_streams_and_lease_capacity_are_limited() {

@@ -158,6 +158,19 @@ pub fn principal(extensions: &http::Extensions) -> Option<&Principal> {
     extensions.get::<Authorized>().map(|a| a.principal.as_ref())
 }
 
+/// The lease holder an executor's `executor_id` stands for. With
+/// authentication, an executor principal's ids are its own: they are
+/// recorded as `<principal>/<executor_id>`, so that a Heartbeat (which names
+/// only an executor id) extends only leases its caller took, and Finish and
+/// AppendLogs match only them. Admins and unauthenticated daemons use the
+/// id as given.
+pub fn lease_holder(extensions: &http::Extensions, executor_id: &str) -> String {
+    match principal(extensions) {
+        Some(p) if p.role != Role::Admin => format!("{}/{executor_id}", p.name),
+        _ => executor_id.to_owned(),
+    }
+}
+
 /// Applies the caller's scope to what the request names, for the methods
 /// whose table entry says [`roles::Check::Target`]. Without authentication
 /// (no [`Authorized`] in the extensions) everything is allowed.

@@ -516,6 +516,7 @@ async fn history(global: &Global, target: &ActionRef) -> Result<u8> {
                 output::phase_name(e.phase),
                 e.attempt.to_string(),
                 dash(&e.lease_holder),
+                dash(&e.changed_by),
                 detail,
             ]
         })
@@ -527,6 +528,7 @@ async fn history(global: &Global, target: &ActionRef) -> Result<u8> {
             "PHASE",
             "ATTEMPT",
             "EXECUTOR",
+            "BY",
             "OUTPUT / ERROR",
         ],
         &rows,

@@ -94,6 +94,9 @@ pub struct EnqueueAction {
     pub condition_type: Option<i32>,
     /// For conditions: how long to wait for a signal.
     pub condition_timeout: Option<Duration>,
+    /// The authenticated principal that asked for the change, recorded
+    /// with its event (`None` without authentication).
+    pub by: Option<String>,
 }
 
 /// A validated Update from an executor.
@@ -107,6 +110,9 @@ pub struct UpdateStatus {
     /// The encoded `ActionAddress` the executor reported, when given; the
     /// latest one is kept.
     pub address: Option<Bytes>,
+    /// The authenticated principal that asked for the change, recorded
+    /// with its event (`None` without authentication).
+    pub by: Option<String>,
 }
 
 /// A validated Abort.
@@ -118,6 +124,9 @@ pub struct AbortAction {
     pub aborted_by: Option<Bytes>,
     /// The encoded `ExecutionError` every aborted action reports.
     pub error: Bytes,
+    /// The authenticated principal that asked for the change, recorded
+    /// with its event (`None` without authentication).
+    pub by: Option<String>,
 }
 
 /// A validated signal value: the literal as sent and its primitive kind.
@@ -136,6 +145,9 @@ pub struct SignalAction {
     pub value: SignalValue,
     /// The encoded `EnrichedIdentity` of who signalled, when given.
     pub signalled_by: Option<Bytes>,
+    /// The authenticated principal that asked for the change, recorded
+    /// with its event (`None` without authentication).
+    pub by: Option<String>,
 }
 
 /// A change request. Writes reach the store as commands so that a store can
@@ -157,6 +169,29 @@ impl Command {
             Self::Abort(c) => &c.id,
             Self::Signal(c) => &c.id,
             Self::Finish(c) => &c.id,
+        }
+    }
+
+    /// Records who asks for the change.
+    pub fn set_by(&mut self, by: String) {
+        let slot = match self {
+            Self::Enqueue(c) => &mut c.by,
+            Self::Update(c) => &mut c.by,
+            Self::Abort(c) => &mut c.by,
+            Self::Signal(c) => &mut c.by,
+            Self::Finish(c) => &mut c.by,
+        };
+        *slot = Some(by);
+    }
+
+    /// Who asked for the change, when known.
+    pub fn by(&self) -> Option<&str> {
+        match self {
+            Self::Enqueue(c) => c.by.as_deref(),
+            Self::Update(c) => c.by.as_deref(),
+            Self::Abort(c) => c.by.as_deref(),
+            Self::Signal(c) => c.by.as_deref(),
+            Self::Finish(c) => c.by.as_deref(),
         }
     }
 }

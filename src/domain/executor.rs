@@ -68,6 +68,9 @@ pub struct FinishAction {
     pub error: Option<Bytes>,
     /// With phase FAILED: back to QUEUED as attempt + 1 instead.
     pub retry: bool,
+    /// The authenticated principal that asked for the change, recorded
+    /// with its event (`None` without authentication).
+    pub by: Option<String>,
 }
 
 /// How the reaper treats expired leases and overdue conditions.
@@ -198,6 +201,7 @@ mod tests {
 
     fn finish(executor: &str, attempt: u32, phase: Phase) -> FinishAction {
         FinishAction {
+            by: None,
             id: id(),
             executor: executor.into(),
             attempt,

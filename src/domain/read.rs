@@ -122,6 +122,9 @@ impl RunRecord {
 pub struct HistoryEntry {
     pub state: ActionState,
     pub at: DateTime<Utc>,
+    /// The authenticated principal that asked for the change; `None` for
+    /// changes the daemon made itself or made without authentication.
+    pub by: Option<String>,
 }
 
 /// A page of a listing: up to `limit` items after `after`.

@@ -253,6 +253,7 @@ mod tests {
 
     fn update(phase: Phase, attempt: u32) -> UpdateStatus {
         UpdateStatus {
+            by: None,
             id: id(),
             attempt,
             phase,
@@ -301,6 +302,7 @@ mod tests {
     #[test]
     fn a_new_address_is_a_change_and_the_same_one_is_not() {
         let at = |a: &'static [u8]| UpdateStatus {
+            by: None,
             address: Some(Bytes::from_static(a)),
             ..update(Phase::Running, 1)
         };
@@ -334,6 +336,7 @@ mod tests {
             address: None,
         };
         let signal = |kind, literal: &'static [u8]| SignalAction {
+            by: None,
             id: id(),
             parent: "a0".into(),
             value: SignalValue {

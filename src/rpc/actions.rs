@@ -72,6 +72,9 @@ impl ActionsApi {
                 extensions,
                 &auth::Target::action(&id).with_queue(queue.as_deref()),
             )?;
+            if let Some(principal) = auth::principal(extensions) {
+                command.set_by(principal.name.clone());
+            }
             if let Some(who) = auth::recorded_identity(extensions) {
                 match &mut command {
                     Command::Abort(abort) => abort.aborted_by = Some(who),

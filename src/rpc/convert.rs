@@ -223,6 +223,7 @@ pub fn enqueue(request: actions::EnqueueRequest) -> Result<EnqueueAction, Error>
     };
 
     Ok(EnqueueAction {
+        by: None,
         id,
         parent,
         kind,
@@ -310,6 +311,7 @@ pub fn finish(request: executor::FinishRequest) -> Result<FinishAction, Error> {
         return Err(Error::invalid("retry", "is only valid with phase FAILED"));
     }
     Ok(FinishAction {
+        by: None,
         id,
         executor: request.executor_id,
         attempt: request.attempt,
@@ -355,6 +357,7 @@ pub fn update(request: actions::UpdateRequest) -> Result<UpdateStatus, Error> {
         })
         .transpose()?;
     Ok(UpdateStatus {
+        by: None,
         id,
         attempt: request.attempt,
         phase,
@@ -384,6 +387,7 @@ pub fn abort(request: actions::AbortRequest) -> Result<AbortAction, Error> {
         ..Default::default()
     };
     Ok(AbortAction {
+        by: None,
         id,
         reason,
         aborted_by: request
@@ -433,6 +437,7 @@ pub fn signal(request: actions::SignalRequest) -> Result<SignalAction, Error> {
         }
     };
     Ok(SignalAction {
+        by: None,
         id,
         parent: request.parent_action_name,
         value: SignalValue {

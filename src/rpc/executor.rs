@@ -135,7 +135,8 @@ impl ExecutorService for ExecutorApi {
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<Self::LeaseStream>, Status> {
         let request_extensions = request.extensions().clone();
-        let request = convert::lease_request(request.into_inner(), self.lease_ttl)?;
+        let mut request = convert::lease_request(request.into_inner(), self.lease_ttl)?;
+        request.executor = crate::auth::lease_holder(&request_extensions, &request.executor);
         crate::auth::authorize(
             &request_extensions,
             &crate::auth::Target::queue(&request.queue),
@@ -229,14 +230,16 @@ impl ExecutorService for ExecutorApi {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let holder =
+            crate::auth::lease_holder(request.extensions(), &request.get_ref().executor_id);
         let request = request.into_inner();
         if request.executor_id.is_empty() {
             return Err(Error::invalid("executor_id", "must not be empty").into());
         }
         let outcome = self
             .store
-            .heartbeat(&request.executor_id, self.lease_ttl)
-            .instrument(info_span!("heartbeat", executor = %request.executor_id))
+            .heartbeat(&holder, self.lease_ttl)
+            .instrument(info_span!("heartbeat", executor = %holder))
             .await?;
         Ok(Response::new(pb::HeartbeatResponse {
             lease_deadline: Some(convert::timestamp_to_proto(outcome.deadline)),
@@ -256,7 +259,9 @@ impl ExecutorService for ExecutorApi {
         async {
             let _in_flight = self.writes.token();
             let extensions = request.extensions().clone();
-            let finish = convert::finish(request.into_inner())?;
+            let mut finish = convert::finish(request.into_inner())?;
+            finish.by = crate::auth::principal(&extensions).map(|p| p.name.clone());
+            finish.executor = crate::auth::lease_holder(&extensions, &finish.executor);
             Span::current().record("action", field::display(&finish.id));
             let id = finish.id.clone();
             let result = async {
@@ -302,7 +307,8 @@ impl ExecutorService for ExecutorApi {
                 &crate::auth::Target::action(&id).with_queue(state.queue.as_deref()),
             )?;
             if state.attempt != request.attempt
-                || state.lease_holder.as_deref() != Some(request.executor_id.as_str())
+                || state.lease_holder.as_deref()
+                    != Some(crate::auth::lease_holder(&extensions, &request.executor_id).as_str())
             {
                 return Err(Error::FailedPrecondition(format!(
                     "attempt {} of {id} is not leased to {}",

@@ -173,6 +173,7 @@ fn history_event(entry: &HistoryEntry) -> read::ActionEvent {
         signal_value: summary.signal_value,
         lease_holder: summary.lease_holder,
         time: Some(timestamp_to_proto(entry.at)),
+        changed_by: entry.by.clone().unwrap_or_default(),
     }
 }
 

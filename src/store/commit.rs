@@ -264,6 +264,7 @@ pub(crate) mod checks {
 
     fn enqueue(run: &str, name: &str, parent: Option<&str>, input_uri: &str) -> Command {
         Command::Enqueue(EnqueueAction {
+            by: None,
             id: id(run, name),
             parent: parent.map(str::to_owned),
             kind: ActionKind::Task,
@@ -287,6 +288,7 @@ pub(crate) mod checks {
 
     pub(crate) fn update(run: &str, name: &str, phase: Phase) -> Command {
         Command::Update(UpdateStatus {
+            by: None,
             id: id(run, name),
             attempt: 1,
             phase,
@@ -319,6 +321,7 @@ pub(crate) mod checks {
             // A second root in the same run.
             enqueue("r1", "b0", None, "s3://b/in"),
             Command::Abort(AbortAction {
+                by: None,
                 id: id("r1", "nobody"),
                 reason: "stop".to_owned(),
                 aborted_by: None,

@@ -264,6 +264,7 @@ fn spec(name: &str, input_uri: &str) -> Bytes {
 
 fn task(name: &str, parent: Option<&str>) -> EnqueueAction {
     EnqueueAction {
+        by: None,
         id: id(name),
         parent: parent.map(str::to_owned),
         kind: ActionKind::Task,
@@ -284,6 +285,7 @@ fn task(name: &str, parent: Option<&str>) -> EnqueueAction {
 
 fn condition(name: &str, parent: &str) -> EnqueueAction {
     EnqueueAction {
+        by: None,
         kind: ActionKind::Condition,
         phase: Phase::Paused,
         condition_type: Some(SimpleKind::Boolean as i32),
@@ -294,6 +296,7 @@ fn condition(name: &str, parent: &str) -> EnqueueAction {
 
 fn update(name: &str, attempt: u32, phase: Phase) -> Command {
     Command::Update(UpdateStatus {
+        by: None,
         id: id(name),
         attempt,
         phase,
@@ -305,6 +308,7 @@ fn update(name: &str, attempt: u32, phase: Phase) -> Command {
 
 fn signal(name: &str, parent: &str, literal: &'static [u8]) -> Command {
     Command::Signal(SignalAction {
+        by: None,
         id: id(name),
         parent: parent.to_owned(),
         value: SignalValue {
@@ -317,6 +321,7 @@ fn signal(name: &str, parent: &str, literal: &'static [u8]) -> Command {
 
 fn abort(name: &str) -> Command {
     Command::Abort(AbortAction {
+        by: None,
         id: id(name),
         reason: "stop".to_owned(),
         aborted_by: Some(Bytes::from_static(b"who")),
@@ -330,6 +335,7 @@ fn in_run(action: EnqueueAction, run: &str) -> EnqueueAction {
         ..run_id()
     };
     EnqueueAction {
+        by: None,
         id: ActionId::new(run_id, action.id.name.clone()),
         run_output_base: format!("s3://b/{run}/"),
         ..action
@@ -354,6 +360,7 @@ fn finish(
     output_uri: Option<&str>,
 ) -> Command {
     Command::Finish(FinishAction {
+        by: None,
         id: id(name),
         executor: executor.to_owned(),
         attempt,
@@ -405,6 +412,7 @@ async fn commands_round_trip_and_the_feed_returns_every_event_once_in_order(db: 
         0
     );
     let changed = EnqueueAction {
+        by: None,
         spec: spec("a0", "s3://b/other"),
         ..task("a0", None)
     };
@@ -434,6 +442,7 @@ async fn commands_round_trip_and_the_feed_returns_every_event_once_in_order(db: 
         1
     );
     let own_queue = EnqueueAction {
+        by: None,
         task_queue: Some("cpu".to_owned()),
         ..task("c2", Some("a0"))
     };
@@ -630,6 +639,7 @@ async fn claim_is_oldest_first_within_capacity_and_run_limits(db: Db) {
     let store = db.store.clone();
     // r1 may lease 2 actions at once; r2 is unlimited.
     let limited = EnqueueAction {
+        by: None,
         run: Some(RunSettings {
             run_spec: Bytes::from_static(b"run-spec-1"),
             queue: Some("gpu".to_owned()),
@@ -638,6 +648,7 @@ async fn claim_is_oldest_first_within_capacity_and_run_limits(db: Db) {
         ..task("a0", None)
     };
     let other_queue = EnqueueAction {
+        by: None,
         task_queue: Some("cpu".to_owned()),
         ..task("x1", Some("a0"))
     };
@@ -749,6 +760,7 @@ async fn claim_serves_other_queues_and_unlimited_runs_up_to_capacity(db: Db) {
         actions.push(task(&format!("c{i:02}"), Some("a0")));
     }
     actions.push(EnqueueAction {
+        by: None,
         task_queue: Some("cpu".to_owned()),
         ..task("x1", Some("a0"))
     });
@@ -770,6 +782,7 @@ async fn claim_pages_past_runs_at_their_limit(db: Db) {
     let store = db.store.clone();
     // r1 (limit 1) has many old queued actions; r2's one is newer.
     let mut actions = vec![EnqueueAction {
+        by: None,
         run: Some(RunSettings {
             run_spec: Bytes::new(),
             queue: Some("gpu".to_owned()),
@@ -931,6 +944,7 @@ async fn finish_needs_the_holder_and_the_current_attempt(db: Db) {
 
     // A given output location and error are stored as given.
     let failed = Command::Finish(FinishAction {
+        by: None,
         id: id("c1"),
         executor: "e1".to_owned(),
         attempt: 1,

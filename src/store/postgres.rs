@@ -35,7 +35,8 @@ macro_rules! state_columns {
     };
 }
 
-/// Appends the state rows returned by the `changed` CTE to the event log.
+/// Appends the state rows returned by the `changed` CTE to the event log;
+/// with a parameter (`"$N"`), it is recorded as who made the change.
 macro_rules! insert_events_from_changed {
     () => {
         concat!(
@@ -43,6 +44,17 @@ macro_rules! insert_events_from_changed {
             state_columns!(),
             ") SELECT ",
             state_columns!(),
+            " FROM changed"
+        )
+    };
+    ($by:literal) => {
+        concat!(
+            " INSERT INTO events (",
+            state_columns!(),
+            ", changed_by) SELECT ",
+            state_columns!(),
+            ", ",
+            $by,
             " FROM changed"
         )
     };

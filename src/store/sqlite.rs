@@ -502,7 +502,7 @@ impl Store for SqliteStore {
             } else {
                 outcome.failed += 1;
             }
-            tx.append_event(&IdRow::from_row(row).map_err(db_error)?.into_id())
+            tx.append_event(&IdRow::from_row(row).map_err(db_error)?.into_id(), None)
                 .await?;
         }
         // Terminal actions whose lease was never released (their executor
@@ -534,7 +534,7 @@ impl Store for SqliteStore {
         .map_err(db_error)?;
         outcome.timed_out = due.len();
         for id in due {
-            tx.append_event(&id.into_id()).await?;
+            tx.append_event(&id.into_id(), None).await?;
         }
         trip();
         conn.commit().await.map_err(db_error)?;
@@ -766,6 +766,7 @@ mod tests {
 
     fn task(name: &str, parent: Option<&str>) -> EnqueueAction {
         EnqueueAction {
+            by: None,
             id: id(name),
             parent: parent.map(str::to_owned),
             kind: ActionKind::Task,
@@ -786,6 +787,7 @@ mod tests {
 
     fn update(name: &str, attempt: u32, phase: Phase) -> Command {
         Command::Update(UpdateStatus {
+            by: None,
             id: id(name),
             attempt,
             phase,

@@ -177,7 +177,7 @@ impl ReadStore for PgStore {
             let mut query = QueryBuilder::new(concat!(
                 "SELECT ",
                 state_columns!(),
-                ", created_at FROM events WHERE true"
+                ", created_at, changed_by FROM events WHERE true"
             ));
             listing::push_run(&mut query, "", &id.run);
             query
@@ -198,6 +198,7 @@ impl ReadStore for PgStore {
                     Ok(HistoryEntry {
                         state: state_from_row(row)?,
                         at: time::get(row, "created_at")?,
+                        by: row.try_get("changed_by").map_err(db_error)?,
                     })
                 })
                 .collect()

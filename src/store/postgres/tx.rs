@@ -290,7 +290,7 @@ impl CommandTx for PgTx<'_> {
             " RETURNING ",
             state_columns!(),
             ")",
-            insert_events_from_changed!()
+            insert_events_from_changed!("$15")
         ))
         .bind_id(&action.id)
         .bind(&action.parent)
@@ -302,6 +302,7 @@ impl CommandTx for PgTx<'_> {
         .bind(action.condition_type)
         .bind(timeout_secs)
         .bind(&action.run_output_base)
+        .bind(action.by.as_deref())
         .execute(&mut *self.conn)
         .await
         .map_err(db_error)?
@@ -335,7 +336,7 @@ impl CommandTx for PgTx<'_> {
             " RETURNING ",
             state_columns!(),
             ")",
-            insert_events_from_changed!()
+            insert_events_from_changed!("$12")
         ))
         .bind_id(&update.id)
         .bind(next.phase)
@@ -344,6 +345,7 @@ impl CommandTx for PgTx<'_> {
         .bind(next.phase.is_terminal())
         .bind(update.end_time)
         .bind(update.address.as_deref())
+        .bind(update.by.as_deref())
         .execute(&mut *self.conn)
         .await
         .map_err(db_error)?;
@@ -372,7 +374,7 @@ impl CommandTx for PgTx<'_> {
                 "    a.phase, a.attempt, a.output_uri, a.error, a.value, a.queue, a.lease_holder,",
                 "    a.kind, a.run_output_base, a.address",
                 ")",
-                insert_events_from_changed!()
+                insert_events_from_changed!("$10")
             ),
             terminal = terminal_phases()
         );
@@ -387,6 +389,7 @@ impl CommandTx for PgTx<'_> {
                 .bind(abort.aborted_by.as_deref())
                 .bind(abort.error.as_ref())
                 .bind(Phase::Aborted)
+                .bind(abort.by.as_deref())
                 .execute(&mut *self.conn)
                 .await
                 .map_err(db_error)?
@@ -410,12 +413,13 @@ impl CommandTx for PgTx<'_> {
             " RETURNING ",
             state_columns!(),
             ")",
-            insert_events_from_changed!()
+            insert_events_from_changed!("$9")
         ))
         .bind_id(&signal.id)
         .bind(signal.value.literal.as_ref())
         .bind(signal.signalled_by.as_deref())
         .bind(Phase::Succeeded)
+        .bind(signal.by.as_deref())
         .execute(&mut *self.conn)
         .await
         .map_err(db_error)?;
@@ -434,11 +438,12 @@ impl CommandTx for PgTx<'_> {
             " RETURNING ",
             state_columns!(),
             ")",
-            insert_events_from_changed!()
+            insert_events_from_changed!("$8")
         ))
         .bind_id(&finish.id)
         .bind(finish.error.as_deref())
         .bind(Phase::Queued)
+        .bind(finish.by.as_deref())
         .execute(&mut *self.conn)
         .await
         .map_err(db_error)?;
@@ -455,12 +460,13 @@ impl CommandTx for PgTx<'_> {
             " RETURNING ",
             state_columns!(),
             ")",
-            insert_events_from_changed!()
+            insert_events_from_changed!("$9")
         ))
         .bind_id(&finish.id)
         .bind(finish.phase)
         .bind(output_uri)
         .bind(finish.error.as_deref())
+        .bind(finish.by.as_deref())
         .execute(&mut *self.conn)
         .await
         .map_err(db_error)?;

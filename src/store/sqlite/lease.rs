@@ -82,7 +82,7 @@ impl LeaseTx for SqliteTx<'_> {
             .await
             .map_err(db_error)?;
             leases.push(lease_from_row(&row)?);
-            self.append_event(id).await?;
+            self.append_event(id, None).await?;
         }
         Ok(leases)
     }

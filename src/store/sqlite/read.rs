@@ -179,7 +179,7 @@ impl ReadStore for SqliteStore {
         let mut query = QueryBuilder::new(concat!(
             "SELECT ",
             state_columns!(),
-            ", created_at FROM events WHERE true"
+            ", created_at, changed_by FROM events WHERE true"
         ));
         listing::push_run(&mut query, "", &id.run);
         query
@@ -200,6 +200,7 @@ impl ReadStore for SqliteStore {
                 Ok(HistoryEntry {
                     state: state_from_row(row)?,
                     at: time_from_micros(row.try_get("created_at").map_err(db_error)?)?,
+                    by: row.try_get("changed_by").map_err(db_error)?,
                 })
             })
             .collect()

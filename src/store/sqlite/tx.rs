@@ -25,19 +25,24 @@ pub(super) struct SqliteTx<'c> {
 
 impl SqliteTx<'_> {
     /// Appends the state the change left to the event log: a copy of the
-    /// action's row.
-    pub(super) async fn append_event(&mut self, id: &ActionId) -> Result<(), Error> {
+    /// action's row, with who made the change when known.
+    pub(super) async fn append_event(
+        &mut self,
+        id: &ActionId,
+        by: Option<&str>,
+    ) -> Result<(), Error> {
         trip();
         sqlx::query(concat!(
             "INSERT INTO events (",
             state_columns!(),
-            ", created_at) SELECT ",
+            ", created_at, changed_by) SELECT ",
             state_columns!(),
-            ", ?6 FROM actions",
+            ", ?6, ?7 FROM actions",
             " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5"
         ))
         .bind_id(id)
         .bind(self.now)
+        .bind(by)
         .execute(&mut *self.conn)
         .await
         .map_err(db_error)?;
@@ -132,7 +137,7 @@ impl CommandTx for SqliteTx<'_> {
         if inserted == 0 {
             return Ok(false);
         }
-        self.append_event(&action.id).await?;
+        self.append_event(&action.id, action.by.as_deref()).await?;
         Ok(true)
     }
 
@@ -166,7 +171,7 @@ impl CommandTx for SqliteTx<'_> {
         .execute(&mut *self.conn)
         .await
         .map_err(db_error)?;
-        self.append_event(&update.id).await
+        self.append_event(&update.id, update.by.as_deref()).await
     }
 
     async fn abort_subtree(&mut self, abort: &AbortAction) -> Result<usize, Error> {
@@ -200,7 +205,8 @@ impl CommandTx for SqliteTx<'_> {
         .await
         .map_err(db_error)?;
         for name in &names {
-            self.append_event(&abort.id.sibling(name.clone())).await?;
+            self.append_event(&abort.id.sibling(name.clone()), abort.by.as_deref())
+                .await?;
         }
         Ok(names.len())
     }
@@ -220,7 +226,7 @@ impl CommandTx for SqliteTx<'_> {
         .execute(&mut *self.conn)
         .await
         .map_err(db_error)?;
-        self.append_event(&signal.id).await
+        self.append_event(&signal.id, signal.by.as_deref()).await
     }
 
     async fn write_retry(&mut self, finish: &FinishAction) -> Result<(), Error> {
@@ -238,7 +244,7 @@ impl CommandTx for SqliteTx<'_> {
         .execute(&mut *self.conn)
         .await
         .map_err(db_error)?;
-        self.append_event(&finish.id).await
+        self.append_event(&finish.id, finish.by.as_deref()).await
     }
 
     async fn write_finish(&mut self, finish: &FinishAction, output_uri: &str) -> Result<(), Error> {
@@ -256,7 +262,7 @@ impl CommandTx for SqliteTx<'_> {
         .execute(&mut *self.conn)
         .await
         .map_err(db_error)?;
-        self.append_event(&finish.id).await
+        self.append_event(&finish.id, finish.by.as_deref()).await
     }
 
     async fn savepoint(&mut self, first: bool) -> Result<(), Error> {
