@@ -183,17 +183,6 @@ impl Command {
         };
         *slot = Some(by);
     }
-
-    /// Who asked for the change, when known.
-    pub fn by(&self) -> Option<&str> {
-        match self {
-            Self::Enqueue(c) => c.by.as_deref(),
-            Self::Update(c) => c.by.as_deref(),
-            Self::Abort(c) => c.by.as_deref(),
-            Self::Signal(c) => c.by.as_deref(),
-            Self::Finish(c) => c.by.as_deref(),
-        }
-    }
 }
 
 /// The observable state of one action at one version: what a watcher sees.
