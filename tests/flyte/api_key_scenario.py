@@ -32,7 +32,7 @@ flyte.init_from_api_key(
 import nested
 run = flyte.run(nested.main, x=4)
 run.wait(quiet=True)
-print(json.dumps({"name": run.name, "output": run.outputs()[0]}))
+print(json.dumps({"name": run.name, "phase": str(run.phase), "output": run.outputs()[0]}))
 """
 
 
@@ -53,8 +53,8 @@ def main() -> None:
             "stderr": done.stderr[-4000:],
             "fields": [e.get("fields", e) for e in audit(secured)],
             "secret_logged": any(s in logs for s in secured.never_logged),
-            "daemon": secured.log.read_text()[-3000:],
-            "executor": secured.executor_log.read_text()[-3000:],
+            "daemon": secured.log.read_text()[-8000:],
+            "executor": secured.executor_log.read_text()[-8000:],
         }))
     finally:
         secured.stop()

@@ -207,7 +207,9 @@ def test_an_api_key_reaches_a_daemon_on_the_default_https_port(tmp_path):
     )
     result = json.loads(report["stdout"].strip().splitlines()[-1])
     # main(4) = leaf(4) * 10 + 5
-    assert result["output"] == 55, result
+    assert result["output"] == 55, (
+        f"{result}\n--- daemon\n{report['daemon']}\n--- executor\n{report['executor']}"
+    )
     fields = report["fields"]
     # The API key's client created the run ...
     assert any(f.get("principal") == CLIENT_ID and f.get("rpc") == "CreateRun" and f.get("result") == "OK"
