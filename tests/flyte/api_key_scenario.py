@@ -41,10 +41,17 @@ def main() -> None:
     try:
         # HOST:client id:secret:org, with no port: the default HTTPS port.
         key = base64.b64encode(f"127.0.0.1:{CLIENT_ID}:{secured.secret}:".encode()).decode()
+        # A private HOME: the SDK caches where it uploaded a code bundle in
+        # ~/.flyte/local-cache, keyed by endpoint, project and domain. The
+        # endpoint here is always 127.0.0.1, so a shared HOME would hand
+        # this run the upload of an earlier scenario, whose blob store is
+        # gone.
+        home = Path(tempfile.mkdtemp(dir=sys.argv[1]))
         done = subprocess.run(
             [sys.executable, "-c", DRIVER, str(secured.ca), str(PROGRAMS)],
             capture_output=True, text=True, timeout=TIMEOUT,
-            env={**os.environ, "FLYTE_API_KEY": key, "SSL_CERT_FILE": str(secured.ca)},
+            env={**os.environ, "HOME": str(home), "FLYTE_API_KEY": key,
+                 "SSL_CERT_FILE": str(secured.ca)},
         )
         logs = secured.log.read_text() + secured.executor_log.read_text()
         print(json.dumps({
