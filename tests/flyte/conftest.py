@@ -96,8 +96,24 @@ class Daemon:
                 proc.wait()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_home(tmp_path_factory):
+    """Every process the suite starts (the SDK, the executors, the tasks)
+    gets a new HOME: the SDK caches where it uploaded a code bundle in
+    ~/.flyte/local-cache, keyed by endpoint, and a port of an earlier
+    session's daemon (whose blob store is gone) may come round again."""
+    home = tmp_path_factory.mktemp("home")
+    previous = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("HOME", None)
+    else:
+        os.environ["HOME"] = previous
+
+
 @pytest.fixture(scope="session")
-def daemon(tmp_path_factory):
+def daemon(tmp_path_factory, private_home):
     d = Daemon(tmp_path_factory.mktemp("actionsd"))
     # Wide: the default queue, four at a time. Narrow: one at a time, for
     # nesting deeper than the capacity.
