@@ -107,6 +107,13 @@ pub(crate) trait CommandTx: Send {
     /// batch is applied again one command per transaction; a rule's
     /// refusal needs no savepoint, since every command decides before it
     /// writes.
+    /// Applies what the backend held back of the batch's writes, before
+    /// the batch ends. A backend that writes each command at once has
+    /// nothing to do.
+    async fn flush(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+
     fn savepoints(&self) -> bool {
         true
     }
@@ -262,6 +269,12 @@ pub(crate) async fn apply_batch(
             _ => {}
         }
         results.push(result);
+    }
+    if let Err(err) = tx.flush().await {
+        return Err(match err {
+            Error::Unavailable(_) => err,
+            _ => Error::Conflict,
+        });
     }
     Ok(results)
 }

@@ -1270,3 +1270,66 @@ where
     );
     assert!(read_all(store, start, 10).await.is_empty());
 }
+
+/// Batches of many commands each (64 children enqueued, leased, updated
+/// and finished; through `batch`, the store's own batch function): every
+/// command's result and every action's events, in order, are what one
+/// command per transaction gives.
+pub(crate) async fn a_large_batch_applies_each_command_in_order<F, Fut>(store: &dyn Store, batch: F)
+where
+    F: Fn(Vec<Command>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Result<usize, Error>>>,
+{
+    const CHILDREN: usize = 64;
+    let names: Vec<String> = (0..CHILDREN).map(|i| format!("c{i:02}")).collect();
+    enqueue_all(store, vec![task("a0", None)]).await;
+    let start = feed_mark(store).await;
+    let each = |make: &dyn Fn(&str) -> Command| names.iter().map(|n| make(n)).collect();
+
+    let enqueued = batch(each(&|n| Command::Enqueue(task(n, Some("a0"))))).await;
+    assert!(enqueued.iter().all(|r| matches!(r, Ok(1))), "{enqueued:?}");
+    // The root is a queued task too.
+    let leases = store
+        .claim(&claim_request("e1", CHILDREN as u32 + 1))
+        .await
+        .expect("claim");
+    assert_eq!(leases.len(), CHILDREN + 1);
+    let running = batch(each(&|n| update(n, 1, Phase::Running))).await;
+    assert!(running.iter().all(|r| matches!(r, Ok(1))), "{running:?}");
+    // A repeated report changes nothing; a finished attempt is refused.
+    let mut mixed = vec![update("c00", 1, Phase::Running)];
+    mixed.extend(each(&|n| finish(n, "e1", 1, Phase::Succeeded, None)));
+    mixed.push(finish("c01", "e1", 1, Phase::Failed, None));
+    let finished = batch(mixed).await;
+    assert!(matches!(finished[0], Ok(0)), "{finished:?}");
+    assert!(
+        finished[1..=CHILDREN].iter().all(|r| matches!(r, Ok(1))),
+        "{finished:?}"
+    );
+    assert!(
+        matches!(finished[CHILDREN + 1], Err(Error::FailedPrecondition(_))),
+        "{finished:?}"
+    );
+
+    let events = read_all(store, start, 1000).await;
+    for name in &names {
+        let phases: Vec<(i64, Phase)> = events
+            .iter()
+            .filter(|(_, e)| &e.id.name == name)
+            .map(|(_, e)| (e.version, e.phase))
+            .collect();
+        assert_eq!(
+            phases,
+            [
+                (1, Phase::Queued),
+                (2, Phase::Initializing),
+                (3, Phase::Running),
+                (4, Phase::Succeeded)
+            ],
+            "{name}"
+        );
+    }
+    let finished = store.get_action(&id("c07")).await.expect("c07");
+    let expected = crate::domain::output_uri(ActionKind::Task, "", "s3://b/r1/", "c07", 1);
+    assert_eq!(finished.state.output_uri, expected);
+}

@@ -35,6 +35,13 @@ macro_rules! state_columns {
     };
 }
 
+/// [`state_columns!`] of the table aliased `a`.
+macro_rules! a_state_columns {
+    () => {
+        "a.org, a.project, a.domain, a.run_name, a.name, a.parent_name, a.version, a.phase, a.attempt, a.output_uri, a.error, a.value, a.queue, a.lease_holder, a.kind, a.run_output_base, a.address"
+    };
+}
+
 /// Appends the state rows returned by the `changed` CTE to the event log;
 /// with a parameter (`"$N"`), it is recorded as who made the change.
 macro_rules! insert_events_from_changed {
@@ -732,6 +739,8 @@ async fn transaction(
 /// Counts one statement sent to Postgres (`actionsd_store_round_trips_total`).
 fn trip() {
     metrics::counter!(crate::metrics::names::STORE_ROUND_TRIPS, "store" => "postgres").increment(1);
+    #[cfg(test)]
+    let _ = tests::TRIPS.try_with(|trips| trips.set(trips.get() + 1));
 }
 
 /// An action's observable state from a row of [`state_columns!`] (of
@@ -797,6 +806,11 @@ mod tests {
     use super::*;
     use crate::store::commit::checks;
 
+    tokio::task_local! {
+        /// The statements [`trip`] counted in the task that set it.
+        pub(super) static TRIPS: std::cell::Cell<u64>;
+    }
+
     fn store(pool: &PgPool) -> PgStore {
         PgStore::connect(
             pool.connect_options().as_ref().clone(),
@@ -845,6 +859,43 @@ mod tests {
             commit_batch(pool.clone(), commands)
         })
         .await;
+    }
+
+    /// A batch is applied set-wise: a handful of statements, whatever its
+    /// size (transaction, reads, one write per kind of write, commit).
+    #[sqlx::test(migrations = "./migrations/postgres")]
+    #[cfg_attr(
+        not(actionsd_postgres),
+        ignore = "the Postgres suite needs DATABASE_URL"
+    )]
+    async fn a_large_batch_applies_each_command_in_order(pool: PgPool) {
+        let store = store(&pool);
+        let trips = Arc::new(std::sync::Mutex::new(Vec::new()));
+        crate::store::conformance::a_large_batch_applies_each_command_in_order(
+            &store,
+            |commands| {
+                let (pool, trips) = (pool.clone(), trips.clone());
+                TRIPS.scope(std::cell::Cell::new(0), async move {
+                    let size = commands.len();
+                    let results = commit_batch(pool, commands).await;
+                    trips
+                        .lock()
+                        .unwrap()
+                        .push((size, TRIPS.with(std::cell::Cell::get)));
+                    results
+                })
+            },
+        )
+        .await;
+        let trips = trips.lock().unwrap().clone();
+        assert_eq!(trips.len(), 3);
+        for (size, statements) in trips {
+            // The last batch reads one row again after a held write.
+            assert!(
+                statements <= 7,
+                "{size} commands took {statements} statements"
+            );
+        }
     }
 
     /// A server that accepts the connection and then answers nonsense (a

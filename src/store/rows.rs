@@ -49,6 +49,13 @@ macro_rules! stored_as_i16 {
                     .ok_or_else(|| format!("unknown {} {stored} in the store", $what).into())
             }
         }
+
+        /// Bound as an array (`int2[]`) by Postgres's set-wise writes.
+        impl sqlx::postgres::PgHasArrayType for $ty {
+            fn array_type_info() -> sqlx::postgres::PgTypeInfo {
+                <i16 as sqlx::postgres::PgHasArrayType>::array_type_info()
+            }
+        }
     };
 }
 

@@ -1,14 +1,16 @@
 //! The statements of a Postgres write transaction ([`CommandTx`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use sqlx::PgConnection;
 
 use super::{db_error, trip};
+use chrono::{DateTime, Utc};
+
 use crate::domain::{
-    AbortAction, ActionId, Command, Current, EnqueueAction, Error, FinishAction, Phase, RunId,
-    RunSettings, SignalAction, Transition, UpdateStatus,
+    AbortAction, ActionId, ActionKind, Command, Current, EnqueueAction, Error, FinishAction, Phase,
+    RunId, RunSettings, SignalAction, Transition, UpdateStatus,
 };
 use crate::store::apply::{CommandTx, Stored};
 use crate::store::rows::{terminal_phases, BindId, CurrentRow, IdRow, ParentRow, StoredRow};
@@ -19,6 +21,29 @@ use crate::store::sql;
 pub(super) struct PgTx<'c> {
     pub conn: &'c mut PgConnection,
     read: Prefetched,
+    /// Writes held back to be applied set-wise ([`Pending`]); only in a
+    /// batch (after [`CommandTx::prefetch`]).
+    pending: Option<Pending>,
+}
+
+/// The writes of a batch not applied yet: inserts, Updates and Finishes,
+/// each kind applied by one statement for all of them (`unnest` of
+/// arrays). At most one write per action is held: a command that touches
+/// an action with a held write, and any read the prefetch cannot answer,
+/// first applies what is held, so every statement sees the rows as the
+/// earlier commands wrote them, and each action's events keep their order.
+#[derive(Default)]
+struct Pending {
+    inserts: Vec<(EnqueueAction, Option<String>)>,
+    updates: Vec<(UpdateStatus, Transition)>,
+    finishes: Vec<(FinishAction, String)>,
+    ids: HashSet<ActionId>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
 }
 
 /// Rows read for a batch, by action. An entry holds `None` when the action
@@ -36,6 +61,7 @@ impl<'c> PgTx<'c> {
         Self {
             conn,
             read: Prefetched::default(),
+            pending: None,
         }
     }
 
@@ -180,6 +206,245 @@ impl PgTx<'_> {
     }
 }
 
+/// Keys `$1..$5` and the values of a batch of writes, as one row set `v`.
+macro_rules! unnest_keys {
+    ($rest:literal, $columns:literal) => {
+        concat!(
+            "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], ",
+            $rest,
+            ") AS v(org, project, domain, run_name, name, ",
+            $columns,
+            "))"
+        )
+    };
+}
+
+/// Matches the rows of `actions a` to the rows of `v` by key.
+macro_rules! where_v {
+    () => {
+        " FROM v WHERE (a.org, a.project, a.domain, a.run_name, a.name) \
+           = (v.org, v.project, v.domain, v.run_name, v.name)"
+    };
+}
+
+impl PgTx<'_> {
+    /// Whether a write of `id` is held back for the batch's set-wise
+    /// statements; a write already held for `id` is applied first.
+    async fn hold(&mut self, id: &ActionId) -> Result<bool, Error> {
+        self.forget(id);
+        let held = match &self.pending {
+            None => return Ok(false),
+            Some(pending) => pending.ids.contains(id),
+        };
+        if held {
+            self.apply_pending().await?;
+        }
+        if let Some(pending) = &mut self.pending {
+            pending.ids.insert(id.clone());
+        }
+        Ok(true)
+    }
+
+    fn pending(&mut self) -> &mut Pending {
+        self.pending.get_or_insert_with(Pending::default)
+    }
+
+    /// Applies the held writes: one statement per kind of write.
+    async fn apply_pending(&mut self) -> Result<(), Error> {
+        let Some(pending) = self.pending.as_mut().filter(|p| !p.is_empty()) else {
+            return Ok(());
+        };
+        let Pending {
+            inserts,
+            updates,
+            finishes,
+            ..
+        } = std::mem::take(pending);
+        if !inserts.is_empty() {
+            self.insert_all(&inserts).await?;
+        }
+        if !updates.is_empty() {
+            self.update_all(&updates).await?;
+        }
+        if !finishes.is_empty() {
+            self.finish_all(&finishes).await?;
+        }
+        Ok(())
+    }
+
+    /// Inserts actions with their first events. Every one was found
+    /// missing by the prefetch: one that exists by now (a concurrent
+    /// Enqueue of another daemon) is a conflict, and the batch is applied
+    /// again command by command.
+    async fn insert_all(
+        &mut self,
+        inserts: &[(EnqueueAction, Option<String>)],
+    ) -> Result<(), Error> {
+        trip();
+        let ids: Vec<&ActionId> = inserts.iter().map(|(a, _)| &a.id).collect();
+        let [org, project, domain, run, name] = key_arrays(&ids);
+        let parent: Vec<Option<&str>> = inserts.iter().map(|(a, _)| a.parent.as_deref()).collect();
+        let kind: Vec<ActionKind> = inserts.iter().map(|(a, _)| a.kind).collect();
+        let phase: Vec<Phase> = inserts.iter().map(|(a, _)| a.phase).collect();
+        let spec: Vec<&[u8]> = inserts.iter().map(|(a, _)| a.spec.as_ref()).collect();
+        let queue: Vec<Option<&str>> = inserts.iter().map(|(_, q)| q.as_deref()).collect();
+        let output_uri: Vec<&str> = inserts.iter().map(|(a, _)| a.output_uri.as_str()).collect();
+        let condition: Vec<Option<i32>> = inserts.iter().map(|(a, _)| a.condition_type).collect();
+        let timeout: Vec<Option<f64>> = inserts
+            .iter()
+            .map(|(a, _)| a.condition_timeout.map(|t| t.as_secs_f64()))
+            .collect();
+        let base: Vec<&str> = inserts
+            .iter()
+            .map(|(a, _)| a.run_output_base.as_str())
+            .collect();
+        let by: Vec<Option<&str>> = inserts.iter().map(|(a, _)| a.by.as_deref()).collect();
+        let inserted = sqlx::query(concat!(
+            unnest_keys!(
+                "$6::text[], $7::int2[], $8::int2[], $9::bytea[], $10::text[], $11::text[], \
+                 $12::int4[], $13::float8[], $14::text[], $15::text[]",
+                "parent_name, kind, phase, spec, queue, output_uri, condition_type, timeout, \
+                 run_output_base, changed_by"
+            ),
+            ", changed AS (",
+            " INSERT INTO actions (org, project, domain, run_name, name, parent_name, kind, phase, spec, queue,",
+            "   output_uri, condition_type, deadline, run_output_base)",
+            " SELECT org, project, domain, run_name, name, parent_name, kind, phase, spec, queue,",
+            "   output_uri, condition_type, now() + make_interval(secs => timeout), run_output_base FROM v",
+            " ON CONFLICT ON CONSTRAINT actions_pkey DO NOTHING",
+            " RETURNING ",
+            state_columns!(),
+            ") INSERT INTO events (",
+            state_columns!(),
+            ", changed_by) SELECT c.*, v.changed_by FROM changed c",
+            " JOIN v USING (org, project, domain, run_name, name)"
+        ))
+        .bind(org)
+        .bind(project)
+        .bind(domain)
+        .bind(run)
+        .bind(name)
+        .bind(parent)
+        .bind(kind)
+        .bind(phase)
+        .bind(spec)
+        .bind(queue)
+        .bind(output_uri)
+        .bind(condition)
+        .bind(timeout)
+        .bind(base)
+        .bind(by)
+        .execute(&mut *self.conn)
+        .await
+        .map_err(db_error)?
+        .rows_affected();
+        expect_rows(inserted, inserts.len())
+    }
+
+    /// Writes accepted Updates (of rows the batch has locked).
+    async fn update_all(&mut self, updates: &[(UpdateStatus, Transition)]) -> Result<(), Error> {
+        trip();
+        let ids: Vec<&ActionId> = updates.iter().map(|(u, _)| &u.id).collect();
+        let [org, project, domain, run, name] = key_arrays(&ids);
+        let phase: Vec<Phase> = updates.iter().map(|(_, t)| t.phase).collect();
+        let attempt: Vec<i64> = updates.iter().map(|(_, t)| i64::from(t.attempt)).collect();
+        let start: Vec<Option<DateTime<Utc>>> = updates.iter().map(|(u, _)| u.start_time).collect();
+        let terminal: Vec<bool> = updates.iter().map(|(_, t)| t.phase.is_terminal()).collect();
+        let end: Vec<Option<DateTime<Utc>>> = updates.iter().map(|(u, _)| u.end_time).collect();
+        let address: Vec<Option<&[u8]>> =
+            updates.iter().map(|(u, _)| u.address.as_deref()).collect();
+        let by: Vec<Option<&str>> = updates.iter().map(|(u, _)| u.by.as_deref()).collect();
+        let updated = sqlx::query(concat!(
+            unnest_keys!(
+                "$6::int2[], $7::int8[], $8::timestamptz[], $9::bool[], $10::timestamptz[], \
+                 $11::bytea[], $12::text[]",
+                "phase, attempt, start_time, terminal, end_time, address, changed_by"
+            ),
+            ", changed AS (",
+            " UPDATE actions a SET phase = v.phase, attempt = v.attempt, version = a.version + 1,",
+            "   updated_at = now(), start_time = COALESCE(v.start_time, a.start_time),",
+            "   end_time = CASE WHEN v.terminal THEN COALESCE(v.end_time, a.end_time, now()) ELSE a.end_time END,",
+            "   address = COALESCE(v.address, a.address)",
+            where_v!(),
+            " RETURNING ",
+            a_state_columns!(),
+            ", v.changed_by)",
+            " INSERT INTO events (",
+            state_columns!(),
+            ", changed_by) SELECT * FROM changed"
+        ))
+        .bind(org)
+        .bind(project)
+        .bind(domain)
+        .bind(run)
+        .bind(name)
+        .bind(phase)
+        .bind(attempt)
+        .bind(start)
+        .bind(terminal)
+        .bind(end)
+        .bind(address)
+        .bind(by)
+        .execute(&mut *self.conn)
+        .await
+        .map_err(db_error)?
+        .rows_affected();
+        expect_rows(updated, updates.len())
+    }
+
+    /// Ends attempts (of rows the batch has locked) with their outputs.
+    async fn finish_all(&mut self, finishes: &[(FinishAction, String)]) -> Result<(), Error> {
+        trip();
+        let ids: Vec<&ActionId> = finishes.iter().map(|(f, _)| &f.id).collect();
+        let [org, project, domain, run, name] = key_arrays(&ids);
+        let phase: Vec<Phase> = finishes.iter().map(|(f, _)| f.phase).collect();
+        let output_uri: Vec<&str> = finishes.iter().map(|(_, uri)| uri.as_str()).collect();
+        let error: Vec<Option<&[u8]>> = finishes.iter().map(|(f, _)| f.error.as_deref()).collect();
+        let by: Vec<Option<&str>> = finishes.iter().map(|(f, _)| f.by.as_deref()).collect();
+        let finished = sqlx::query(concat!(
+            unnest_keys!(
+                "$6::int2[], $7::text[], $8::bytea[], $9::text[]",
+                "phase, output_uri, error, changed_by"
+            ),
+            ", changed AS (",
+            " UPDATE actions a SET phase = v.phase, output_uri = v.output_uri, error = v.error,",
+            "   lease_deadline = NULL, end_time = now(), version = a.version + 1, updated_at = now()",
+            where_v!(),
+            " RETURNING ",
+            a_state_columns!(),
+            ", v.changed_by)",
+            " INSERT INTO events (",
+            state_columns!(),
+            ", changed_by) SELECT * FROM changed"
+        ))
+        .bind(org)
+        .bind(project)
+        .bind(domain)
+        .bind(run)
+        .bind(name)
+        .bind(phase)
+        .bind(output_uri)
+        .bind(error)
+        .bind(by)
+        .execute(&mut *self.conn)
+        .await
+        .map_err(db_error)?
+        .rows_affected();
+        expect_rows(finished, finishes.len())
+    }
+}
+
+/// A set-wise write that changed fewer rows than it was given met a row a
+/// concurrent writer changed: the batch is applied again, command by
+/// command.
+fn expect_rows(changed: u64, given: usize) -> Result<(), Error> {
+    if changed == given as u64 {
+        Ok(())
+    } else {
+        Err(Error::Conflict)
+    }
+}
+
 #[async_trait]
 impl CommandTx for PgTx<'_> {
     async fn prefetch(&mut self, commands: &[Command]) -> Result<(), Error> {
@@ -210,7 +475,12 @@ impl CommandTx for PgTx<'_> {
         if !changed.is_empty() {
             self.prefetch_current(&changed).await?;
         }
+        self.pending = Some(Pending::default());
         Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), Error> {
+        self.apply_pending().await
     }
 
     fn savepoints(&self) -> bool {
@@ -221,6 +491,7 @@ impl CommandTx for PgTx<'_> {
         if let Some(stored) = self.read.stored.get(id) {
             return Ok(stored.clone());
         }
+        self.apply_pending().await?;
         trip();
         let row: Option<StoredRow> = sqlx::query_as(sql::STORED)
             .bind_id(id)
@@ -264,6 +535,7 @@ impl CommandTx for PgTx<'_> {
         if let Some(found) = self.read.parents.get(&id.sibling(parent.to_owned())) {
             return Ok(found.clone());
         }
+        self.apply_pending().await?;
         trip();
         // FOR SHARE: an Abort of the parent waits for this insert to
         // commit, then its cascade sees the new child.
@@ -278,7 +550,11 @@ impl CommandTx for PgTx<'_> {
         action: &EnqueueAction,
         queue: Option<&str>,
     ) -> Result<bool, Error> {
-        self.forget(&action.id);
+        if self.hold(&action.id).await? {
+            let held = (action.clone(), queue.map(str::to_owned));
+            self.pending().inserts.push(held);
+            return Ok(true);
+        }
         trip();
         let timeout_secs = action.condition_timeout.map(|t| t.as_secs_f64());
         let inserted = sqlx::query(concat!(
@@ -314,6 +590,7 @@ impl CommandTx for PgTx<'_> {
         if let Some(current) = self.read.current.get(id) {
             return Ok(current.clone());
         }
+        self.apply_pending().await?;
         trip();
         let row: Option<CurrentRow> = sqlx::query_as(&format!("{} FOR UPDATE", sql::CURRENT))
             .bind_id(id)
@@ -324,7 +601,10 @@ impl CommandTx for PgTx<'_> {
     }
 
     async fn write_update(&mut self, update: &UpdateStatus, next: Transition) -> Result<(), Error> {
-        self.forget(&update.id);
+        if self.hold(&update.id).await? {
+            self.pending().updates.push((update.clone(), next));
+            return Ok(());
+        }
         trip();
         sqlx::query(concat!(
             "WITH changed AS (",
@@ -370,15 +650,16 @@ impl CommandTx for PgTx<'_> {
                 "  FROM subtree s",
                 "  WHERE a.org = $1 AND a.project = $2 AND a.domain = $3 AND a.run_name = $4",
                 "    AND a.name = s.name AND a.phase NOT IN {terminal}",
-                "  RETURNING a.org, a.project, a.domain, a.run_name, a.name, a.parent_name, a.version,",
-                "    a.phase, a.attempt, a.output_uri, a.error, a.value, a.queue, a.lease_holder,",
-                "    a.kind, a.run_output_base, a.address",
+                "  RETURNING ",
+                a_state_columns!(),
                 ")",
                 insert_events_from_changed!("$10")
             ),
             terminal = terminal_phases()
         );
-        // The cascade changes rows the batch may have read.
+        // The cascade reads and changes rows the batch may have read or
+        // written.
+        self.apply_pending().await?;
         self.read = Prefetched::default();
         let mut total = 0usize;
         loop {
@@ -403,6 +684,7 @@ impl CommandTx for PgTx<'_> {
     }
 
     async fn write_signal(&mut self, signal: &SignalAction) -> Result<(), Error> {
+        self.apply_pending().await?;
         self.forget(&signal.id);
         trip();
         sqlx::query(concat!(
@@ -427,6 +709,7 @@ impl CommandTx for PgTx<'_> {
     }
 
     async fn write_retry(&mut self, finish: &FinishAction) -> Result<(), Error> {
+        self.apply_pending().await?;
         self.forget(&finish.id);
         trip();
         sqlx::query(concat!(
@@ -451,6 +734,12 @@ impl CommandTx for PgTx<'_> {
     }
 
     async fn write_finish(&mut self, finish: &FinishAction, output_uri: &str) -> Result<(), Error> {
+        if self.hold(&finish.id).await? {
+            self.pending()
+                .finishes
+                .push((finish.clone(), output_uri.to_owned()));
+            return Ok(());
+        }
         trip();
         sqlx::query(concat!(
             "WITH changed AS (",
