@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use crate::domain::{
     decide_abort, decide_enqueue_existing, decide_enqueue_parent, decide_finish, decide_signal,
     decide_update, enqueue_queue, output_uri, second_root, AbortAction, ActionId, ActionKind,
-    Command, Current, EnqueueAction, Error, FinishAction, Phase, RunId, RunSettings, SignalAction,
+    Command, Current, EnqueueAction, Error, FinishAction, Phase, RunSettings, SignalAction,
     Transition, UpdateStatus,
 };
 use crate::schema;
@@ -32,6 +32,10 @@ pub(crate) struct Stored {
     /// The action is its run's root.
     pub is_root: bool,
 }
+
+/// A parent's phase and its run's queue; `None` when there is no such
+/// action.
+pub(crate) type FoundParent = Option<(Phase, Option<String>)>;
 
 /// What a command did inside the transaction.
 #[derive(Debug)]
@@ -51,21 +55,19 @@ pub(crate) trait CommandTx: Send {
     /// The stored content of an action, if it exists.
     async fn stored(&mut self, id: &ActionId) -> Result<Option<Stored>, Error>;
 
-    /// Inserts the run of root action `id`; `false` when the run exists.
-    async fn insert_run(&mut self, id: &ActionId, run: &RunSettings) -> Result<bool, Error>;
-
-    /// The name of a run's root action.
-    async fn run_root(&mut self, run: &RunId) -> Result<String, Error>;
+    /// Inserts the run of root action `id`. When the run exists nothing
+    /// is written, and the name of its root is returned.
+    async fn insert_run(
+        &mut self,
+        id: &ActionId,
+        run: &RunSettings,
+    ) -> Result<Option<String>, Error>;
 
     /// The parent's phase and its run's queue, `None` when there is no
     /// such action. The parent cannot become terminal until the
     /// transaction ends (Postgres: FOR SHARE; SQLite: the write lock), so an
     /// Abort of it sees the new child.
-    async fn lock_parent(
-        &mut self,
-        id: &ActionId,
-        parent: &str,
-    ) -> Result<Option<(Phase, Option<String>)>, Error>;
+    async fn lock_parent(&mut self, id: &ActionId, parent: &str) -> Result<FoundParent, Error>;
 
     /// Inserts the action with its first event; `false` when it exists.
     async fn insert_action(
@@ -173,12 +175,12 @@ async fn enqueue(tx: &mut impl CommandTx, action: &EnqueueAction) -> Result<Appl
     let run_queue = match &action.parent {
         None => {
             let run = action.run.clone().unwrap_or_default();
-            if !tx.insert_run(id, &run).await? {
+            if let Some(root) = tx.insert_run(id, &run).await? {
                 // A concurrent identical Enqueue may have won the race.
                 if let Some(stored) = tx.stored(id).await? {
                     return Ok(Applied::Exists(Box::new(stored)));
                 }
-                return Err(second_root(&id.run, &tx.run_root(&id.run).await?));
+                return Err(second_root(&id.run, &root));
             }
             run.queue
         }

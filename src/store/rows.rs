@@ -209,6 +209,16 @@ pub(crate) struct StoredRow {
     pub is_root: bool,
 }
 
+impl From<StoredRow> for crate::store::apply::Stored {
+    fn from(row: StoredRow) -> Self {
+        Self {
+            spec: row.spec,
+            run_spec: row.run_spec,
+            is_root: row.is_root,
+        }
+    }
+}
+
 /// A lease released because its action ended.
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct ReleasedRow {

@@ -5,9 +5,12 @@
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
 
 use crate::domain::Error;
-use crate::domain::{ActionId, RunId};
+use crate::domain::{ActionId, RunId, RunSettings};
+use crate::store::apply::{FoundParent, Stored};
 use crate::store::lease::Candidate;
-use crate::store::rows::{queued_task, terminal_phases, IdRow, ParentRow, ReleasedRow};
+use crate::store::rows::{
+    queued_task, terminal_phases, BindId, CurrentRow, IdRow, ParentRow, ReleasedRow, StoredRow,
+};
 
 /// An existing action's stored content, for a repeated Enqueue (the key
 /// as `$1..$5`).
@@ -124,7 +127,7 @@ pub(crate) async fn parent<'c, DB, E>(
     id: &ActionId,
     parent: &str,
     lock: &str,
-) -> Result<Option<ParentRow>, sqlx::Error>
+) -> Result<FoundParent, sqlx::Error>
 where
     DB: Database,
     E: Executor<'c, Database = DB>,
@@ -134,10 +137,11 @@ where
     ParentRow: for<'r> FromRow<'r, DB::Row>,
 {
     let sql = format!("{PARENT}{lock}");
-    bind_run!(sqlx::query_as(&sql), id.run)
+    let row: Option<ParentRow> = bind_run!(sqlx::query_as(&sql), id.run)
         .bind(parent)
         .fetch_optional(conn)
-        .await
+        .await?;
+    Ok(row.map(|row| (row.phase, row.queue)))
 }
 
 /// Runs [`held`].
@@ -242,4 +246,83 @@ where
             })
         })
         .collect()
+}
+
+/// Runs [`STORED`].
+pub(crate) async fn stored<'c, DB, E>(conn: E, id: &ActionId) -> Result<Option<Stored>, sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q String: Encode<'q, DB> + Type<DB>,
+    StoredRow: for<'r> FromRow<'r, DB::Row>,
+{
+    let row: Option<StoredRow> = sqlx::query_as(STORED)
+        .bind_id(id)
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.map(Stored::from))
+}
+
+/// Runs [`CURRENT`] with the backend's row lock (`lock`, may be empty).
+pub(crate) async fn current<'c, DB, E>(
+    conn: E,
+    id: &ActionId,
+    lock: &str,
+) -> Result<Option<CurrentRow>, sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q String: Encode<'q, DB> + Type<DB>,
+    CurrentRow: for<'r> FromRow<'r, DB::Row>,
+{
+    let sql = format!("{CURRENT}{lock}");
+    sqlx::query_as(&sql).bind_id(id).fetch_optional(conn).await
+}
+
+/// Inserts the run of root action `id`, created at `created_at` (the
+/// backend's transaction time) or, when `None`, at the column's default.
+/// When the run exists nothing is written, and the name of its root is
+/// returned (a second statement).
+pub(crate) async fn insert_run<DB, T>(
+    conn: &mut DB::Connection,
+    id: &ActionId,
+    run: &RunSettings,
+    created_at: Option<T>,
+) -> Result<Option<String>, sqlx::Error>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    T: for<'q> Encode<'q, DB> + Type<DB> + Send + 'static,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q String: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q Option<String>: Encode<'q, DB> + Type<DB>,
+    i32: for<'q> Encode<'q, DB> + Type<DB>,
+    (String,): for<'r> FromRow<'r, DB::Row>,
+{
+    let (column, value) = if created_at.is_some() {
+        (", created_at", ", $9")
+    } else {
+        ("", "")
+    };
+    let sql = format!(
+        "INSERT INTO runs (org, project, domain, name, root_name, run_spec, queue, \
+           max_action_concurrency{column}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8{value}) \
+         ON CONFLICT (org, project, domain, name) DO NOTHING RETURNING 1"
+    );
+    let mut query = sqlx::query(&sql)
+        .bind_id(id)
+        .bind(run.run_spec.as_ref())
+        .bind(&run.queue)
+        .bind(i32::try_from(run.max_action_concurrency).unwrap_or(i32::MAX));
+    if let Some(created_at) = created_at {
+        query = query.bind(created_at);
+    }
+    if query.fetch_optional(&mut *conn).await?.is_some() {
+        return Ok(None);
+    }
+    run_root(&mut *conn, &id.run).await.map(Some)
 }

@@ -10,9 +10,9 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{
     AbortAction, ActionId, ActionKind, Command, Current, EnqueueAction, Error, FinishAction, Phase,
-    RunId, RunSettings, SignalAction, Transition, UpdateStatus,
+    RunSettings, SignalAction, Transition, UpdateStatus,
 };
-use crate::store::apply::{CommandTx, Stored};
+use crate::store::apply::{CommandTx, FoundParent, Stored};
 use crate::store::rows::{terminal_phases, BindId, CurrentRow, IdRow, ParentRow, StoredRow};
 use crate::store::sql;
 
@@ -126,11 +126,7 @@ impl PgTx<'_> {
             self.read.stored.insert((*id).clone(), None);
         }
         for row in rows {
-            let stored = Stored {
-                spec: row.stored.spec,
-                run_spec: row.stored.run_spec,
-                is_root: row.stored.is_root,
-            };
+            let stored = Stored::from(row.stored);
             self.read.stored.insert(row.id.into_id(), Some(stored));
         }
         Ok(())
@@ -493,45 +489,25 @@ impl CommandTx for PgTx<'_> {
         }
         self.apply_pending().await?;
         trip();
-        let row: Option<StoredRow> = sqlx::query_as(sql::STORED)
-            .bind_id(id)
-            .fetch_optional(&mut *self.conn)
-            .await
-            .map_err(db_error)?;
-        Ok(row.map(|row| Stored {
-            spec: row.spec,
-            run_spec: row.run_spec,
-            is_root: row.is_root,
-        }))
+        sql::stored(&mut *self.conn, id).await.map_err(db_error)
     }
 
-    async fn insert_run(&mut self, id: &ActionId, run: &RunSettings) -> Result<bool, Error> {
-        trip();
-        let inserted = sqlx::query(
-            "INSERT INTO runs (org, project, domain, name, root_name, run_spec, queue, max_action_concurrency) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT ON CONSTRAINT runs_pkey DO NOTHING",
-        )
-        .bind_id(id)
-        .bind(run.run_spec.as_ref())
-        .bind(&run.queue)
-        .bind(i32::try_from(run.max_action_concurrency).unwrap_or(i32::MAX))
-        .execute(&mut *self.conn)
-        .await
-        .map_err(db_error)?
-        .rows_affected();
-        Ok(inserted > 0)
-    }
-
-    async fn run_root(&mut self, run: &RunId) -> Result<String, Error> {
-        trip();
-        sql::run_root(&mut *self.conn, run).await.map_err(db_error)
-    }
-
-    async fn lock_parent(
+    async fn insert_run(
         &mut self,
         id: &ActionId,
-        parent: &str,
-    ) -> Result<Option<(Phase, Option<String>)>, Error> {
+        run: &RunSettings,
+    ) -> Result<Option<String>, Error> {
+        trip();
+        let root = sql::insert_run::<sqlx::Postgres, DateTime<Utc>>(self.conn, id, run, None)
+            .await
+            .map_err(db_error)?;
+        if root.is_some() {
+            trip();
+        }
+        Ok(root)
+    }
+
+    async fn lock_parent(&mut self, id: &ActionId, parent: &str) -> Result<FoundParent, Error> {
         if let Some(found) = self.read.parents.get(&id.sibling(parent.to_owned())) {
             return Ok(found.clone());
         }
@@ -539,10 +515,9 @@ impl CommandTx for PgTx<'_> {
         trip();
         // FOR SHARE: an Abort of the parent waits for this insert to
         // commit, then its cascade sees the new child.
-        let row = sql::parent(&mut *self.conn, id, parent, " FOR SHARE OF a")
+        sql::parent(&mut *self.conn, id, parent, " FOR SHARE OF a")
             .await
-            .map_err(db_error)?;
-        Ok(row.map(|row| (row.phase, row.queue)))
+            .map_err(db_error)
     }
 
     async fn insert_action(
@@ -592,9 +567,7 @@ impl CommandTx for PgTx<'_> {
         }
         self.apply_pending().await?;
         trip();
-        let row: Option<CurrentRow> = sqlx::query_as(&format!("{} FOR UPDATE", sql::CURRENT))
-            .bind_id(id)
-            .fetch_optional(&mut *self.conn)
+        let row = sql::current(&mut *self.conn, id, " FOR UPDATE")
             .await
             .map_err(db_error)?;
         row.map(CurrentRow::into_current).transpose()

@@ -9,11 +9,11 @@ use sqlx::SqliteConnection;
 
 use super::{db_error, trip};
 use crate::domain::{
-    AbortAction, ActionId, Current, EnqueueAction, Error, FinishAction, Phase, RunId, RunSettings,
+    AbortAction, ActionId, Current, EnqueueAction, Error, FinishAction, Phase, RunSettings,
     SignalAction, Transition, UpdateStatus,
 };
-use crate::store::apply::{CommandTx, Stored};
-use crate::store::rows::{terminal_phases, BindId, CurrentRow, StoredRow};
+use crate::store::apply::{CommandTx, FoundParent, Stored};
+use crate::store::rows::{terminal_phases, BindId, CurrentRow};
 use crate::store::sql;
 
 /// A transaction's connection and its one time (as Postgres's `now()`), in
@@ -54,53 +54,29 @@ impl SqliteTx<'_> {
 impl CommandTx for SqliteTx<'_> {
     async fn stored(&mut self, id: &ActionId) -> Result<Option<Stored>, Error> {
         trip();
-        let row: Option<StoredRow> = sqlx::query_as(sql::STORED)
-            .bind_id(id)
-            .fetch_optional(&mut *self.conn)
-            .await
-            .map_err(db_error)?;
-        Ok(row.map(|row| Stored {
-            spec: row.spec,
-            run_spec: row.run_spec,
-            is_root: row.is_root,
-        }))
+        sql::stored(&mut *self.conn, id).await.map_err(db_error)
     }
 
-    async fn insert_run(&mut self, id: &ActionId, run: &RunSettings) -> Result<bool, Error> {
-        trip();
-        let inserted = sqlx::query(
-            "INSERT INTO runs (org, project, domain, name, root_name, run_spec, queue, \
-               max_action_concurrency, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-             ON CONFLICT (org, project, domain, name) DO NOTHING",
-        )
-        .bind_id(id)
-        .bind(run.run_spec.as_ref())
-        .bind(&run.queue)
-        .bind(i32::try_from(run.max_action_concurrency).unwrap_or(i32::MAX))
-        .bind(self.now)
-        .execute(&mut *self.conn)
-        .await
-        .map_err(db_error)?
-        .rows_affected();
-        Ok(inserted > 0)
-    }
-
-    async fn run_root(&mut self, run: &RunId) -> Result<String, Error> {
-        trip();
-        sql::run_root(&mut *self.conn, run).await.map_err(db_error)
-    }
-
-    async fn lock_parent(
+    async fn insert_run(
         &mut self,
         id: &ActionId,
-        parent: &str,
-    ) -> Result<Option<(Phase, Option<String>)>, Error> {
+        run: &RunSettings,
+    ) -> Result<Option<String>, Error> {
         trip();
-        let row = sql::parent(&mut *self.conn, id, parent, "")
+        let root = sql::insert_run::<sqlx::Sqlite, _>(self.conn, id, run, Some(self.now))
             .await
             .map_err(db_error)?;
-        Ok(row.map(|row| (row.phase, row.queue)))
+        if root.is_some() {
+            trip();
+        }
+        Ok(root)
+    }
+
+    async fn lock_parent(&mut self, id: &ActionId, parent: &str) -> Result<FoundParent, Error> {
+        trip();
+        sql::parent(&mut *self.conn, id, parent, "")
+            .await
+            .map_err(db_error)
     }
 
     async fn insert_action(
@@ -143,9 +119,7 @@ impl CommandTx for SqliteTx<'_> {
 
     async fn lock_current(&mut self, id: &ActionId) -> Result<Option<Current>, Error> {
         trip();
-        let row: Option<CurrentRow> = sqlx::query_as(sql::CURRENT)
-            .bind_id(id)
-            .fetch_optional(&mut *self.conn)
+        let row = sql::current(&mut *self.conn, id, "")
             .await
             .map_err(db_error)?;
         row.map(CurrentRow::into_current).transpose()
