@@ -37,6 +37,15 @@ pub(crate) struct Stored {
 /// action.
 pub(crate) type FoundParent = Option<(Phase, Option<String>)>;
 
+/// An action as it is inserted: its Enqueue, and the queue it resolved to.
+pub(crate) struct NewAction<'a> {
+    pub action: &'a EnqueueAction,
+    pub queue: Option<&'a str>,
+}
+
+/// The root of an existing run, found when a new root was to create it.
+pub(crate) type RunRoot = Option<String>;
+
 /// What a command did inside the transaction.
 #[derive(Debug)]
 pub(crate) enum Applied {
@@ -70,11 +79,7 @@ pub(crate) trait CommandTx: Send {
     async fn lock_parent(&mut self, id: &ActionId, parent: &str) -> Result<FoundParent, Error>;
 
     /// Inserts the action with its first event; `false` when it exists.
-    async fn insert_action(
-        &mut self,
-        action: &EnqueueAction,
-        queue: Option<&str>,
-    ) -> Result<bool, Error>;
+    async fn insert_action(&mut self, new: NewAction<'_>) -> Result<bool, Error>;
 
     /// What the rules need of an action's row, locked until the
     /// transaction ends; `None` when there is no such action.
@@ -195,7 +200,11 @@ async fn enqueue(tx: &mut impl CommandTx, action: &EnqueueAction) -> Result<Appl
         action.task_queue.as_deref(),
         run_queue.as_deref(),
     );
-    if tx.insert_action(action, queue.as_deref()).await? {
+    let new = NewAction {
+        action,
+        queue: queue.as_deref(),
+    };
+    if tx.insert_action(new).await? {
         return Ok(Applied::Events(1));
     }
     // Lost a race with a concurrent Enqueue of the same id.

@@ -7,7 +7,9 @@ use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::{Database, Decode, Encode, Type};
 
-use crate::domain::{output_uri, ActionId, ActionKind, ActionState, Error, Phase, RunId};
+use crate::domain::{
+    output_uri, ActionId, ActionKind, ActionState, EnqueueAction, Error, Phase, RunId,
+};
 
 /// Implements `Type`, `Encode` and `Decode` for a domain enum stored as
 /// its `i16` discriminant, on every backend.
@@ -296,6 +298,35 @@ where
             .bind(&id.run.domain)
             .bind(&id.run.name)
             .bind(&id.name)
+    }
+}
+
+/// Binds a new action's columns as `$1..$12`: its key, then parent_name,
+/// kind, phase, spec, queue, output_uri and condition_type.
+pub(crate) trait BindNewAction<'q> {
+    fn bind_new_action(self, action: &'q EnqueueAction, queue: Option<&'q str>) -> Self;
+}
+
+impl<'q, DB: Database> BindNewAction<'q>
+    for sqlx::query::Query<'q, DB, <DB as Database>::Arguments<'q>>
+where
+    &'q String: Encode<'q, DB> + Type<DB>,
+    &'q Option<String>: Encode<'q, DB> + Type<DB>,
+    &'q [u8]: Encode<'q, DB> + Type<DB>,
+    Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    Option<i32>: Encode<'q, DB> + Type<DB>,
+    ActionKind: Encode<'q, DB> + Type<DB>,
+    Phase: Encode<'q, DB> + Type<DB>,
+{
+    fn bind_new_action(self, action: &'q EnqueueAction, queue: Option<&'q str>) -> Self {
+        self.bind_id(&action.id)
+            .bind(&action.parent)
+            .bind(action.kind)
+            .bind(action.phase)
+            .bind(action.spec.as_ref())
+            .bind(queue)
+            .bind(&action.output_uri)
+            .bind(action.condition_type)
     }
 }
 

@@ -6,7 +6,7 @@ use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
 
 use crate::domain::Error;
 use crate::domain::{ActionId, RunId, RunSettings};
-use crate::store::apply::{FoundParent, Stored};
+use crate::store::apply::{FoundParent, RunRoot, Stored};
 use crate::store::lease::Candidate;
 use crate::store::rows::{
     queued_task, terminal_phases, BindId, CurrentRow, IdRow, ParentRow, ReleasedRow, StoredRow,
@@ -121,12 +121,14 @@ where
         .await
 }
 
-/// Runs [`PARENT`] with the backend's row lock (`lock`, may be empty).
+/// Runs [`PARENT`] with the backend's row lock (`lock`, may be empty);
+/// `trip` counts the statement.
 pub(crate) async fn parent<'c, DB, E>(
     conn: E,
     id: &ActionId,
     parent: &str,
     lock: &str,
+    trip: fn(),
 ) -> Result<FoundParent, sqlx::Error>
 where
     DB: Database,
@@ -137,6 +139,7 @@ where
     ParentRow: for<'r> FromRow<'r, DB::Row>,
 {
     let sql = format!("{PARENT}{lock}");
+    trip();
     let row: Option<ParentRow> = bind_run!(sqlx::query_as(&sql), id.run)
         .bind(parent)
         .fetch_optional(conn)
@@ -284,13 +287,14 @@ where
 /// Inserts the run of root action `id`, created at `created_at` (the
 /// backend's transaction time) or, when `None`, at the column's default.
 /// When the run exists nothing is written, and the name of its root is
-/// returned (a second statement).
+/// returned (a second statement). `trip` counts each statement.
 pub(crate) async fn insert_run<DB, T>(
     conn: &mut DB::Connection,
     id: &ActionId,
     run: &RunSettings,
     created_at: Option<T>,
-) -> Result<Option<String>, sqlx::Error>
+    trip: fn(),
+) -> Result<RunRoot, sqlx::Error>
 where
     DB: Database,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
@@ -321,8 +325,10 @@ where
     if let Some(created_at) = created_at {
         query = query.bind(created_at);
     }
+    trip();
     if query.fetch_optional(&mut *conn).await?.is_some() {
         return Ok(None);
     }
+    trip();
     run_root(&mut *conn, &id.run).await.map(Some)
 }

@@ -12,8 +12,10 @@ use crate::domain::{
     AbortAction, ActionId, ActionKind, Command, Current, EnqueueAction, Error, FinishAction, Phase,
     RunSettings, SignalAction, Transition, UpdateStatus,
 };
-use crate::store::apply::{CommandTx, FoundParent, Stored};
-use crate::store::rows::{terminal_phases, BindId, CurrentRow, IdRow, ParentRow, StoredRow};
+use crate::store::apply::{CommandTx, FoundParent, NewAction, RunRoot, Stored};
+use crate::store::rows::{
+    terminal_phases, BindId, BindNewAction, CurrentRow, IdRow, ParentRow, StoredRow,
+};
 use crate::store::sql;
 
 /// A transaction's connection, with what [`CommandTx::prefetch`] read for
@@ -492,19 +494,10 @@ impl CommandTx for PgTx<'_> {
         sql::stored(&mut *self.conn, id).await.map_err(db_error)
     }
 
-    async fn insert_run(
-        &mut self,
-        id: &ActionId,
-        run: &RunSettings,
-    ) -> Result<Option<String>, Error> {
-        trip();
-        let root = sql::insert_run::<sqlx::Postgres, DateTime<Utc>>(self.conn, id, run, None)
+    async fn insert_run(&mut self, id: &ActionId, run: &RunSettings) -> Result<RunRoot, Error> {
+        sql::insert_run::<sqlx::Postgres, DateTime<Utc>>(self.conn, id, run, None, trip)
             .await
-            .map_err(db_error)?;
-        if root.is_some() {
-            trip();
-        }
-        Ok(root)
+            .map_err(db_error)
     }
 
     async fn lock_parent(&mut self, id: &ActionId, parent: &str) -> Result<FoundParent, Error> {
@@ -512,19 +505,16 @@ impl CommandTx for PgTx<'_> {
             return Ok(found.clone());
         }
         self.apply_pending().await?;
-        trip();
         // FOR SHARE: an Abort of the parent waits for this insert to
         // commit, then its cascade sees the new child.
-        sql::parent(&mut *self.conn, id, parent, " FOR SHARE OF a")
+        let lock = " FOR SHARE OF a";
+        sql::parent(&mut *self.conn, id, parent, lock, trip)
             .await
             .map_err(db_error)
     }
 
-    async fn insert_action(
-        &mut self,
-        action: &EnqueueAction,
-        queue: Option<&str>,
-    ) -> Result<bool, Error> {
+    async fn insert_action(&mut self, new: NewAction<'_>) -> Result<bool, Error> {
+        let NewAction { action, queue } = new;
         if self.hold(&action.id).await? {
             let held = (action.clone(), queue.map(str::to_owned));
             self.pending().inserts.push(held);
@@ -543,14 +533,7 @@ impl CommandTx for PgTx<'_> {
             ")",
             insert_events_from_changed!("$15")
         ))
-        .bind_id(&action.id)
-        .bind(&action.parent)
-        .bind(action.kind)
-        .bind(action.phase)
-        .bind(action.spec.as_ref())
-        .bind(queue)
-        .bind(&action.output_uri)
-        .bind(action.condition_type)
+        .bind_new_action(action, queue)
         .bind(timeout_secs)
         .bind(&action.run_output_base)
         .bind(action.by.as_deref())

@@ -9,11 +9,11 @@ use sqlx::SqliteConnection;
 
 use super::{db_error, trip};
 use crate::domain::{
-    AbortAction, ActionId, Current, EnqueueAction, Error, FinishAction, Phase, RunSettings,
-    SignalAction, Transition, UpdateStatus,
+    AbortAction, ActionId, Current, Error, FinishAction, Phase, RunSettings, SignalAction,
+    Transition, UpdateStatus,
 };
-use crate::store::apply::{CommandTx, FoundParent, Stored};
-use crate::store::rows::{terminal_phases, BindId, CurrentRow};
+use crate::store::apply::{CommandTx, FoundParent, NewAction, RunRoot, Stored};
+use crate::store::rows::{terminal_phases, BindId, BindNewAction, CurrentRow};
 use crate::store::sql;
 
 /// A transaction's connection and its one time (as Postgres's `now()`), in
@@ -57,33 +57,20 @@ impl CommandTx for SqliteTx<'_> {
         sql::stored(&mut *self.conn, id).await.map_err(db_error)
     }
 
-    async fn insert_run(
-        &mut self,
-        id: &ActionId,
-        run: &RunSettings,
-    ) -> Result<Option<String>, Error> {
-        trip();
-        let root = sql::insert_run::<sqlx::Sqlite, _>(self.conn, id, run, Some(self.now))
-            .await
-            .map_err(db_error)?;
-        if root.is_some() {
-            trip();
-        }
-        Ok(root)
-    }
-
-    async fn lock_parent(&mut self, id: &ActionId, parent: &str) -> Result<FoundParent, Error> {
-        trip();
-        sql::parent(&mut *self.conn, id, parent, "")
+    async fn insert_run(&mut self, id: &ActionId, run: &RunSettings) -> Result<RunRoot, Error> {
+        sql::insert_run::<sqlx::Sqlite, _>(self.conn, id, run, Some(self.now), trip)
             .await
             .map_err(db_error)
     }
 
-    async fn insert_action(
-        &mut self,
-        action: &EnqueueAction,
-        queue: Option<&str>,
-    ) -> Result<bool, Error> {
+    async fn lock_parent(&mut self, id: &ActionId, parent: &str) -> Result<FoundParent, Error> {
+        sql::parent(&mut *self.conn, id, parent, "", trip)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn insert_action(&mut self, new: NewAction<'_>) -> Result<bool, Error> {
+        let NewAction { action, queue } = new;
         trip();
         let now = self.now;
         let deadline = action.condition_timeout.map(|timeout| {
@@ -95,14 +82,7 @@ impl CommandTx for SqliteTx<'_> {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15) \
              ON CONFLICT (org, project, domain, run_name, name) DO NOTHING",
         )
-        .bind_id(&action.id)
-        .bind(&action.parent)
-        .bind(action.kind)
-        .bind(action.phase)
-        .bind(action.spec.as_ref())
-        .bind(queue)
-        .bind(&action.output_uri)
-        .bind(action.condition_type)
+        .bind_new_action(action, queue)
         .bind(deadline)
         .bind(now)
         .bind(&action.run_output_base)
