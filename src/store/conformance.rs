@@ -237,7 +237,7 @@ async fn read_end(store: &dyn Store, from: FeedCursor) -> FeedCursor {
     }
 }
 
-fn run_id() -> RunId {
+pub(crate) fn run_id() -> RunId {
     RunId {
         org: String::new(),
         project: "p".to_owned(),
@@ -246,12 +246,12 @@ fn run_id() -> RunId {
     }
 }
 
-fn id(name: &str) -> ActionId {
+pub(crate) fn id(name: &str) -> ActionId {
     ActionId::new(run_id(), name)
 }
 
 /// A valid encoded Action; `input_uri` makes contents differ.
-fn spec(name: &str, input_uri: &str) -> Bytes {
+pub(crate) fn spec(name: &str, input_uri: &str) -> Bytes {
     Bytes::from(
         actions::Action {
             input_uri: input_uri.to_owned(),
@@ -262,7 +262,7 @@ fn spec(name: &str, input_uri: &str) -> Bytes {
     )
 }
 
-fn task(name: &str, parent: Option<&str>) -> EnqueueAction {
+pub(crate) fn task(name: &str, parent: Option<&str>) -> EnqueueAction {
     EnqueueAction {
         by: None,
         id: id(name),
@@ -294,7 +294,7 @@ fn condition(name: &str, parent: &str) -> EnqueueAction {
     }
 }
 
-fn update(name: &str, attempt: u32, phase: Phase) -> Command {
+pub(crate) fn update(name: &str, attempt: u32, phase: Phase) -> Command {
     Command::Update(UpdateStatus {
         by: None,
         id: id(name),

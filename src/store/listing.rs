@@ -10,8 +10,9 @@ use chrono::{DateTime, Utc};
 use sqlx::{Database, Encode, QueryBuilder, Type};
 
 use crate::domain::{
-    ActionFilter, ActionPosition, PageRequest, Phase, RunFilter, RunId, RunPosition, RunRecord,
+    ActionFilter, ActionKind, ActionPosition, PageRequest, RunFilter, RunId, RunPosition, RunRecord,
 };
+use crate::store::rows::RunPhaseRow;
 
 /// One more row than the page holds: its presence says a next page exists.
 fn overfetch(limit: usize) -> i64 {
@@ -68,7 +69,10 @@ where
     }
     if let Some(queue) = &filter.queue {
         query
-            .push(" AND kind = 1 AND queue = ")
+            .push(format_args!(
+                " AND kind = {} AND queue = ",
+                ActionKind::Task as i16
+            ))
             .push_bind(queue.clone());
     }
     if let Some(after) = &page.after {
@@ -160,31 +164,26 @@ where
     query
 }
 
-/// One row of [`runs_page`], decoded by the store.
-pub(super) struct RunPhaseRow {
-    pub id: RunId,
-    pub root_name: String,
-    pub root_phase: Phase,
-    pub queue: Option<String>,
-    pub created_at: DateTime<Utc>,
-    pub phase: Phase,
-    pub actions: i64,
-}
-
 /// Folds the rows of [`runs_page`] into runs, keeping their order.
 pub(super) fn group_runs(rows: Vec<RunPhaseRow>) -> Vec<RunRecord> {
     let mut runs: Vec<RunRecord> = Vec::new();
     for row in rows {
         let count = (row.phase, u32::try_from(row.actions).unwrap_or(u32::MAX));
+        let id = RunId {
+            org: row.org,
+            project: row.project,
+            domain: row.domain,
+            name: row.run_name,
+        };
         match runs.last_mut() {
-            Some(run) if run.id == row.id => run.counts.push(count),
+            Some(run) if run.id == id => run.counts.push(count),
             _ => runs.push(RunRecord {
-                id: row.id,
+                id,
                 root_name: row.root_name,
                 phase: row.root_phase,
                 counts: vec![count],
                 queue: row.queue,
-                created_at: row.created_at,
+                created_at: row.created_at.0,
             }),
         }
     }

@@ -4,10 +4,19 @@
 //! (Postgres today, an embedded backend later) without touching the RPC
 //! layer or the pipeline.
 
+/// The columns of an action's observable state (of `actions` or of
+/// `events`), in `rows::StateRow` order.
+macro_rules! state_columns {
+    () => {
+        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value, queue, lease_holder, kind, run_output_base, address"
+    };
+}
+
 mod apply;
 mod lease;
 mod listing;
 pub mod postgres;
+mod read;
 pub mod sqlite;
 
 use async_trait::async_trait;

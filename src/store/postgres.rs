@@ -9,14 +9,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{FromRow, Row};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::Row;
 use tracing::{instrument, warn};
 
 use super::apply;
 use super::commit::{Committers, GroupCommit};
-use super::rows::{queued_task, waiting_condition, BindId, StateRow};
-use super::{read_bounded, snapshot_page, FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
+use super::rows::LeaseRow;
+use super::rows::{terminal_phases, waiting_condition, FeedRow};
+use super::sql;
+use super::{FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
 use crate::domain::{
     ActionId, ActionState, ClaimRequest, Command, Error, HeartbeatOutcome, Lease, LeaseExpiry,
     Page, Phase, ReapOutcome, ReapSettings, RunId, SnapshotPosition, CONDITION_TIMEOUT_PHASE,
@@ -27,13 +29,6 @@ pub const CHANNEL: &str = "actionsd_events";
 
 /// The embedded migrations of the Postgres schema.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
-/// The columns of an action's observable state, in [`state_from_row`] order.
-macro_rules! state_columns {
-    () => {
-        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value, queue, lease_holder, kind, run_output_base, address"
-    };
-}
 
 /// [`state_columns!`] of the table aliased `a`.
 macro_rules! a_state_columns {
@@ -66,10 +61,6 @@ macro_rules! insert_events_from_changed {
         )
     };
 }
-
-/// The terminal phases as an SQL list, for the statements that name them
-/// in `format!`: a test ties it to [`Phase::is_terminal`].
-const TERMINAL_PHASES: &str = "(5, 6, 7, 8, 10)";
 
 mod lease;
 mod read;
@@ -272,40 +263,8 @@ impl Store for PgStore {
         after: Option<&SnapshotPosition>,
         limit: usize,
     ) -> Result<Page<ActionState, SnapshotPosition>, Error> {
-        bounded(self.timeout, async move {
-            let rows = sqlx::query(concat!(
-                "SELECT ",
-                state_columns!(),
-                ", created_at FROM actions",
-                " WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4",
-                " AND ((NOT $6 AND name = $5) OR (parent_name = $5",
-                "   AND ($7::timestamptz IS NULL OR (created_at, name) > ($7, $8))))",
-                " ORDER BY name = $5 DESC, created_at, name LIMIT $9"
-            ))
-            .bind_id(parent)
-            .bind(after.is_some())
-            .bind(after.map(|a| a.created_at))
-            .bind(after.map(|a| a.name.as_str()))
-            .bind(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX))
-            .fetch(&self.pool);
-            let rows = read_bounded(
-                rows,
-                |row| {
-                    let state = state_from_row(row)?;
-                    let position = SnapshotPosition {
-                        created_at: time::get(row, "created_at")?,
-                        name: state.id.name.clone(),
-                    };
-                    Ok((state, position))
-                },
-                |(state, _)| state.approximate_size(),
-                limit,
-                db_error,
-            )
-            .await?;
-            snapshot_page(parent, after.is_none(), rows, limit)
-        })
-        .await
+        let snapshot = super::read::snapshot(&self.pool, parent, after, limit, |t| t, db_error);
+        bounded(self.timeout, snapshot).await
     }
 
     async fn feed_start(&self) -> Result<FeedCursor, Error> {
@@ -352,9 +311,8 @@ impl Store for PgStore {
             let horizon: String = row.try_get("horizon").map_err(db_error)?;
             let pending: bool = row.try_get("pending").map_err(db_error)?;
 
-            let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = sqlx::query(concat!(
-                "SELECT xid::text AS xid_text, seq, \
+            let rows: Vec<FeedRow> = sqlx::query_as(concat!(
+                "SELECT xid::text::bigint AS major, seq AS minor, \
                  (extract(epoch FROM created_at) * 1000000)::bigint AS written_micros, ",
                 state_columns!(),
                 " FROM events WHERE (xid, seq) > ($1::text::xid8, $2) AND xid < $3::text::xid8",
@@ -363,30 +321,11 @@ impl Store for PgStore {
             .bind(cursor.major.to_string())
             .bind(cursor.minor)
             .bind(&horizon)
-            .bind(limit_i64)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await
             .map_err(db_error)?;
-
-            let mut batch = FeedBatch {
-                cursor,
-                more: rows.len() >= limit,
-                pending,
-                events: Vec::with_capacity(rows.len()),
-                written_micros: Vec::with_capacity(rows.len()),
-            };
-            for row in &rows {
-                let xid: String = row.try_get("xid_text").map_err(db_error)?;
-                batch.cursor = FeedCursor {
-                    major: parse_xid(&xid)?,
-                    minor: row.try_get("seq").map_err(db_error)?,
-                };
-                batch.events.push(state_from_row(row)?);
-                batch
-                    .written_micros
-                    .push(row.try_get("written_micros").map_err(db_error)?);
-            }
-            Ok(batch)
+            super::read::feed_batch(cursor, rows, limit, pending)
         })
         .await
     }
@@ -425,21 +364,13 @@ impl Store for PgStore {
 
     async fn leases_of(&self, executor: &str) -> Result<Vec<Lease>, Error> {
         bounded(self.timeout, async move {
-            let rows = sqlx::query(&format!(
-                "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.spec, a.attempt, \
-                        a.lease_deadline, a.run_output_base, r.run_spec \
-                 FROM actions a JOIN runs r \
-                   ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
-                 WHERE a.lease_holder = $1 AND a.lease_deadline IS NOT NULL \
-                   AND a.phase NOT IN {TERMINAL_PHASES} \
-                 ORDER BY a.created_at, a.name"
-            ))
-            .bind(executor)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-            rows.iter().map(lease::lease_from_row).collect()
-            })
+            sql::held_leases(&self.pool, executor)
+                .await
+                .map_err(db_error)?
+                .into_iter()
+                .map(LeaseRow::into_lease)
+                .collect()
+        })
         .await
     }
 
@@ -486,7 +417,7 @@ impl Store for PgStore {
                     insert_events_from_changed!(),
                     " RETURNING phase"
                 ),
-                terminal = TERMINAL_PHASES
+                terminal = terminal_phases()
             ))
             .bind(max)
             .bind(settings.lease_error.as_ref())
@@ -499,7 +430,8 @@ impl Store for PgStore {
             // vanished before a heartbeat reported the end).
             sqlx::query(&format!(
                 "UPDATE actions SET lease_deadline = NULL \
-                 WHERE lease_deadline < now() AND phase IN {TERMINAL_PHASES}"
+                 WHERE lease_deadline < now() AND phase IN {}",
+                terminal_phases()
             ))
             .execute(&mut *tx)
             .await
@@ -568,31 +500,8 @@ impl Store for PgStore {
     }
 
     async fn queue_stats(&self, limit: usize) -> Result<super::QueueStats, Error> {
-        let rows = sqlx::query(&format!(
-            "SELECT COALESCE(queue, ''), count(*), min(created_at) FROM actions \
-             WHERE {} GROUP BY queue ORDER BY count(*) DESC LIMIT $1",
-            queued_task("")
-        ))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
-        let mut queues = Vec::with_capacity(rows.len());
-        for row in &rows {
-            queues.push(super::QueueDepth {
-                queue: row.get(0),
-                queued: row.get(1),
-                oldest: row.get::<DateTime<Utc>, _>(2),
-            });
-        }
-        let leases_held: i64 = sqlx::query_scalar(&super::sql::leases_held())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db_error)?;
-        Ok(super::QueueStats {
-            queues,
-            leases_held,
-        })
+        let stats = async { sql::queue_stats(&self.pool, limit).await.map_err(db_error) };
+        bounded(self.timeout, stats).await
     }
 
     fn pool_stats(&self) -> super::PoolStats {
@@ -741,12 +650,6 @@ fn trip() {
     metrics::counter!(crate::metrics::names::STORE_ROUND_TRIPS, "store" => "postgres").increment(1);
     #[cfg(test)]
     let _ = tests::TRIPS.try_with(|trips| trips.set(trips.get() + 1));
-}
-
-/// An action's observable state from a row of [`state_columns!`] (of
-/// `actions` or of `events`).
-fn state_from_row(row: &PgRow) -> Result<ActionState, Error> {
-    StateRow::from_row(row).map_err(db_error)?.into_state()
 }
 
 fn parse_xid(text: &str) -> Result<i64, Error> {
@@ -901,11 +804,6 @@ mod tests {
     /// A server that accepts the connection and then answers nonsense (a
     /// proxy cut mid-handshake, a wrong port) fails sqlx with a Protocol
     /// error: the database is unavailable, not an internal failure.
-    #[test]
-    fn the_terminal_list_follows_the_rule() {
-        assert_eq!(TERMINAL_PHASES, crate::store::rows::terminal_phases());
-    }
-
     #[tokio::test]
     async fn a_connection_answering_nonsense_is_unavailable() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -7,8 +7,11 @@ use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::{Database, Decode, Encode, Type};
 
+use chrono::{DateTime, Utc};
+
 use crate::domain::{
-    output_uri, ActionId, ActionKind, ActionState, EnqueueAction, Error, Phase, RunId,
+    output_uri, ActionId, ActionKind, ActionRecord, ActionState, EnqueueAction, Error,
+    HistoryEntry, Lease, Phase, RunId, SnapshotPosition,
 };
 
 /// Implements `Type`, `Encode` and `Decode` for a domain enum stored as
@@ -240,6 +243,154 @@ impl ReleasedRow {
             abort_reason: self.abort_reason,
         })
     }
+}
+
+/// A stored time: a `timestamptz` on Postgres (decoded with checked
+/// arithmetic, `postgres/time.rs`), microseconds since the Unix epoch on
+/// SQLite (`sqlite.rs`). A value out of range fails the read of its row.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StoredTime(pub DateTime<Utc>);
+
+/// A lease as claims and `leases_of` return it: the action's key columns,
+/// `spec`, `attempt`, `lease_deadline`, `run_output_base` and the run's
+/// `run_spec`.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct LeaseRow {
+    #[sqlx(flatten)]
+    pub id: IdRow,
+    pub spec: Vec<u8>,
+    pub run_spec: Vec<u8>,
+    pub attempt: i64,
+    pub lease_deadline: StoredTime,
+    pub run_output_base: String,
+}
+
+impl LeaseRow {
+    pub fn into_lease(self) -> Result<Lease, Error> {
+        let id = self.id.into_id();
+        let attempt = attempt_from_db(self.attempt)?;
+        Ok(Lease {
+            output_uri: output_uri(
+                ActionKind::Task,
+                "",
+                &self.run_output_base,
+                &id.name,
+                attempt,
+            ),
+            id,
+            spec: Bytes::from(self.spec),
+            run_spec: Bytes::from(self.run_spec),
+            attempt,
+            deadline: self.lease_deadline.0,
+        })
+    }
+}
+
+/// An [`ActionRecord`]: `state_columns!`, then `spec, lease_deadline,
+/// abort_reason, aborted_by, signalled_by, created_at, updated_at,
+/// start_time, end_time, deadline`.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct RecordRow {
+    #[sqlx(flatten)]
+    pub state: StateRow,
+    #[sqlx(rename = "kind")]
+    pub action_kind: ActionKind,
+    pub spec: Vec<u8>,
+    pub lease_deadline: Option<StoredTime>,
+    pub abort_reason: Option<String>,
+    pub aborted_by: Option<Vec<u8>>,
+    pub signalled_by: Option<Vec<u8>>,
+    pub created_at: StoredTime,
+    pub updated_at: StoredTime,
+    pub start_time: Option<StoredTime>,
+    pub end_time: Option<StoredTime>,
+    pub deadline: Option<StoredTime>,
+}
+
+impl RecordRow {
+    pub fn into_record(self) -> Result<ActionRecord, Error> {
+        let time = |t: Option<StoredTime>| t.map(|t| t.0);
+        Ok(ActionRecord {
+            state: self.state.into_state()?,
+            kind: self.action_kind,
+            spec: Bytes::from(self.spec),
+            lease_deadline: time(self.lease_deadline),
+            abort_reason: self.abort_reason,
+            aborted_by: self.aborted_by.map(Bytes::from),
+            signalled_by: self.signalled_by.map(Bytes::from),
+            created_at: self.created_at.0,
+            updated_at: self.updated_at.0,
+            start_time: time(self.start_time),
+            end_time: time(self.end_time),
+            deadline: time(self.deadline),
+        })
+    }
+}
+
+/// One event of an action's history: `state_columns!`, `created_at`,
+/// `changed_by`.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct HistoryRow {
+    #[sqlx(flatten)]
+    pub state: StateRow,
+    pub created_at: StoredTime,
+    pub changed_by: Option<String>,
+}
+
+impl HistoryRow {
+    pub fn into_entry(self) -> Result<HistoryEntry, Error> {
+        Ok(HistoryEntry {
+            state: self.state.into_state()?,
+            at: self.created_at.0,
+            by: self.changed_by,
+        })
+    }
+}
+
+/// A watch snapshot's row: `state_columns!`, `created_at`.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct SnapshotRow {
+    #[sqlx(flatten)]
+    pub state: StateRow,
+    pub created_at: StoredTime,
+}
+
+impl SnapshotRow {
+    pub fn into_entry(self) -> Result<(ActionState, SnapshotPosition), Error> {
+        let state = self.state.into_state()?;
+        let position = SnapshotPosition {
+            created_at: self.created_at.0,
+            name: state.id.name.clone(),
+        };
+        Ok((state, position))
+    }
+}
+
+/// An event as the feed reads it: its position (`major`, `minor`), when
+/// it was written (`written_micros`, microseconds since the epoch) and
+/// `state_columns!`.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct FeedRow {
+    pub major: i64,
+    pub minor: i64,
+    pub written_micros: i64,
+    #[sqlx(flatten)]
+    pub state: StateRow,
+}
+
+/// One row of `listing::runs_page`.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct RunPhaseRow {
+    pub org: String,
+    pub project: String,
+    pub domain: String,
+    pub run_name: String,
+    pub root_name: String,
+    pub root_phase: Phase,
+    pub queue: Option<String>,
+    pub created_at: StoredTime,
+    pub phase: Phase,
+    pub actions: i64,
 }
 
 /// A parent's phase and its run's queue.

@@ -9,7 +9,8 @@ use crate::domain::{ActionId, RunId, RunSettings};
 use crate::store::apply::{FoundParent, RunRoot, Stored};
 use crate::store::lease::Candidate;
 use crate::store::rows::{
-    queued_task, terminal_phases, BindId, CurrentRow, IdRow, ParentRow, ReleasedRow, StoredRow,
+    queued_task, terminal_phases, BindId, CurrentRow, IdRow, LeaseRow, ParentRow, ReleasedRow,
+    StoredRow, StoredTime,
 };
 
 /// An existing action's stored content, for a repeated Enqueue (the key
@@ -331,4 +332,182 @@ where
     }
     trip();
     run_root(&mut *conn, &id.run).await.map(Some)
+}
+
+/// Executor `$1`'s unfinished leases, oldest first.
+pub(crate) fn leases_of() -> String {
+    format!(
+        "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.spec, a.attempt, \
+                a.lease_deadline, a.run_output_base, r.run_spec \
+         FROM actions a JOIN runs r \
+           ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+         WHERE a.lease_holder = $1 AND a.lease_deadline IS NOT NULL \
+           AND a.phase NOT IN {} \
+         ORDER BY a.created_at, a.name",
+        terminal_phases()
+    )
+}
+
+/// Runs [`leases_of`].
+pub(crate) async fn held_leases<'c, DB, E>(
+    conn: E,
+    executor: &str,
+) -> Result<Vec<LeaseRow>, sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    LeaseRow: for<'r> FromRow<'r, DB::Row>,
+{
+    let sql = leases_of();
+    sqlx::query_as(&sql).bind(executor).fetch_all(conn).await
+}
+
+/// Whether run `run` may be deleted: it exists (else `RunNotFound`) and
+/// every action of it has finished (else `FailedPrecondition`). `lock` is
+/// the backend's row lock on the run (may be empty).
+pub(crate) async fn check_deletable<DB>(
+    conn: &mut DB::Connection,
+    run: &RunId,
+    lock: &str,
+    db_error: fn(sqlx::Error) -> Error,
+) -> Result<(), Error>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q String: Encode<'q, DB> + Type<DB>,
+    (i64,): for<'r> FromRow<'r, DB::Row>,
+{
+    let sql = format!(
+        "SELECT 1 FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4{lock}"
+    );
+    let found: Option<(i64,)> = bind_run!(sqlx::query_as(&sql), run)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    if found.is_none() {
+        return Err(Error::RunNotFound(run.clone()));
+    }
+    let sql = format!(
+        "SELECT count(*) FROM actions \
+         WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 \
+           AND phase NOT IN {}",
+        terminal_phases()
+    );
+    let (going,): (i64,) = bind_run!(sqlx::query_as(&sql), run)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    if going > 0 {
+        return Err(Error::FailedPrecondition(format!(
+            "run {run} is still going: {going} of its actions have not finished; abort it first"
+        )));
+    }
+    Ok(())
+}
+
+/// Up to `limit` deleted runs whose blobs and logs are still to purge,
+/// oldest first.
+pub(crate) async fn pending_purges<'c, DB, E>(
+    conn: E,
+    limit: usize,
+) -> Result<Vec<RunId>, sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    i64: for<'q> Encode<'q, DB> + Type<DB>,
+    (String, String, String, String): for<'r> FromRow<'r, DB::Row>,
+{
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT org, project, domain, name FROM run_purges ORDER BY deleted_at LIMIT $1",
+    )
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(org, project, domain, name)| RunId {
+            org,
+            project,
+            domain,
+            name,
+        })
+        .collect())
+}
+
+/// Forgets a run whose blobs and logs are purged.
+pub(crate) async fn purged<'c, DB, E>(conn: E, run: &RunId) -> Result<(), sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q String: Encode<'q, DB> + Type<DB>,
+{
+    bind_run!(
+        sqlx::query(
+            "DELETE FROM run_purges WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4",
+        ),
+        run
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The runs retention may take: the oldest whose root ended before `$1`
+/// and none of whose actions is still going, `$2` at the most, with the
+/// backend's row lock (`lock`, may be empty). Columns: the run's key.
+pub(crate) fn finished_runs(lock: &str) -> String {
+    format!(
+        "SELECT r.org, r.project, r.domain, r.name FROM actions a \
+         JOIN runs r ON r.org = a.org AND r.project = a.project AND r.domain = a.domain \
+             AND r.name = a.run_name AND r.root_name = a.name \
+         WHERE a.parent_name IS NULL AND a.end_time < $1 AND a.phase IN {terminal} \
+           AND NOT EXISTS (SELECT 1 FROM actions c \
+               WHERE c.org = a.org AND c.project = a.project AND c.domain = a.domain \
+                 AND c.run_name = a.run_name AND c.phase NOT IN {terminal}) \
+         ORDER BY a.end_time \
+         LIMIT $2{lock}",
+        terminal = terminal_phases()
+    )
+}
+
+/// The depth of the `limit` deepest queues, and the live leases of every
+/// executor.
+pub(crate) async fn queue_stats<DB>(
+    pool: &sqlx::Pool<DB>,
+    limit: usize,
+) -> Result<crate::store::QueueStats, sqlx::Error>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    i64: for<'q> Encode<'q, DB> + Type<DB>,
+    (String, i64, StoredTime): for<'r> FromRow<'r, DB::Row>,
+    (i64,): for<'r> FromRow<'r, DB::Row>,
+{
+    let sql = format!(
+        "SELECT COALESCE(queue, ''), count(*), min(created_at) FROM actions \
+         WHERE {} GROUP BY queue ORDER BY count(*) DESC LIMIT $1",
+        queued_task("")
+    );
+    let rows: Vec<(String, i64, StoredTime)> = sqlx::query_as(&sql)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(pool)
+        .await?;
+    let (leases_held,) = sqlx::query_as(&leases_held()).fetch_one(pool).await?;
+    Ok(crate::store::QueueStats {
+        queues: rows
+            .into_iter()
+            .map(|(queue, queued, oldest)| crate::store::QueueDepth {
+                queue,
+                queued,
+                oldest: oldest.0,
+            })
+            .collect(),
+        leases_held,
+    })
 }

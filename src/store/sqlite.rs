@@ -21,8 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{FromRow, Row};
 use tracing::{instrument, warn};
@@ -30,8 +29,10 @@ use tracing::{instrument, warn};
 use self::tx::SqliteTx;
 use super::apply;
 use super::commit::{Committers, GroupCommit};
-use super::rows::{queued_task, terminal_phases, waiting_condition, BindId, IdRow, StateRow};
-use super::{read_bounded, snapshot_page, FeedBatch, FeedCursor, PeerListener, Store};
+use super::rows::LeaseRow;
+use super::rows::{terminal_phases, waiting_condition, FeedRow, IdRow, StoredTime};
+use super::sql;
+use super::{FeedBatch, FeedCursor, PeerListener, Store};
 use crate::domain::{
     ActionId, ActionState, ClaimRequest, Command, Error, HeartbeatOutcome, Lease, LeaseExpiry,
     Page, Phase, ReapOutcome, ReapSettings, RunId, SnapshotPosition, CONDITION_TIMEOUT_PHASE,
@@ -39,17 +40,6 @@ use crate::domain::{
 
 /// The embedded migrations of the SQLite schema.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-
-/// The columns of an action's observable state, in [`state_from_row`] order.
-macro_rules! state_columns {
-    () => {
-        "org, project, domain, run_name, name, parent_name, version, phase, attempt, output_uri, error, value, queue, lease_holder, kind, run_output_base, address"
-    };
-}
-
-/// The terminal phases as an SQL list, for the statements that name them
-/// in `format!`: a test ties it to [`Phase::is_terminal`].
-const TERMINAL_PHASES: &str = "(5, 6, 7, 8, 10)";
 
 mod lease;
 mod read;
@@ -319,37 +309,8 @@ impl Store for SqliteStore {
         after: Option<&SnapshotPosition>,
         limit: usize,
     ) -> Result<Page<ActionState, SnapshotPosition>, Error> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            state_columns!(),
-            ", created_at FROM actions",
-            " WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4",
-            " AND ((NOT ?6 AND name = ?5) OR (parent_name = ?5",
-            "   AND (?7 IS NULL OR (created_at, name) > (?7, ?8))))",
-            " ORDER BY name = ?5 DESC, created_at, name LIMIT ?9"
-        ))
-        .bind_id(parent)
-        .bind(after.is_some())
-        .bind(after.map(|a| a.created_at.timestamp_micros()))
-        .bind(after.map(|a| a.name.as_str()))
-        .bind(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX))
-        .fetch(&self.pool);
-        let rows = read_bounded(
-            rows,
-            |row| {
-                let state = state_from_row(row)?;
-                let position = SnapshotPosition {
-                    created_at: time_from_micros(row.try_get("created_at").map_err(db_error)?)?,
-                    name: state.id.name.clone(),
-                };
-                Ok((state, position))
-            },
-            |(state, _)| state.approximate_size(),
-            limit,
-            db_error,
-        )
-        .await?;
-        snapshot_page(parent, after.is_none(), rows, limit)
+        let micros = |t: DateTime<Utc>| t.timestamp_micros();
+        super::read::snapshot(&self.pool, parent, after, limit, micros, db_error).await
     }
 
     async fn feed_start(&self) -> Result<FeedCursor, Error> {
@@ -374,36 +335,19 @@ impl Store for SqliteStore {
     /// order is commit order. A reader sees a prefix of that order, and
     /// reading `seq > cursor` never skips a row. Nothing is ever pending.
     async fn read_feed(&self, cursor: FeedCursor, limit: usize) -> Result<FeedBatch, Error> {
-        let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = sqlx::query(concat!(
-            "SELECT seq, created_at, ",
+        // Events are read in commit order (`seq`): the write lock lets
+        // one transaction commit at a time, so nothing is ever pending.
+        let rows: Vec<FeedRow> = sqlx::query_as(concat!(
+            "SELECT 0 AS major, seq AS minor, created_at AS written_micros, ",
             state_columns!(),
-            " FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+            " FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
         ))
         .bind(cursor.minor)
-        .bind(limit_i64)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
-
-        let mut batch = FeedBatch {
-            cursor,
-            more: rows.len() >= limit,
-            pending: false,
-            events: Vec::with_capacity(rows.len()),
-            written_micros: Vec::with_capacity(rows.len()),
-        };
-        for row in &rows {
-            batch.cursor = FeedCursor {
-                major: 0,
-                minor: row.try_get("seq").map_err(db_error)?,
-            };
-            batch.events.push(state_from_row(row)?);
-            batch
-                .written_micros
-                .push(row.try_get("created_at").map_err(db_error)?);
-        }
-        Ok(batch)
+        super::read::feed_batch(cursor, rows, limit, false)
     }
 
     /// There are no peers: the file lock admits one daemon per file.
@@ -433,21 +377,12 @@ impl Store for SqliteStore {
 
     #[instrument(skip_all, fields(executor = %executor))]
     async fn leases_of(&self, executor: &str) -> Result<Vec<Lease>, Error> {
-        let rows = sqlx::query(&format!(
-            "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.spec, a.attempt, \
-                    a.lease_deadline, a.run_output_base, r.run_spec \
-             FROM actions a JOIN runs r \
-               ON r.org = a.org AND r.project = a.project AND r.domain = a.domain \
-              AND r.name = a.run_name \
-             WHERE a.lease_holder = ?1 AND a.lease_deadline IS NOT NULL \
-               AND a.phase NOT IN {TERMINAL_PHASES} \
-             ORDER BY a.created_at, a.name"
-        ))
-        .bind(executor)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
-        rows.iter().map(lease::lease_from_row).collect()
+        sql::held_leases(&self.pool, executor)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(LeaseRow::into_lease)
+            .collect()
     }
 
     async fn heartbeat(&self, executor: &str, ttl: Duration) -> Result<HeartbeatOutcome, Error> {
@@ -571,31 +506,7 @@ impl Store for SqliteStore {
     }
 
     async fn queue_stats(&self, limit: usize) -> Result<super::QueueStats, Error> {
-        let rows = sqlx::query(&format!(
-            "SELECT COALESCE(queue, ''), count(*), min(created_at) FROM actions \
-             WHERE {} GROUP BY queue ORDER BY count(*) DESC LIMIT ?1",
-            queued_task("")
-        ))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
-        let mut queues = Vec::with_capacity(rows.len());
-        for row in &rows {
-            queues.push(super::QueueDepth {
-                queue: row.get(0),
-                queued: row.get(1),
-                oldest: time_from_micros(row.get::<i64, _>(2))?,
-            });
-        }
-        let leases_held: i64 = sqlx::query_scalar(&super::sql::leases_held())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db_error)?;
-        Ok(super::QueueStats {
-            queues,
-            leases_held,
-        })
+        sql::queue_stats(&self.pool, limit).await.map_err(db_error)
     }
 
     fn pool_stats(&self) -> super::PoolStats {
@@ -667,12 +578,6 @@ fn trip() {
     metrics::counter!(crate::metrics::names::STORE_ROUND_TRIPS, "store" => "sqlite").increment(1);
 }
 
-/// An action's observable state from a row of [`state_columns!`] (of
-/// `actions` or of `events`).
-fn state_from_row(row: &SqliteRow) -> Result<ActionState, Error> {
-    StateRow::from_row(row).map_err(db_error)?.into_state()
-}
-
 /// Now, as stored: microseconds since the Unix epoch, UTC.
 fn now_micros() -> i64 {
     Utc::now().timestamp_micros()
@@ -681,6 +586,24 @@ fn now_micros() -> i64 {
 /// A duration in stored units (microseconds), saturating.
 fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// A stored time: microseconds since the Unix epoch.
+impl sqlx::Type<sqlx::Sqlite> for StoredTime {
+    fn type_info() -> sqlx::sqlite::SqliteTypeInfo {
+        <i64 as sqlx::Type<sqlx::Sqlite>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::sqlite::SqliteTypeInfo) -> bool {
+        <i64 as sqlx::Type<sqlx::Sqlite>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Sqlite> for StoredTime {
+    fn decode(value: sqlx::sqlite::SqliteValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let micros = <i64 as sqlx::Decode<sqlx::Sqlite>>::decode(value)?;
+        Ok(StoredTime(time_from_micros(micros)?))
+    }
 }
 
 /// A stored time (microseconds since the Unix epoch) as a UTC time.
@@ -731,71 +654,8 @@ fn internal(err: &sqlx::Error) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use prost::Message;
-
     use super::*;
-    use bytes::Bytes;
-
-    use crate::domain::{ActionKind, EnqueueAction, RunSettings, UpdateStatus};
-    use crate::proto::flyteidl2::actions;
-
-    fn run_id() -> RunId {
-        RunId {
-            org: String::new(),
-            project: "p".to_owned(),
-            domain: "d".to_owned(),
-            name: "r1".to_owned(),
-        }
-    }
-
-    fn id(name: &str) -> ActionId {
-        ActionId::new(run_id(), name)
-    }
-
-    /// A valid encoded Action; `input_uri` makes contents differ.
-    fn spec(name: &str, input_uri: &str) -> Bytes {
-        Bytes::from(
-            actions::Action {
-                input_uri: input_uri.to_owned(),
-                run_output_base: format!("s3://b/{name}"),
-                ..Default::default()
-            }
-            .encode_to_vec(),
-        )
-    }
-
-    fn task(name: &str, parent: Option<&str>) -> EnqueueAction {
-        EnqueueAction {
-            by: None,
-            id: id(name),
-            parent: parent.map(str::to_owned),
-            kind: ActionKind::Task,
-            spec: spec(name, "s3://b/in"),
-            run: parent.is_none().then(|| RunSettings {
-                run_spec: Bytes::new(),
-                queue: Some("gpu".to_owned()),
-                max_action_concurrency: 0,
-            }),
-            task_queue: None,
-            phase: Phase::Queued,
-            output_uri: String::new(),
-            run_output_base: "s3://b/r1/".to_owned(),
-            condition_type: None,
-            condition_timeout: None,
-        }
-    }
-
-    fn update(name: &str, attempt: u32, phase: Phase) -> Command {
-        Command::Update(UpdateStatus {
-            by: None,
-            id: id(name),
-            attempt,
-            phase,
-            start_time: None,
-            end_time: None,
-            address: None,
-        })
-    }
+    use crate::store::conformance::{id, task, update};
 
     async fn open(dir: &tempfile::TempDir) -> SqliteStore {
         SqliteStore::open(&dir.path().join("actionsd.db"), &settings())

@@ -3,16 +3,13 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgRow;
-use sqlx::{FromRow, Row};
 
 use super::tx::PgTx;
 use super::{db_error, time, trip};
-use crate::domain::{output_uri, ActionId, ActionKind, ClaimRequest, Error, Lease, Phase, RunId};
+use crate::domain::{ActionId, ClaimRequest, Error, Lease, Phase, RunId};
 use crate::store::lease::{in_order_of, Candidate, LeaseTx, Released};
-use crate::store::rows::{attempt_from_db, terminal_phases, IdRow, ReleasedRow};
+use crate::store::rows::{terminal_phases, LeaseRow, ReleasedRow};
 use crate::store::sql;
 
 #[async_trait]
@@ -75,7 +72,7 @@ impl LeaseTx for PgTx<'_> {
         }
         trip();
         let column = |get: fn(&ActionId) -> &str| ids.iter().map(get).collect::<Vec<&str>>();
-        let rows = sqlx::query(concat!(
+        let rows: Vec<LeaseRow> = sqlx::query_as(concat!(
             "WITH chosen AS (",
             " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])",
             "   AS c(org, project, domain, run_name, name)",
@@ -107,8 +104,8 @@ impl LeaseTx for PgTx<'_> {
         .await
         .map_err(db_error)?;
         let leases = rows
-            .iter()
-            .map(lease_from_row)
+            .into_iter()
+            .map(LeaseRow::into_lease)
             .collect::<Result<Vec<_>, _>>()?;
         in_order_of(ids, leases)
     }
@@ -137,20 +134,4 @@ impl LeaseTx for PgTx<'_> {
         .await
         .map_err(db_error)
     }
-}
-
-/// A lease from a row with the action's key columns, `spec`, `attempt`,
-/// `lease_deadline`, `run_output_base` and the run's `run_spec`.
-pub(super) fn lease_from_row(row: &PgRow) -> Result<Lease, Error> {
-    let id = IdRow::from_row(row).map_err(db_error)?.into_id();
-    let attempt = attempt_from_db(row.try_get("attempt").map_err(db_error)?)?;
-    let base: String = row.try_get("run_output_base").map_err(db_error)?;
-    Ok(Lease {
-        output_uri: output_uri(ActionKind::Task, "", &base, &id.name, attempt),
-        id,
-        spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
-        run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
-        attempt,
-        deadline: time::get(row, "lease_deadline")?,
-    })
 }

@@ -15,8 +15,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 
-use super::{db_error, PgStore, TERMINAL_PHASES};
+use super::{db_error, PgStore};
 use crate::domain::{Error, RunId};
+use crate::store::sql;
 use crate::store::{Deleted, FeedCursor};
 
 pub(super) async fn delete_finished_runs(
@@ -32,20 +33,11 @@ pub(super) async fn delete_finished_runs(
     let rows = sqlx::query(&format!(
         "WITH floor AS (SELECT xid, seq FROM feed_positions WHERE expires_at > now() \
              ORDER BY xid, seq LIMIT 1) \
-         SELECT c.org, c.project, c.domain, c.name FROM ( \
-         SELECT r.org, r.project, r.domain, r.name FROM actions a \
-         JOIN runs r ON r.org = a.org AND r.project = a.project AND r.domain = a.domain \
-             AND r.name = a.run_name AND r.root_name = a.name \
-         WHERE a.parent_name IS NULL AND a.end_time < $1 AND a.phase IN {TERMINAL_PHASES} \
-           AND NOT EXISTS (SELECT 1 FROM actions c \
-               WHERE c.org = a.org AND c.project = a.project AND c.domain = a.domain \
-                 AND c.run_name = a.run_name AND c.phase NOT IN {TERMINAL_PHASES}) \
-         ORDER BY a.end_time \
-         LIMIT $2 \
-         FOR UPDATE OF r SKIP LOCKED) c \
+         SELECT c.org, c.project, c.domain, c.name FROM ({finished}) c \
          WHERE NOT EXISTS (SELECT 1 FROM events e, floor f \
              WHERE e.org = c.org AND e.project = c.project AND e.domain = c.domain \
-               AND e.run_name = c.name AND (e.xid, e.seq) > (f.xid, f.seq))"
+               AND e.run_name = c.name AND (e.xid, e.seq) > (f.xid, f.seq))",
+        finished = sql::finished_runs(" FOR UPDATE OF r SKIP LOCKED")
     ))
     .bind(finished_before)
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -71,37 +63,7 @@ pub(super) async fn delete_finished_runs(
 
 pub(super) async fn delete_run(store: &PgStore, run: &RunId) -> Result<Deleted, Error> {
     let mut tx = store.pool.begin().await.map_err(db_error)?;
-    let found = sqlx::query(
-        "SELECT 1 FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4 \
-         FOR UPDATE",
-    )
-    .bind(&run.org)
-    .bind(&run.project)
-    .bind(&run.domain)
-    .bind(&run.name)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    if found.is_none() {
-        return Err(Error::RunNotFound(run.clone()));
-    }
-    let going: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM actions \
-         WHERE org = $1 AND project = $2 AND domain = $3 AND run_name = $4 \
-           AND phase NOT IN {TERMINAL_PHASES}"
-    ))
-    .bind(&run.org)
-    .bind(&run.project)
-    .bind(&run.domain)
-    .bind(&run.name)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    if going > 0 {
-        return Err(Error::FailedPrecondition(format!(
-            "run {run} is still going: {going} of its actions have not finished; abort it first"
-        )));
-    }
+    sql::check_deletable::<sqlx::Postgres>(&mut tx, run, " FOR UPDATE", db_error).await?;
     let deleted = delete_runs(&mut tx, std::slice::from_ref(run)).await?;
     tx.commit().await.map_err(db_error)?;
     Ok(deleted)
@@ -186,34 +148,11 @@ pub(super) async fn record_feed_position(
 }
 
 pub(super) async fn pending_purges(store: &PgStore, limit: usize) -> Result<Vec<RunId>, Error> {
-    let rows = sqlx::query(
-        "SELECT org, project, domain, name FROM run_purges ORDER BY deleted_at LIMIT $1",
-    )
-    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-    .fetch_all(&store.pool)
-    .await
-    .map_err(db_error)?;
-    Ok(rows
-        .iter()
-        .map(|row| RunId {
-            org: row.get(0),
-            project: row.get(1),
-            domain: row.get(2),
-            name: row.get(3),
-        })
-        .collect())
+    sql::pending_purges(&store.pool, limit)
+        .await
+        .map_err(db_error)
 }
 
 pub(super) async fn purged(store: &PgStore, run: &RunId) -> Result<(), Error> {
-    sqlx::query(
-        "DELETE FROM run_purges WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4",
-    )
-    .bind(&run.org)
-    .bind(&run.project)
-    .bind(&run.domain)
-    .bind(&run.name)
-    .execute(&store.pool)
-    .await
-    .map_err(db_error)?;
-    Ok(())
+    sql::purged(&store.pool, run).await.map_err(db_error)
 }

@@ -12,14 +12,12 @@ use sqlx::postgres::{PgRow, PgTypeInfo, PgValueFormat, PgValueRef};
 use sqlx::{Decode, Postgres, Row, Type};
 
 use crate::domain::Error;
-
-/// A `timestamptz` decoded with checked arithmetic.
-struct PgTime(DateTime<Utc>);
+use crate::store::rows::StoredTime;
 
 /// Microseconds from the Unix epoch to 2000-01-01T00:00:00Z, Postgres's epoch.
 const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
-impl Type<Postgres> for PgTime {
+impl Type<Postgres> for StoredTime {
     fn type_info() -> PgTypeInfo {
         <DateTime<Utc> as Type<Postgres>>::type_info()
     }
@@ -29,7 +27,8 @@ impl Type<Postgres> for PgTime {
     }
 }
 
-impl<'r> Decode<'r, Postgres> for PgTime {
+/// A `timestamptz` decoded with checked arithmetic.
+impl<'r> Decode<'r, Postgres> for StoredTime {
     fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
         match value.format() {
             PgValueFormat::Binary => {
@@ -37,13 +36,15 @@ impl<'r> Decode<'r, Postgres> for PgTime {
                 micros
                     .checked_add(POSTGRES_EPOCH_MICROS)
                     .and_then(DateTime::from_timestamp_micros)
-                    .map(PgTime)
+                    .map(StoredTime)
                     .ok_or_else(|| {
                         format!("time {micros} µs after 2000-01-01 is out of range").into()
                     })
             }
             // Text parsing reports an error rather than panicking.
-            PgValueFormat::Text => Ok(PgTime(<DateTime<Utc> as Decode<Postgres>>::decode(value)?)),
+            PgValueFormat::Text => Ok(StoredTime(<DateTime<Utc> as Decode<Postgres>>::decode(
+                value,
+            )?)),
         }
     }
 }
@@ -51,7 +52,7 @@ impl<'r> Decode<'r, Postgres> for PgTime {
 /// Reads an optional time column; a value out of range is an error naming
 /// the column.
 pub(super) fn get_opt(row: &PgRow, column: &str) -> Result<Option<DateTime<Utc>>, Error> {
-    row.try_get::<Option<PgTime>, _>(column)
+    row.try_get::<Option<StoredTime>, _>(column)
         .map(|t| t.map(|t| t.0))
         .map_err(|err| {
             tracing::error!(column, error = %err, "unreadable time in the store");

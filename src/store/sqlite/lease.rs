@@ -5,16 +5,14 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{FromRow, Row};
+use sqlx::Row;
 
 use super::tx::SqliteTx;
 use super::{db_error, micros, time_from_micros, trip};
-use crate::domain::{output_uri, ActionId, ActionKind, ClaimRequest, Error, Lease, Phase, RunId};
+use crate::domain::{ActionId, ClaimRequest, Error, Lease, Phase, RunId};
 use crate::store::lease::{Candidate, LeaseTx, Released};
-use crate::store::rows::{attempt_from_db, terminal_phases, BindId, IdRow, ReleasedRow};
+use crate::store::rows::{terminal_phases, BindId, LeaseRow, ReleasedRow};
 use crate::store::sql;
 
 #[async_trait]
@@ -63,7 +61,7 @@ impl LeaseTx for SqliteTx<'_> {
         let mut leases = Vec::with_capacity(ids.len());
         for id in ids {
             trip();
-            let row = sqlx::query(
+            let row: LeaseRow = sqlx::query_as(
                 "UPDATE actions SET phase = ?9, lease_holder = ?6, lease_deadline = ?7, \
                    version = version + 1, updated_at = ?8 \
                  WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 AND name = ?5 \
@@ -81,7 +79,7 @@ impl LeaseTx for SqliteTx<'_> {
             .fetch_one(&mut *self.conn)
             .await
             .map_err(db_error)?;
-            leases.push(lease_from_row(&row)?);
+            leases.push(row.into_lease()?);
             self.append_event(id, None).await?;
         }
         Ok(leases)
@@ -112,20 +110,4 @@ impl LeaseTx for SqliteTx<'_> {
         .map_err(db_error)?;
         time_from_micros(deadline)
     }
-}
-
-/// A lease from a row with the action's key columns, `spec`, `attempt`,
-/// `lease_deadline`, `run_output_base` and the run's `run_spec`.
-pub(super) fn lease_from_row(row: &SqliteRow) -> Result<Lease, Error> {
-    let id = IdRow::from_row(row).map_err(db_error)?.into_id();
-    let attempt = attempt_from_db(row.try_get("attempt").map_err(db_error)?)?;
-    let base: String = row.try_get("run_output_base").map_err(db_error)?;
-    Ok(Lease {
-        output_uri: output_uri(ActionKind::Task, "", &base, &id.name, attempt),
-        id,
-        spec: Bytes::from(row.try_get::<Vec<u8>, _>("spec").map_err(db_error)?),
-        run_spec: Bytes::from(row.try_get::<Vec<u8>, _>("run_spec").map_err(db_error)?),
-        attempt,
-        deadline: time_from_micros(row.try_get("lease_deadline").map_err(db_error)?)?,
-    })
 }

@@ -11,8 +11,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{Row, SqliteConnection};
 
-use super::{db_error, now_micros, SqliteStore, TERMINAL_PHASES};
+use super::{db_error, now_micros, SqliteStore};
 use crate::domain::{Error, RunId};
+use crate::store::sql;
 use crate::store::{Deleted, FeedCursor};
 
 pub(super) async fn delete_finished_runs(
@@ -30,20 +31,12 @@ pub(super) async fn delete_finished_runs(
     // feed position has not passed yet are left for a later pass (checked
     // on the runs of the batch only).
     let rows = sqlx::query(&format!(
-        "SELECT c.org, c.project, c.domain, c.name FROM ( \
-         SELECT r.org, r.project, r.domain, r.name FROM actions a \
-         JOIN runs r ON r.org = a.org AND r.project = a.project AND r.domain = a.domain \
-             AND r.name = a.run_name AND r.root_name = a.name \
-         WHERE a.parent_name IS NULL AND a.end_time < ?1 AND a.phase IN {TERMINAL_PHASES} \
-           AND NOT EXISTS (SELECT 1 FROM actions c \
-               WHERE c.org = a.org AND c.project = a.project AND c.domain = a.domain \
-                 AND c.run_name = a.run_name AND c.phase NOT IN {TERMINAL_PHASES}) \
-         ORDER BY a.end_time \
-         LIMIT ?2) c \
+        "SELECT c.org, c.project, c.domain, c.name FROM ({finished}) c \
          WHERE NOT EXISTS (SELECT 1 FROM events e \
              WHERE e.org = c.org AND e.project = c.project AND e.domain = c.domain \
                AND e.run_name = c.name \
-               AND e.seq > (SELECT min(seq) FROM feed_positions WHERE expires_at > ?3))"
+               AND e.seq > (SELECT min(seq) FROM feed_positions WHERE expires_at > $3))",
+        finished = sql::finished_runs("")
     ))
     .bind(finished_before.timestamp_micros())
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -72,36 +65,7 @@ pub(super) async fn delete_run(store: &SqliteStore, run: &RunId) -> Result<Delet
         .begin_with("BEGIN IMMEDIATE")
         .await
         .map_err(db_error)?;
-    let found = sqlx::query(
-        "SELECT 1 FROM runs WHERE org = ?1 AND project = ?2 AND domain = ?3 AND name = ?4",
-    )
-    .bind(&run.org)
-    .bind(&run.project)
-    .bind(&run.domain)
-    .bind(&run.name)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    if found.is_none() {
-        return Err(Error::RunNotFound(run.clone()));
-    }
-    let going: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM actions \
-         WHERE org = ?1 AND project = ?2 AND domain = ?3 AND run_name = ?4 \
-           AND phase NOT IN {TERMINAL_PHASES}"
-    ))
-    .bind(&run.org)
-    .bind(&run.project)
-    .bind(&run.domain)
-    .bind(&run.name)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    if going > 0 {
-        return Err(Error::FailedPrecondition(format!(
-            "run {run} is still going: {going} of its actions have not finished; abort it first"
-        )));
-    }
+    sql::check_deletable::<sqlx::Sqlite>(&mut tx, run, "", db_error).await?;
     let deleted = delete_one(&mut tx, run).await?;
     tx.commit().await.map_err(db_error)?;
     Ok(deleted)
@@ -175,35 +139,12 @@ pub(super) async fn record_feed_position(
 }
 
 pub(super) async fn pending_purges(store: &SqliteStore, limit: usize) -> Result<Vec<RunId>, Error> {
-    let rows = sqlx::query(
-        "SELECT org, project, domain, name FROM run_purges ORDER BY deleted_at LIMIT ?1",
-    )
-    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-    .fetch_all(&store.pool)
-    .await
-    .map_err(db_error)?;
-    Ok(rows
-        .iter()
-        .map(|row| RunId {
-            org: row.get(0),
-            project: row.get(1),
-            domain: row.get(2),
-            name: row.get(3),
-        })
-        .collect())
+    sql::pending_purges(&store.pool, limit)
+        .await
+        .map_err(db_error)
 }
 
 pub(super) async fn purged(store: &SqliteStore, run: &RunId) -> Result<(), Error> {
     let _writer = store.writer.lock().await;
-    sqlx::query(
-        "DELETE FROM run_purges WHERE org = ?1 AND project = ?2 AND domain = ?3 AND name = ?4",
-    )
-    .bind(&run.org)
-    .bind(&run.project)
-    .bind(&run.domain)
-    .bind(&run.name)
-    .execute(&store.pool)
-    .await
-    .map_err(db_error)?;
-    Ok(())
+    sql::purged(&store.pool, run).await.map_err(db_error)
 }
