@@ -37,15 +37,12 @@ pub(crate) struct Released {
     pub abort_reason: Option<String>,
 }
 
-/// The statements of a claim or heartbeat transaction.
+/// The statements of a lease transaction that every backend runs as they
+/// are (`shared_lease_tx_of_every_backend!`).
 #[async_trait]
-pub(crate) trait LeaseTx: Send {
+pub(crate) trait SharedLeaseTx: Send {
     /// A position in the claim order.
     type Position: Send + Sync;
-
-    /// The executor's unfinished leases, and how many of them wait on
-    /// unfinished children (counted only when `count_waiting`).
-    async fn held(&mut self, executor: &str, count_waiting: bool) -> Result<(i64, i64), Error>;
 
     /// Up to `limit` queued task actions of `queue` after `after`, in the
     /// claim order, locked by this transaction (rows another claimer holds
@@ -57,9 +54,20 @@ pub(crate) trait LeaseTx: Send {
         limit: usize,
     ) -> Result<Vec<Candidate<Self::Position>>, Error>;
 
+    /// The executor's unfinished leases, and how many of them wait on
+    /// unfinished children (counted only when `count_waiting`).
+    async fn held(&mut self, executor: &str, count_waiting: bool) -> Result<(i64, i64), Error>;
+
+    /// Releases the executor's leases whose action ended.
+    async fn release_ended(&mut self, executor: &str) -> Result<Vec<Released>, Error>;
+
     /// Locks the run against other claimers and counts its live leases.
     async fn run_leases(&mut self, run: &RunId) -> Result<i64, Error>;
+}
 
+/// The statements of a claim or heartbeat transaction.
+#[async_trait]
+pub(crate) trait LeaseTx: SharedLeaseTx {
     /// Leases `ids` (locked by this transaction) to the executor: each
     /// moves to INITIALIZING under the lease, with an event. The leases
     /// come back in the order of `ids`.
@@ -68,9 +76,6 @@ pub(crate) trait LeaseTx: Send {
         ids: &[ActionId],
         request: &ClaimRequest,
     ) -> Result<Vec<Lease>, Error>;
-
-    /// Releases the executor's leases whose action ended.
-    async fn release_ended(&mut self, executor: &str) -> Result<Vec<Released>, Error>;
 
     /// Extends the executor's live leases by `ttl`; returns the deadline.
     async fn extend(

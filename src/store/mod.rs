@@ -12,6 +12,9 @@ macro_rules! state_columns {
     };
 }
 
+#[macro_use]
+mod shared;
+
 mod apply;
 mod lease;
 mod listing;
@@ -97,15 +100,12 @@ pub trait ReadStore: Send + Sync + 'static {
     /// The RunSpec a run's root was enqueued with (empty when none was
     /// given), or `RunNotFound`.
     async fn run_spec(&self, run: &RunId) -> Result<Bytes, Error>;
-}
 
-#[async_trait]
-pub trait Store: ReadStore {
-    /// Applies one command in one transaction. Returns how many events it
-    /// appended: 0 means accepted with nothing to change.
-    ///
-    /// Returning `Ok` means committed.
-    async fn execute(&self, command: Command) -> Result<usize, Error>;
+    /// The executor's live leases of unfinished actions, oldest first. A new
+    /// lease stream re-sends them: a lease pushed on a stream that broke
+    /// before the executor read it would otherwise be kept alive by its
+    /// heartbeats without ever running.
+    async fn leases_of(&self, executor: &str) -> Result<Vec<Lease>, Error>;
 
     /// A page of the action and its direct children: the action first
     /// (`ActionNotFound` when it does not exist), then its children in the
@@ -117,46 +117,12 @@ pub trait Store: ReadStore {
         after: Option<&SnapshotPosition>,
         limit: usize,
     ) -> Result<Page<ActionState, SnapshotPosition>, Error>;
+}
 
-    /// A cursor after every event committed so far.
-    async fn feed_start(&self) -> Result<FeedCursor, Error>;
-
-    /// Reads up to `limit` committed events after `cursor`, in an order
-    /// where no committed event is ever skipped.
-    async fn read_feed(&self, cursor: FeedCursor, limit: usize) -> Result<FeedBatch, Error>;
-
-    /// Tells other daemons that new events were committed.
-    async fn notify_peers(&self) -> Result<(), Error>;
-
-    /// Opens the wake-up channel from other daemons, if the backend has one.
-    async fn listen(&self) -> Result<Option<Box<dyn PeerListener>>, Error>;
-
-    /// Leases queued task actions of `request.queue` to the executor,
-    /// oldest first, up to its free capacity and within each run's
-    /// `max_action_concurrency`; each moves to INITIALIZING with an event.
-    /// Safe with any number of claimers on any number of daemons: an attempt
-    /// is leased once.
-    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Lease>, Error>;
-
-    /// The executor's live leases of unfinished actions, oldest first. A new
-    /// lease stream re-sends them: a lease pushed on a stream that broke
-    /// before the executor read it would otherwise be kept alive by its
-    /// heartbeats without ever running.
-    async fn leases_of(&self, executor: &str) -> Result<Vec<Lease>, Error>;
-
-    /// Extends the executor's live leases by `ttl` and releases those whose
-    /// action became terminal, reporting the aborted ones (once).
-    async fn heartbeat(
-        &self,
-        executor: &str,
-        ttl: std::time::Duration,
-    ) -> Result<HeartbeatOutcome, Error>;
-
-    /// One reaper pass: requeues (attempt + 1) or fails actions whose lease
-    /// expired, and times out conditions past their deadline. Safe when
-    /// several daemons reap at once.
-    async fn reap(&self, settings: &ReapSettings) -> Result<ReapOutcome, Error>;
-
+/// What operations ask of a store: retention and the purge of deleted
+/// runs' blobs, feed positions, health and occupancy.
+#[async_trait]
+pub trait Housekeeping: Send + Sync + 'static {
     /// Checks that the store can be reached (for health checks).
     async fn ping(&self) -> Result<(), Error>;
 
@@ -197,6 +163,48 @@ pub trait Store: ReadStore {
     /// Queued task actions of the `limit` fullest queues, and live leases,
     /// for metrics.
     async fn queue_stats(&self, limit: usize) -> Result<QueueStats, Error>;
+}
+
+#[async_trait]
+pub trait Store: ReadStore + Housekeeping {
+    /// Applies one command in one transaction. Returns how many events it
+    /// appended: 0 means accepted with nothing to change.
+    ///
+    /// Returning `Ok` means committed.
+    async fn execute(&self, command: Command) -> Result<usize, Error>;
+
+    /// A cursor after every event committed so far.
+    async fn feed_start(&self) -> Result<FeedCursor, Error>;
+
+    /// Reads up to `limit` committed events after `cursor`, in an order
+    /// where no committed event is ever skipped.
+    async fn read_feed(&self, cursor: FeedCursor, limit: usize) -> Result<FeedBatch, Error>;
+
+    /// Tells other daemons that new events were committed.
+    async fn notify_peers(&self) -> Result<(), Error>;
+
+    /// Opens the wake-up channel from other daemons, if the backend has one.
+    async fn listen(&self) -> Result<Option<Box<dyn PeerListener>>, Error>;
+
+    /// Leases queued task actions of `request.queue` to the executor,
+    /// oldest first, up to its free capacity and within each run's
+    /// `max_action_concurrency`; each moves to INITIALIZING with an event.
+    /// Safe with any number of claimers on any number of daemons: an attempt
+    /// is leased once.
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Lease>, Error>;
+
+    /// Extends the executor's live leases by `ttl` and releases those whose
+    /// action became terminal, reporting the aborted ones (once).
+    async fn heartbeat(
+        &self,
+        executor: &str,
+        ttl: std::time::Duration,
+    ) -> Result<HeartbeatOutcome, Error>;
+
+    /// One reaper pass: requeues (attempt + 1) or fails actions whose lease
+    /// expired, and times out conditions past their deadline. Safe when
+    /// several daemons reap at once.
+    async fn reap(&self, settings: &ReapSettings) -> Result<ReapOutcome, Error>;
 
     /// Closes the store's connections, waiting for those in use.
     async fn close(&self);
@@ -350,13 +358,9 @@ impl ReadStore for Detached {
     async fn run_spec(&self, run: &RunId) -> Result<Bytes, Error> {
         self.inner.run_spec(run).await
     }
-}
 
-#[async_trait]
-impl Store for Detached {
-    async fn execute(&self, command: Command) -> Result<usize, Error> {
-        self.spawn(|store| async move { store.execute(command).await })
-            .await
+    async fn leases_of(&self, executor: &str) -> Result<Vec<Lease>, Error> {
+        self.inner.leases_of(executor).await
     }
 
     async fn watch_snapshot(
@@ -367,49 +371,10 @@ impl Store for Detached {
     ) -> Result<Page<ActionState, SnapshotPosition>, Error> {
         self.inner.watch_snapshot(parent, after, limit).await
     }
+}
 
-    async fn feed_start(&self) -> Result<FeedCursor, Error> {
-        self.inner.feed_start().await
-    }
-
-    async fn read_feed(&self, cursor: FeedCursor, limit: usize) -> Result<FeedBatch, Error> {
-        self.inner.read_feed(cursor, limit).await
-    }
-
-    async fn notify_peers(&self) -> Result<(), Error> {
-        self.inner.notify_peers().await
-    }
-
-    async fn listen(&self) -> Result<Option<Box<dyn PeerListener>>, Error> {
-        self.inner.listen().await
-    }
-
-    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Lease>, Error> {
-        let request = request.clone();
-        self.spawn(|store| async move { store.claim(&request).await })
-            .await
-    }
-
-    async fn leases_of(&self, executor: &str) -> Result<Vec<Lease>, Error> {
-        self.inner.leases_of(executor).await
-    }
-
-    async fn heartbeat(
-        &self,
-        executor: &str,
-        ttl: std::time::Duration,
-    ) -> Result<HeartbeatOutcome, Error> {
-        let executor = executor.to_owned();
-        self.spawn(|store| async move { store.heartbeat(&executor, ttl).await })
-            .await
-    }
-
-    async fn reap(&self, settings: &ReapSettings) -> Result<ReapOutcome, Error> {
-        let settings = settings.clone();
-        self.spawn(|store| async move { store.reap(&settings).await })
-            .await
-    }
-
+#[async_trait]
+impl Housekeeping for Detached {
     async fn ping(&self) -> Result<(), Error> {
         self.inner.ping().await
     }
@@ -457,10 +422,92 @@ impl Store for Detached {
     async fn queue_stats(&self, limit: usize) -> Result<QueueStats, Error> {
         self.inner.queue_stats(limit).await
     }
+}
+
+#[async_trait]
+impl Store for Detached {
+    async fn execute(&self, command: Command) -> Result<usize, Error> {
+        self.spawn(|store| async move { store.execute(command).await })
+            .await
+    }
+
+    async fn feed_start(&self) -> Result<FeedCursor, Error> {
+        self.inner.feed_start().await
+    }
+
+    async fn read_feed(&self, cursor: FeedCursor, limit: usize) -> Result<FeedBatch, Error> {
+        self.inner.read_feed(cursor, limit).await
+    }
+
+    async fn notify_peers(&self) -> Result<(), Error> {
+        self.inner.notify_peers().await
+    }
+
+    async fn listen(&self) -> Result<Option<Box<dyn PeerListener>>, Error> {
+        self.inner.listen().await
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Lease>, Error> {
+        let request = request.clone();
+        self.spawn(|store| async move { store.claim(&request).await })
+            .await
+    }
+
+    async fn heartbeat(
+        &self,
+        executor: &str,
+        ttl: std::time::Duration,
+    ) -> Result<HeartbeatOutcome, Error> {
+        let executor = executor.to_owned();
+        self.spawn(|store| async move { store.heartbeat(&executor, ttl).await })
+            .await
+    }
+
+    async fn reap(&self, settings: &ReapSettings) -> Result<ReapOutcome, Error> {
+        let settings = settings.clone();
+        self.spawn(|store| async move { store.reap(&settings).await })
+            .await
+    }
 
     async fn close(&self) {
         self.inner.close().await;
     }
+}
+
+/// Turns a database failure into a domain error: the failures of reaching
+/// the database at all here, those a statement reports by `database`
+/// (the backend's reading of its codes, `None` for one no rule expects).
+/// The cause is logged here; clients see a short message.
+fn map_db_error(
+    err: sqlx::Error,
+    database: impl FnOnce(&sqlx::Error, &dyn sqlx::error::DatabaseError) -> Option<Error>,
+) -> Error {
+    match &err {
+        // A connection reset or cut mid-conversation surfaces as Io or,
+        // when the server's bytes stop making sense, as Protocol.
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => unavailable(&err),
+        sqlx::Error::Database(db) => database(&err, db.as_ref()).unwrap_or_else(|| internal(&err)),
+        _ => internal(&err),
+    }
+}
+
+/// The database cannot be reached or cannot take the change now; it may
+/// succeed later.
+fn unavailable(err: &sqlx::Error) -> Error {
+    tracing::warn!(error = %err, "database unavailable");
+    Error::Unavailable("database unavailable; retry later".to_owned())
+}
+
+/// A database error no rule expects: logged here, reported without its
+/// detail (it may name tables, values or paths).
+fn internal(err: &sqlx::Error) -> Error {
+    tracing::error!(error = %err, "store failure");
+    Error::Internal("store failure".to_owned())
 }
 
 /// Builds a watch snapshot page from up to `limit + 1` rows read in order

@@ -8,20 +8,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 use tracing::{instrument, warn};
 
 use super::apply;
 use super::commit::{Committers, GroupCommit};
-use super::rows::LeaseRow;
 use super::rows::{terminal_phases, waiting_condition, FeedRow};
-use super::sql;
 use super::{FeedBatch, FeedCursor, PeerListener, PeerSignal, Store};
 use crate::domain::{
-    ActionId, ActionState, ClaimRequest, Command, Error, HeartbeatOutcome, Lease, LeaseExpiry,
-    Page, Phase, ReapOutcome, ReapSettings, RunId, SnapshotPosition, CONDITION_TIMEOUT_PHASE,
+    ClaimRequest, Command, Error, HeartbeatOutcome, Lease, LeaseExpiry, Phase, ReapOutcome,
+    ReapSettings, CONDITION_TIMEOUT_PHASE,
 };
 
 /// The LISTEN/NOTIFY channel daemons wake each other on.
@@ -128,6 +125,14 @@ fn timed_out(timeout: Duration) -> Error {
 }
 
 impl PgStore {
+    /// Runs one call of the store within the statement timeout.
+    async fn within<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        bounded(self.timeout, call).await
+    }
+
     /// Creates the connection pool. Connections are made on demand, so a
     /// database that goes away later yields UNAVAILABLE and is reconnected
     /// to when it returns.
@@ -256,17 +261,6 @@ impl Store for PgStore {
         committers.execute(command).await
     }
 
-    #[instrument(skip_all, fields(action = %parent))]
-    async fn watch_snapshot(
-        &self,
-        parent: &ActionId,
-        after: Option<&SnapshotPosition>,
-        limit: usize,
-    ) -> Result<Page<ActionState, SnapshotPosition>, Error> {
-        let snapshot = super::read::snapshot(&self.pool, parent, after, limit, |t| t, db_error);
-        bounded(self.timeout, snapshot).await
-    }
-
     async fn feed_start(&self) -> Result<FeedCursor, Error> {
         bounded(self.timeout, async move {
             let horizon: String =
@@ -358,18 +352,6 @@ impl Store for PgStore {
             trip();
             conn.commit().await.map_err(db_error)?;
             Ok(leases)
-        })
-        .await
-    }
-
-    async fn leases_of(&self, executor: &str) -> Result<Vec<Lease>, Error> {
-        bounded(self.timeout, async move {
-            sql::held_leases(&self.pool, executor)
-                .await
-                .map_err(db_error)?
-                .into_iter()
-                .map(LeaseRow::into_lease)
-                .collect()
         })
         .await
     }
@@ -470,64 +452,13 @@ impl Store for PgStore {
         .await
     }
 
-    async fn delete_finished_runs(
-        &self,
-        finished_before: DateTime<Utc>,
-        limit: usize,
-    ) -> Result<super::Deleted, Error> {
-        retention::delete_finished_runs(self, finished_before, limit).await
-    }
-
-    async fn delete_run(&self, run: &RunId) -> Result<super::Deleted, Error> {
-        retention::delete_run(self, run).await
-    }
-
-    async fn record_feed_position(
-        &self,
-        daemon: &str,
-        cursor: Option<FeedCursor>,
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        retention::record_feed_position(self, daemon, cursor, ttl).await
-    }
-
-    async fn pending_purges(&self, limit: usize) -> Result<Vec<RunId>, Error> {
-        retention::pending_purges(self, limit).await
-    }
-
-    async fn purged(&self, run: &RunId) -> Result<(), Error> {
-        retention::purged(self, run).await
-    }
-
-    async fn queue_stats(&self, limit: usize) -> Result<super::QueueStats, Error> {
-        let stats = async { sql::queue_stats(&self.pool, limit).await.map_err(db_error) };
-        bounded(self.timeout, stats).await
-    }
-
-    fn pool_stats(&self) -> super::PoolStats {
-        super::PoolStats {
-            open: self.pool.size(),
-            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
-            max: self.pool.options().get_max_connections(),
-        }
-    }
-
-    async fn ping(&self) -> Result<(), Error> {
-        bounded(self.timeout, async move {
-            sqlx::query("SELECT 1")
-                .execute(&self.pool)
-                .await
-                .map_err(db_error)?;
-            Ok(())
-        })
-        .await
-    }
-
     async fn listen(&self) -> Result<Option<Box<dyn PeerListener>>, Error> {
         let listener = PgPeerListener::connect(self.options.clone(), self.timeout).await?;
         Ok(Some(Box::new(listener)))
     }
 }
+
+housekeeping_of_every_backend!(PgStore);
 
 /// The daemon's one LISTEN connection, kept outside the pool.
 struct PgPeerListener {
@@ -658,56 +589,37 @@ fn parse_xid(text: &str) -> Result<i64, Error> {
 }
 
 /// Turns a database failure into a domain error, by error class and
-/// SQLSTATE only. The cause is logged here; clients see a short message.
+/// SQLSTATE only.
 fn db_error(err: sqlx::Error) -> Error {
-    let unavailable = |err: &sqlx::Error| {
-        warn!(error = %err, "database unavailable");
-        Error::Unavailable("database unavailable; retry later".to_owned())
-    };
-    match &err {
-        // A connection reset or cut mid-conversation surfaces as Io or,
-        // when the server's bytes stop making sense, as Protocol.
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::WorkerCrashed => unavailable(&err),
-        sqlx::Error::Database(db) => match db.code().as_deref() {
-            // Connection exceptions (08), shutdown (57P), too many
-            // connections (53300), and what Postgres answers when a new
-            // connection is refused: the database does not accept
-            // connections (55000), does not exist (3D000), or the login
-            // fails (28). actionsd's own statements cannot raise the last
-            // three, so here they always mean "cannot connect".
-            Some(code)
-                if code.starts_with("08")
-                    || code.starts_with("57P")
-                    || code.starts_with("28")
-                    || matches!(code, "53300" | "55000" | "3D000") =>
-            {
-                unavailable(&err)
-            }
-            // Serialization failure or deadlock: safe to retry.
-            Some("40001" | "40P01") => {
-                warn!(error = %err, "transaction conflict");
-                Error::Conflict
-            }
-            _ => internal(&err),
-        },
-        _ => internal(&err),
-    }
-}
-
-fn internal(err: &sqlx::Error) -> Error {
-    tracing::error!(error = %err, "store failure");
-    Error::Internal("store failure".to_owned())
+    super::map_db_error(err, |err, db| match db.code().as_deref() {
+        // Connection exceptions (08), shutdown (57P), too many
+        // connections (53300), and what Postgres answers when a new
+        // connection is refused: the database does not accept
+        // connections (55000), does not exist (3D000), or the login
+        // fails (28). actionsd's own statements cannot raise the last
+        // three, so here they always mean "cannot connect".
+        Some(code)
+            if code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("28")
+                || matches!(code, "53300" | "55000" | "3D000") =>
+        {
+            Some(super::unavailable(err))
+        }
+        // Serialization failure or deadlock: safe to retry.
+        Some("40001" | "40P01") => {
+            warn!(error = %err, "transaction conflict");
+            Some(Error::Conflict)
+        }
+        _ => None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::commit::checks;
+    use crate::store::Housekeeping;
 
     tokio::task_local! {
         /// The statements [`trip`] counted in the task that set it.

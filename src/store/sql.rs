@@ -107,18 +107,36 @@ where
         .await
 }
 
-/// Runs [`run_leases`].
-pub(crate) async fn count_run_leases<'c, DB, E>(conn: E, run: &RunId) -> Result<i64, sqlx::Error>
+/// Runs [`run_leases`]. With a row lock (`lock`, may be empty), the run
+/// is locked first, by a statement of its own: the count must see the
+/// leases of a claimer that held the lock and committed meanwhile. `trip`
+/// counts each statement.
+pub(crate) async fn count_run_leases<DB>(
+    conn: &mut DB::Connection,
+    run: &RunId,
+    lock: &str,
+    trip: fn(),
+) -> Result<i64, sqlx::Error>
 where
     DB: Database,
-    E: Executor<'c, Database = DB>,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
     for<'q> &'q String: Encode<'q, DB> + Type<DB>,
     (i64,): for<'r> FromRow<'r, DB::Row>,
 {
+    if !lock.is_empty() {
+        let sql = format!(
+            "SELECT 1 FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4{lock}"
+        );
+        trip();
+        bind_run!(sqlx::query(&sql), run)
+            .execute(&mut *conn)
+            .await?;
+    }
     let sql = run_leases();
+    trip();
     bind_run!(sqlx::query_scalar(&sql), run)
-        .fetch_one(conn)
+        .fetch_one(&mut *conn)
         .await
 }
 
@@ -188,21 +206,20 @@ where
 
 /// Up to `limit` queued task actions of `queue` after `after`, in the
 /// claim order, each with its run's `max_action_concurrency`; `lock` is
-/// the backend's row lock (may be empty). `position` reads a row's
-/// `created_at` as the backend stores it.
+/// the backend's row lock (may be empty). `T` is `created_at` as the
+/// backend binds and decodes it.
 pub(crate) async fn candidates<'c, DB, E, T>(
     conn: E,
     queue: &str,
     after: Option<&(T, ActionId)>,
     limit: usize,
     lock: &str,
-    position: impl Fn(&DB::Row) -> Result<T, Error>,
     db_error: fn(sqlx::Error) -> Error,
 ) -> Result<Vec<Candidate<(T, ActionId)>>, Error>
 where
     DB: Database,
     E: Executor<'c, Database = DB>,
-    T: Clone + Send + Sync + Type<DB>,
+    T: Clone + Send + Sync + Type<DB> + for<'r> sqlx::Decode<'r, DB>,
     Option<T>: for<'q> Encode<'q, DB> + Type<DB>,
     for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
@@ -244,7 +261,7 @@ where
         .map(|row| {
             let id = IdRow::from_row(row).map_err(db_error)?.into_id();
             Ok(Candidate {
-                position: (position(row)?, id.clone()),
+                position: (row.try_get("created_at").map_err(db_error)?, id.clone()),
                 id,
                 limit: row.try_get("max_action_concurrency").map_err(db_error)?,
             })
@@ -383,7 +400,7 @@ where
     let sql = format!(
         "SELECT 1 FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4{lock}"
     );
-    let found: Option<(i64,)> = bind_run!(sqlx::query_as(&sql), run)
+    let found = bind_run!(sqlx::query(&sql), run)
         .fetch_optional(&mut *conn)
         .await
         .map_err(db_error)?;

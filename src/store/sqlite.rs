@@ -29,13 +29,11 @@ use tracing::{instrument, warn};
 use self::tx::SqliteTx;
 use super::apply;
 use super::commit::{Committers, GroupCommit};
-use super::rows::LeaseRow;
 use super::rows::{terminal_phases, waiting_condition, FeedRow, IdRow, StoredTime};
-use super::sql;
 use super::{FeedBatch, FeedCursor, PeerListener, Store};
 use crate::domain::{
-    ActionId, ActionState, ClaimRequest, Command, Error, HeartbeatOutcome, Lease, LeaseExpiry,
-    Page, Phase, ReapOutcome, ReapSettings, RunId, SnapshotPosition, CONDITION_TIMEOUT_PHASE,
+    ClaimRequest, Command, Error, HeartbeatOutcome, Lease, LeaseExpiry, Phase, ReapOutcome,
+    ReapSettings, CONDITION_TIMEOUT_PHASE,
 };
 
 /// The embedded migrations of the SQLite schema.
@@ -126,6 +124,16 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Runs one call of the store. Its bound is SQLite's busy timeout
+    /// (a connection waits at most that long for the file's lock) and the
+    /// pool's acquire timeout; a statement on a local file needs no other.
+    async fn within<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        call.await
+    }
+
     /// Opens (creating if missing) the database at `path` and applies
     /// pending migrations. Fails if another process, or another store in
     /// this process, has the file open.
@@ -302,17 +310,6 @@ impl Store for SqliteStore {
         committers.execute(command).await
     }
 
-    #[instrument(skip_all, fields(action = %parent))]
-    async fn watch_snapshot(
-        &self,
-        parent: &ActionId,
-        after: Option<&SnapshotPosition>,
-        limit: usize,
-    ) -> Result<Page<ActionState, SnapshotPosition>, Error> {
-        let micros = |t: DateTime<Utc>| t.timestamp_micros();
-        super::read::snapshot(&self.pool, parent, after, limit, micros, db_error).await
-    }
-
     async fn feed_start(&self) -> Result<FeedCursor, Error> {
         let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
             .fetch_one(&self.pool)
@@ -373,16 +370,6 @@ impl Store for SqliteStore {
         trip();
         conn.commit().await.map_err(db_error)?;
         Ok(leases)
-    }
-
-    #[instrument(skip_all, fields(executor = %executor))]
-    async fn leases_of(&self, executor: &str) -> Result<Vec<Lease>, Error> {
-        sql::held_leases(&self.pool, executor)
-            .await
-            .map_err(db_error)?
-            .into_iter()
-            .map(LeaseRow::into_lease)
-            .collect()
     }
 
     async fn heartbeat(&self, executor: &str, ttl: Duration) -> Result<HeartbeatOutcome, Error> {
@@ -476,55 +463,6 @@ impl Store for SqliteStore {
         Ok(outcome)
     }
 
-    async fn delete_finished_runs(
-        &self,
-        finished_before: DateTime<Utc>,
-        limit: usize,
-    ) -> Result<super::Deleted, Error> {
-        retention::delete_finished_runs(self, finished_before, limit).await
-    }
-
-    async fn delete_run(&self, run: &RunId) -> Result<super::Deleted, Error> {
-        retention::delete_run(self, run).await
-    }
-
-    async fn record_feed_position(
-        &self,
-        daemon: &str,
-        cursor: Option<FeedCursor>,
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        retention::record_feed_position(self, daemon, cursor, ttl).await
-    }
-
-    async fn pending_purges(&self, limit: usize) -> Result<Vec<RunId>, Error> {
-        retention::pending_purges(self, limit).await
-    }
-
-    async fn purged(&self, run: &RunId) -> Result<(), Error> {
-        retention::purged(self, run).await
-    }
-
-    async fn queue_stats(&self, limit: usize) -> Result<super::QueueStats, Error> {
-        sql::queue_stats(&self.pool, limit).await.map_err(db_error)
-    }
-
-    fn pool_stats(&self) -> super::PoolStats {
-        super::PoolStats {
-            open: self.pool.size(),
-            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
-            max: self.pool.options().get_max_connections(),
-        }
-    }
-
-    async fn ping(&self) -> Result<(), Error> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
-        Ok(())
-    }
-
     /// Closes every connection, then releases the file lock, so another
     /// daemon may open the file.
     async fn close(&self) {
@@ -538,6 +476,8 @@ impl Store for SqliteStore {
             .take();
     }
 }
+
+housekeeping_of_every_backend!(SqliteStore);
 
 /// Applies `commands` in one transaction (see [`apply::apply_batch`]). A
 /// failed commit (or a failure that ends the transaction, such as a full
@@ -619,43 +559,29 @@ fn primary_code(db: &dyn sqlx::error::DatabaseError) -> Option<i32> {
 }
 
 /// Turns a database failure into a domain error, by error class and SQLite
-/// result code only. The cause is logged here; clients see a short message.
+/// result code only.
 fn db_error(err: sqlx::Error) -> Error {
-    let unavailable = |err: &sqlx::Error| {
-        warn!(error = %err, "database unavailable");
-        Error::Unavailable("database unavailable; retry later".to_owned())
-    };
-    match &err {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::WorkerCrashed => unavailable(&err),
-        sqlx::Error::Database(db) => match primary_code(db.as_ref()) {
-            // Another connection holds a lock past the busy timeout.
-            Some(code::BUSY | code::LOCKED) => {
-                warn!(error = %err, "database busy");
-                Error::Unavailable("database busy; retry".to_owned())
-            }
-            // The file cannot be read, written or synced (disk full, I/O
-            // error, file gone, lock protocol race): the change was rolled
-            // back and may succeed later.
-            Some(code::IOERR | code::FULL | code::CANTOPEN | code::PROTOCOL) => unavailable(&err),
-            _ => internal(&err),
-        },
-        _ => internal(&err),
-    }
-}
-
-fn internal(err: &sqlx::Error) -> Error {
-    tracing::error!(error = %err, "store failure");
-    Error::Internal("store failure".to_owned())
+    super::map_db_error(err, |err, db| match primary_code(db) {
+        // Another connection holds a lock past the busy timeout.
+        Some(code::BUSY | code::LOCKED) => {
+            warn!(error = %err, "database busy");
+            Some(Error::Unavailable("database busy; retry".to_owned()))
+        }
+        // The file cannot be read, written or synced (disk full, I/O
+        // error, file gone, lock protocol race): the change was rolled
+        // back and may succeed later.
+        Some(code::IOERR | code::FULL | code::CANTOPEN | code::PROTOCOL) => {
+            Some(super::unavailable(err))
+        }
+        _ => None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::conformance::{id, task, update};
+    use crate::store::{Housekeeping, ReadStore};
 
     async fn open(dir: &tempfile::TempDir) -> SqliteStore {
         SqliteStore::open(&dir.path().join("actionsd.db"), &settings())

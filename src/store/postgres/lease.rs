@@ -6,62 +6,21 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::tx::PgTx;
-use super::{db_error, time, trip};
-use crate::domain::{ActionId, ClaimRequest, Error, Lease, Phase, RunId};
-use crate::store::lease::{in_order_of, Candidate, LeaseTx, Released};
-use crate::store::rows::{terminal_phases, LeaseRow, ReleasedRow};
-use crate::store::sql;
+use super::{db_error, trip};
+use crate::domain::{ActionId, ClaimRequest, Error, Lease, Phase};
+use crate::store::lease::{in_order_of, LeaseTx};
+use crate::store::rows::{terminal_phases, LeaseRow, StoredTime};
+
+shared_lease_tx_of_every_backend!(
+    PgTx<'_>,
+    sqlx::Postgres,
+    position: StoredTime,
+    candidate_lock: " FOR UPDATE OF a SKIP LOCKED",
+    run_lock: " FOR UPDATE"
+);
 
 #[async_trait]
 impl LeaseTx for PgTx<'_> {
-    type Position = (DateTime<Utc>, ActionId);
-
-    async fn held(&mut self, executor: &str, count_waiting: bool) -> Result<(i64, i64), Error> {
-        trip();
-        sql::count_held(&mut *self.conn, executor, count_waiting)
-            .await
-            .map_err(db_error)
-    }
-
-    async fn candidates(
-        &mut self,
-        queue: &str,
-        after: Option<&Self::Position>,
-        limit: usize,
-    ) -> Result<Vec<Candidate<Self::Position>>, Error> {
-        trip();
-        sql::candidates(
-            &mut *self.conn,
-            queue,
-            after,
-            limit,
-            " FOR UPDATE OF a SKIP LOCKED",
-            |row| time::get(row, "created_at"),
-            db_error,
-        )
-        .await
-    }
-
-    async fn run_leases(&mut self, run: &RunId) -> Result<i64, Error> {
-        // Two statements: the count must see the leases of a claimer that
-        // held the lock and committed meanwhile.
-        trip();
-        sqlx::query(
-            "SELECT 1 FROM runs WHERE org = $1 AND project = $2 AND domain = $3 AND name = $4 FOR UPDATE",
-        )
-        .bind(&run.org)
-        .bind(&run.project)
-        .bind(&run.domain)
-        .bind(&run.name)
-        .execute(&mut *self.conn)
-        .await
-        .map_err(db_error)?;
-        trip();
-        sql::count_run_leases(&mut *self.conn, run)
-            .await
-            .map_err(db_error)
-    }
-
     async fn lease(
         &mut self,
         ids: &[ActionId],
@@ -108,16 +67,6 @@ impl LeaseTx for PgTx<'_> {
             .map(LeaseRow::into_lease)
             .collect::<Result<Vec<_>, _>>()?;
         in_order_of(ids, leases)
-    }
-
-    async fn release_ended(&mut self, executor: &str) -> Result<Vec<Released>, Error> {
-        trip();
-        sql::release(&mut *self.conn, executor)
-            .await
-            .map_err(db_error)?
-            .into_iter()
-            .map(ReleasedRow::into_released)
-            .collect()
     }
 
     async fn extend(&mut self, executor: &str, ttl: Duration) -> Result<DateTime<Utc>, Error> {

@@ -69,55 +69,43 @@ pub(super) async fn delete_run(store: &PgStore, run: &RunId) -> Result<Deleted, 
     Ok(deleted)
 }
 
-/// Deletes the runs' events, actions and rows (all of a run's actions in
-/// one statement, so the parent references are checked once, at its end).
+/// Queues the runs' blobs and logs for purging and deletes their events,
+/// actions and rows, in one statement: its parts see one snapshot, and the
+/// foreign keys (an action's run, its parent) are checked when it ends,
+/// when every row of the runs is gone.
 async fn delete_runs(conn: &mut PgConnection, runs: &[RunId]) -> Result<Deleted, Error> {
-    let column = |get: fn(&RunId) -> &String| runs.iter().map(get).cloned().collect::<Vec<_>>();
-    let (orgs, projects, domains, names) = (
-        column(|r| &r.org),
-        column(|r| &r.project),
-        column(|r| &r.domain),
-        column(|r| &r.name),
-    );
-    sqlx::query(
-        "INSERT INTO run_purges (org, project, domain, name) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(&orgs)
-    .bind(&projects)
-    .bind(&domains)
-    .bind(&names)
-    .execute(&mut *conn)
+    let column = |get: fn(&RunId) -> &String| runs.iter().map(get).collect::<Vec<_>>();
+    let of_runs = |table: &str, run_column: &str| {
+        format!(
+            "DELETE FROM {table} t USING v \
+             WHERE t.org = v.org AND t.project = v.project AND t.domain = v.domain \
+               AND t.{run_column} = v.name RETURNING 1"
+        )
+    };
+    let (events, actions, runs_deleted): (i64, i64, i64) = sqlx::query_as(&format!(
+        "WITH v AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) \
+             AS v(org, project, domain, name)), \
+         purge AS (INSERT INTO run_purges (org, project, domain, name) SELECT * FROM v \
+             ON CONFLICT DO NOTHING), \
+         e AS ({}), a AS ({}), r AS ({}) \
+         SELECT (SELECT count(*) FROM e), (SELECT count(*) FROM a), (SELECT count(*) FROM r)",
+        of_runs("events", "run_name"),
+        of_runs("actions", "run_name"),
+        of_runs("runs", "name"),
+    ))
+    .bind(column(|r| &r.org))
+    .bind(column(|r| &r.project))
+    .bind(column(|r| &r.domain))
+    .bind(column(|r| &r.name))
+    .fetch_one(&mut *conn)
     .await
     .map_err(db_error)?;
-    let mut deleted = Deleted::default();
-    for (table, run_column) in [
-        ("events", "run_name"),
-        ("actions", "run_name"),
-        ("runs", "name"),
-    ] {
-        let result = sqlx::query(&format!(
-            "DELETE FROM {table} t \
-             USING UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS v(org, project, domain, name) \
-             WHERE t.org = v.org AND t.project = v.project AND t.domain = v.domain \
-               AND t.{run_column} = v.name"
-        ))
-        .bind(&orgs)
-        .bind(&projects)
-        .bind(&domains)
-        .bind(&names)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_error)?;
-        let count = result.rows_affected();
-        match table {
-            "events" => deleted.events = count,
-            "actions" => deleted.actions = count,
-            _ => deleted.runs = count,
-        }
-    }
-    Ok(deleted)
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    Ok(Deleted {
+        events: count(events),
+        actions: count(actions),
+        runs: count(runs_deleted),
+    })
 }
 
 pub(super) async fn record_feed_position(
@@ -145,12 +133,6 @@ pub(super) async fn record_feed_position(
     };
     query.execute(&store.pool).await.map_err(db_error)?;
     Ok(())
-}
-
-pub(super) async fn pending_purges(store: &PgStore, limit: usize) -> Result<Vec<RunId>, Error> {
-    sql::pending_purges(&store.pool, limit)
-        .await
-        .map_err(db_error)
 }
 
 pub(super) async fn purged(store: &PgStore, run: &RunId) -> Result<(), Error> {

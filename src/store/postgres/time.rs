@@ -8,10 +8,9 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::error::BoxDynError;
-use sqlx::postgres::{PgRow, PgTypeInfo, PgValueFormat, PgValueRef};
-use sqlx::{Decode, Postgres, Row, Type};
+use sqlx::postgres::{PgTypeInfo, PgValueFormat, PgValueRef};
+use sqlx::{Decode, Postgres, Type};
 
-use crate::domain::Error;
 use crate::store::rows::StoredTime;
 
 /// Microseconds from the Unix epoch to 2000-01-01T00:00:00Z, Postgres's epoch.
@@ -24,6 +23,16 @@ impl Type<Postgres> for StoredTime {
 
     fn compatible(ty: &PgTypeInfo) -> bool {
         <DateTime<Utc> as Type<Postgres>>::compatible(ty)
+    }
+}
+
+/// Bound as the `timestamptz` it was read from (a claim's position).
+impl sqlx::Encode<'_, Postgres> for StoredTime {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, BoxDynError> {
+        <DateTime<Utc> as sqlx::Encode<Postgres>>::encode_by_ref(&self.0, buf)
     }
 }
 
@@ -47,20 +56,4 @@ impl<'r> Decode<'r, Postgres> for StoredTime {
             )?)),
         }
     }
-}
-
-/// Reads an optional time column; a value out of range is an error naming
-/// the column.
-pub(super) fn get_opt(row: &PgRow, column: &str) -> Result<Option<DateTime<Utc>>, Error> {
-    row.try_get::<Option<StoredTime>, _>(column)
-        .map(|t| t.map(|t| t.0))
-        .map_err(|err| {
-            tracing::error!(column, error = %err, "unreadable time in the store");
-            Error::Internal(format!("the stored {column} cannot be read"))
-        })
-}
-
-/// Reads a time column that is never NULL.
-pub(super) fn get(row: &PgRow, column: &str) -> Result<DateTime<Utc>, Error> {
-    get_opt(row, column)?.ok_or_else(|| Error::Internal(format!("the stored {column} is missing")))
 }

@@ -6,52 +6,25 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::Row;
 
 use super::tx::SqliteTx;
 use super::{db_error, micros, time_from_micros, trip};
-use crate::domain::{ActionId, ClaimRequest, Error, Lease, Phase, RunId};
-use crate::store::lease::{Candidate, LeaseTx, Released};
-use crate::store::rows::{terminal_phases, BindId, LeaseRow, ReleasedRow};
-use crate::store::sql;
+use crate::domain::{ActionId, ClaimRequest, Error, Lease, Phase};
+use crate::store::lease::LeaseTx;
+use crate::store::rows::{terminal_phases, BindId, LeaseRow};
+
+// The transaction holds the write lock: candidates and runs need no row
+// locks.
+shared_lease_tx_of_every_backend!(
+    SqliteTx<'_>,
+    sqlx::Sqlite,
+    position: i64,
+    candidate_lock: "",
+    run_lock: ""
+);
 
 #[async_trait]
 impl LeaseTx for SqliteTx<'_> {
-    type Position = (i64, ActionId);
-
-    async fn held(&mut self, executor: &str, count_waiting: bool) -> Result<(i64, i64), Error> {
-        trip();
-        sql::count_held(&mut *self.conn, executor, count_waiting)
-            .await
-            .map_err(db_error)
-    }
-
-    async fn candidates(
-        &mut self,
-        queue: &str,
-        after: Option<&Self::Position>,
-        limit: usize,
-    ) -> Result<Vec<Candidate<Self::Position>>, Error> {
-        trip();
-        sql::candidates(
-            &mut *self.conn,
-            queue,
-            after,
-            limit,
-            "",
-            |row| row.try_get("created_at").map_err(db_error),
-            db_error,
-        )
-        .await
-    }
-
-    async fn run_leases(&mut self, run: &RunId) -> Result<i64, Error> {
-        trip();
-        sql::count_run_leases(&mut *self.conn, run)
-            .await
-            .map_err(db_error)
-    }
-
     async fn lease(
         &mut self,
         ids: &[ActionId],
@@ -83,16 +56,6 @@ impl LeaseTx for SqliteTx<'_> {
             self.append_event(id, None).await?;
         }
         Ok(leases)
-    }
-
-    async fn release_ended(&mut self, executor: &str) -> Result<Vec<Released>, Error> {
-        trip();
-        sql::release(&mut *self.conn, executor)
-            .await
-            .map_err(db_error)?
-            .into_iter()
-            .map(ReleasedRow::into_released)
-            .collect()
     }
 
     async fn extend(&mut self, executor: &str, ttl: Duration) -> Result<DateTime<Utc>, Error> {

@@ -86,10 +86,12 @@ async fn delete_one(conn: &mut SqliteConnection, run: &RunId) -> Result<Deleted,
     .await
     .map_err(db_error)?;
     let mut deleted = Deleted::default();
-    for (table, run_column) in [
-        ("events", "run_name"),
-        ("actions", "run_name"),
-        ("runs", "name"),
+    // Events, then actions (whose parent references are checked when the
+    // statement ends), then the run.
+    for (table, run_column, count) in [
+        ("events", "run_name", &mut deleted.events),
+        ("actions", "run_name", &mut deleted.actions),
+        ("runs", "name", &mut deleted.runs),
     ] {
         let result = sqlx::query(&format!(
             "DELETE FROM {table} \
@@ -102,12 +104,7 @@ async fn delete_one(conn: &mut SqliteConnection, run: &RunId) -> Result<Deleted,
         .execute(&mut *conn)
         .await
         .map_err(db_error)?;
-        let count = result.rows_affected();
-        match table {
-            "events" => deleted.events = count,
-            "actions" => deleted.actions = count,
-            _ => deleted.runs = count,
-        }
+        *count = result.rows_affected();
     }
     Ok(deleted)
 }
@@ -136,12 +133,6 @@ pub(super) async fn record_feed_position(
     };
     query.execute(&store.pool).await.map_err(db_error)?;
     Ok(())
-}
-
-pub(super) async fn pending_purges(store: &SqliteStore, limit: usize) -> Result<Vec<RunId>, Error> {
-    sql::pending_purges(&store.pool, limit)
-        .await
-        .map_err(db_error)
 }
 
 pub(super) async fn purged(store: &SqliteStore, run: &RunId) -> Result<(), Error> {
