@@ -1,12 +1,13 @@
-//! Trait methods whose code is the same on both backends, written once and
-//! expanded inside each backend's impl.
+//! Trait impls whose code is the same on both backends, written once and
+//! expanded for each backend's store or transaction type.
 //!
-//! The code they run is generic (`sql.rs`, `read.rs`); what cannot be is
-//! the impl: a type implements `Store` in one impl block, which also holds
-//! the methods that differ per backend (commands, claims, the feed), so a
-//! blanket impl over the backends would have to route every one of those
-//! through another trait. Each macro names what it takes from the module
-//! it is expanded in.
+//! The statements they run are generic over the database (`sql.rs`,
+//! `read.rs`). The impls are macros rather than blanket impls over a
+//! backend trait because two things in them are not generic: a listing
+//! executes sqlx's `QueryBuilder`, whose arguments only a concrete backend
+//! can show to outlive the execution (see `read.rs`), and the pool, the
+//! per-call bound and the error mapping are each backend's own items. Each
+//! macro names what it takes from the module it is expanded in.
 
 /// The [`ReadStore`](crate::store::ReadStore) impl of `$store`. Takes from
 /// the module: `db_error`, `Self::within` (the bound on one call),
