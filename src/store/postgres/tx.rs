@@ -87,15 +87,31 @@ fn key_arrays(ids: &[&ActionId]) -> [Vec<String>; 5] {
     ]
 }
 
-/// Selects from `actions a` (joined with its run `r`) the rows of the keys
-/// bound as `$1..$5` arrays.
+/// Selects from `actions a` the rows of the keys bound as `$1..$5` arrays.
+///
+/// Columns of an action's run are read by [`of_run!`] subqueries rather
+/// than a join: joined, a generic plan could match the keys to `runs`
+/// first and then read every action of each run by the primary key's
+/// prefix, filtering on name. With `actions` alone beside the keys, each
+/// key is one probe of the primary key.
 macro_rules! of_keys {
     () => {
-        " FROM actions a JOIN runs r \
-            ON (r.org, r.project, r.domain, r.name) = (a.org, a.project, a.domain, a.run_name) \
+        " FROM actions a \
           WHERE (a.org, a.project, a.domain, a.run_name, a.name) IN ( \
             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])) \
           ORDER BY a.org, a.project, a.domain, a.run_name, a.name"
+    };
+}
+
+/// A column of the run of `actions a`: one probe of `runs_pkey`.
+macro_rules! of_run {
+    ($column:literal) => {
+        concat!(
+            "(SELECT r.",
+            $column,
+            " FROM runs r WHERE (r.org, r.project, r.domain, r.name) \
+               = (a.org, a.project, a.domain, a.run_name))"
+        )
     };
 }
 
@@ -112,8 +128,11 @@ impl PgTx<'_> {
         trip();
         let [org, project, domain, run, name] = key_arrays(ids);
         let rows: Vec<Row> = sqlx::query_as(concat!(
-            "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.spec, r.run_spec,",
-            " r.root_name = a.name AS is_root",
+            "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.spec,",
+            of_run!("run_spec"),
+            " AS run_spec, ",
+            of_run!("root_name"),
+            " = a.name AS is_root",
             of_keys!()
         ))
         .bind(org)
@@ -146,7 +165,9 @@ impl PgTx<'_> {
         trip();
         let [org, project, domain, run, name] = key_arrays(ids);
         let rows: Vec<Row> = sqlx::query_as(concat!(
-            "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.phase, r.queue",
+            "SELECT a.org, a.project, a.domain, a.run_name, a.name, a.phase, ",
+            of_run!("queue"),
+            " AS queue",
             of_keys!(),
             " FOR SHARE OF a"
         ))
