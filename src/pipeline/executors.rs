@@ -95,6 +95,18 @@ impl ExecutorRegistry {
         }
     }
 
+    /// Wakes the streams of `queue`, or of every queue when `None`.
+    pub fn wake_queue(&self, queue: Option<&str>) {
+        let by_queue = self.by_queue.read().unwrap_or_else(PoisonError::into_inner);
+        let waiters: Box<dyn Iterator<Item = &Arc<LeaseWaiter>>> = match queue {
+            Some(queue) => Box::new(by_queue.get(queue).into_iter().flatten()),
+            None => Box::new(by_queue.values().flatten()),
+        };
+        for waiter in waiters {
+            waiter.wake.notify_one();
+        }
+    }
+
     fn remove(&self, queue: &str, executor: &str, waiter: &Arc<LeaseWaiter>) {
         for (map, key) in [(&self.by_queue, queue), (&self.by_executor, executor)] {
             let mut map = map.write().unwrap_or_else(PoisonError::into_inner);
@@ -128,5 +140,45 @@ impl Drop for LeaseRegistration {
     fn drop(&mut self) {
         self.registry
             .remove(&self.queue, &self.executor, &self.waiter);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Whether the waiter has a wake-up stored (it is consumed).
+    async fn was_woken(waiter: &LeaseWaiter) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), waiter.woken())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn wake_queue_wakes_the_streams_of_that_queue_or_of_all() {
+        let registry = Arc::new(ExecutorRegistry::default());
+        let a = registry.register("a", "e1");
+        let b = registry.register("b", "e2");
+
+        registry.wake_queue(Some("a"));
+        assert!(was_woken(&a).await);
+        assert!(!was_woken(&b).await);
+
+        registry.wake_queue(Some("unknown"));
+        assert!(!was_woken(&a).await);
+        assert!(!was_woken(&b).await);
+
+        registry.wake_queue(None);
+        assert!(was_woken(&a).await);
+        assert!(was_woken(&b).await);
+
+        // A dropped stream is no longer woken, and waking its queue is
+        // harmless.
+        drop(a);
+        registry.wake_queue(Some("a"));
+        registry.wake_queue(None);
+        assert!(was_woken(&b).await);
     }
 }

@@ -54,6 +54,7 @@ pub struct PipelineSettings {
 pub struct Waker {
     local: Arc<Notify>,
     peers: Arc<Notify>,
+    executors: Arc<ExecutorRegistry>,
 }
 
 impl Waker {
@@ -61,6 +62,16 @@ impl Waker {
     pub fn wake(&self) {
         self.local.notify_one();
         self.peers.notify_one();
+    }
+
+    /// Called after an Enqueue of a queued task action committed (on
+    /// `queue`, or on its run's queue when `None`): this daemon's lease
+    /// streams claim at once instead of after the event comes through the
+    /// feed, which may wait behind other transactions still running. A
+    /// wake-up is only a hint, so waking too many streams costs a claim
+    /// that finds nothing; the feed still wakes every daemon's streams.
+    pub fn queued(&self, queue: Option<&str>) {
+        self.executors.wake_queue(queue);
     }
 }
 
@@ -83,7 +94,10 @@ impl Pipeline {
     pub async fn start(store: Arc<dyn Store>, settings: PipelineSettings) -> Result<Self, Error> {
         let registry = Arc::new(Registry::default());
         let executors = Arc::new(ExecutorRegistry::default());
-        let waker = Waker::default();
+        let waker = Waker {
+            executors: executors.clone(),
+            ..Waker::default()
+        };
         let cursor = store.feed_start().await?;
 
         let stop_feed = CancellationToken::new();

@@ -9,7 +9,7 @@ use tracing::{field, info_span, Instrument, Span};
 
 use super::{convert, watch};
 use crate::auth;
-use crate::domain::{ActionId, Command, Error};
+use crate::domain::{ActionId, ActionKind, Command, Error, Phase};
 use crate::pipeline::{Registry, Waker};
 use crate::proto::flyteidl2::actions::{
     self, actions_service_server::ActionsService, watch_for_updates_response,
@@ -82,9 +82,21 @@ impl ActionsApi {
                     _ => {}
                 }
             }
+            // A new queued task action: wake this daemon's lease streams.
+            let queued = match &command {
+                Command::Enqueue(enqueue)
+                    if enqueue.kind == ActionKind::Task && enqueue.phase == Phase::Queued =>
+                {
+                    Some(enqueue.task_queue.clone())
+                }
+                _ => None,
+            };
             let events = self.store.execute(command).await?;
             if events > 0 {
                 self.waker.wake();
+                if let Some(queue) = queued {
+                    self.waker.queued(queue.as_deref());
+                }
             }
             tracing::debug!(events, "accepted");
             Ok(())

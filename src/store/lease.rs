@@ -112,7 +112,11 @@ pub(crate) async fn claim<T: LeaseTx>(
     if free == 0 {
         return Ok(leases);
     }
-    let page = free.saturating_mul(2).saturating_add(16);
+    // A candidate is locked as it is read (and the lock written to its
+    // row), and every locked row is skipped by the other claimers, so the
+    // first page holds only as many as may be leased. Later pages, read
+    // only past runs at their concurrency limit, are larger.
+    let mut page = free;
     // Limited runs met so far: how many more of their actions may be
     // leased. Only this transaction changes their leases until it commits.
     let mut room: HashMap<RunId, i64> = HashMap::new();
@@ -146,6 +150,7 @@ pub(crate) async fn claim<T: LeaseTx>(
         if last_page || leases.len() >= free {
             return Ok(leases);
         }
+        page = (free - leases.len()).saturating_mul(2).saturating_add(16);
     }
 }
 
