@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
-use sqlx::Row;
 use tracing::{instrument, warn};
 
 use super::apply;
@@ -287,39 +286,53 @@ impl Store for PgStore {
     /// skips a row. Rows above xmin are read once xmin passes them.
     async fn read_feed(&self, cursor: FeedCursor, limit: usize) -> Result<FeedBatch, Error> {
         bounded(self.timeout, async move {
-            // The horizon is computed once (MATERIALIZED) and reaches the
-            // pending check as a parameter, and ORDER BY … LIMIT 1 makes that
-            // check one probe of events_feed_idx. Written as EXISTS over the
-            // inlined snapshot function it was a scan of the whole events
-            // table on every read.
-            let row = sqlx::query(
+            /// A row after the cursor, and whether its transaction is below
+            /// the horizon (`settled`): only those may be delivered.
+            #[derive(sqlx::FromRow)]
+            struct Row {
+                settled: bool,
+                #[sqlx(flatten)]
+                row: FeedRow,
+            }
+            // One statement: the rows after the cursor in (xid, seq) order,
+            // each marked settled or not against the horizon computed once
+            // (MATERIALIZED). The settled rows come first, since every xid
+            // below the horizon sorts before every xid at or above it; the
+            // first unsettled row, if any, says committed events wait
+            // behind a running transaction. One row past `limit` tells
+            // whether more settled rows follow.
+            let fetched: Vec<Row> = sqlx::query_as(concat!(
                 "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x) \
-                 SELECT h.x::text AS horizon, \
-                   (SELECT xid FROM events WHERE xid >= (SELECT x FROM h) ORDER BY xid LIMIT 1) \
-                     IS NOT NULL AS pending \
-                 FROM h",
-            )
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db_error)?;
-            let horizon: String = row.try_get("horizon").map_err(db_error)?;
-            let pending: bool = row.try_get("pending").map_err(db_error)?;
-
-            let rows: Vec<FeedRow> = sqlx::query_as(concat!(
-                "SELECT xid::text::bigint AS major, seq AS minor, \
+                 SELECT xid < (SELECT x FROM h) AS settled, \
+                 xid::text::bigint AS major, seq AS minor, \
                  (extract(epoch FROM created_at) * 1000000)::bigint AS written_micros, ",
                 state_columns!(),
-                " FROM events WHERE (xid, seq) > ($1::text::xid8, $2) AND xid < $3::text::xid8",
-                " ORDER BY xid, seq LIMIT $4"
+                " FROM events WHERE (xid, seq) > ($1::text::xid8, $2)",
+                " ORDER BY xid, seq LIMIT $3"
             ))
             .bind(cursor.major.to_string())
             .bind(cursor.minor)
-            .bind(&horizon)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await
             .map_err(db_error)?;
-            super::read::feed_batch(cursor, rows, limit, pending)
+            let pending = fetched.iter().any(|r| !r.settled);
+            let rows: Vec<FeedRow> = fetched
+                .into_iter()
+                .take_while(|r| r.settled)
+                .map(|r| r.row)
+                .collect();
+            // `feed_batch` reports `more` when it is handed `limit` rows or
+            // more; it is handed the extra settled row only to say so.
+            let more = rows.len() > limit;
+            let mut batch = super::read::feed_batch(
+                cursor,
+                rows.into_iter().take(limit).collect(),
+                limit,
+                pending,
+            )?;
+            batch.more = more;
+            Ok(batch)
         })
         .await
     }
